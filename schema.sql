@@ -1,0 +1,225 @@
+-- testio-mcp local cache schema. Idempotent: applying it twice is a no-op.
+-- The version lives in PRAGMA user_version (set by testio_mcp.py after applying this file).
+-- Times are UTC ISO-8601 text ('YYYY-MM-DDTHH:MM:SSZ'), so text comparison is time order.
+
+CREATE TABLE IF NOT EXISTS products (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL,
+    type         TEXT,
+    description  TEXT,
+    has_sections INTEGER NOT NULL DEFAULT 0,
+    section_ids  TEXT NOT NULL DEFAULT '[]',      -- JSON list of section ids to read features from
+    raw          TEXT NOT NULL,                   -- API JSON
+    synced_at    TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS features (
+    id           INTEGER PRIMARY KEY,             -- the global feature id
+    product_id   INTEGER NOT NULL REFERENCES products(id) ON DELETE CASCADE,
+    title        TEXT NOT NULL,
+    description  TEXT,
+    howtofind    TEXT,
+    user_stories TEXT NOT NULL DEFAULT '[]',      -- JSON list of user story titles
+    section_ids  TEXT NOT NULL DEFAULT '[]',      -- JSON list: sections the feature was listed in
+    synced_at    TEXT NOT NULL
+);
+-- list_features(product_id)
+CREATE INDEX IF NOT EXISTS features_product ON features(product_id, title);
+
+CREATE TABLE IF NOT EXISTS tests (
+    id             INTEGER PRIMARY KEY,
+    product_id     INTEGER NOT NULL REFERENCES products(id) ON DELETE CASCADE,
+    section_id     INTEGER,
+    title          TEXT NOT NULL,
+    status         TEXT NOT NULL,                 -- one of the 7 API statuses (unknown ones kept as-is)
+    review_status  TEXT,
+    testing_type   TEXT NOT NULL,                 -- coverage|focused|rapid|usability|custom|test_case
+    start_at       TEXT,                          -- UTC
+    end_at         TEXT,                          -- UTC; the API orders by it, newest first
+    raw            TEXT NOT NULL,                 -- API JSON minus test_environment credentials
+    synced_at      TEXT NOT NULL,
+    bugs_synced_at TEXT                           -- NULL: the bugs must be (re)fetched
+);
+-- list_tests(product_id, dates) ordered by end_at; incremental sync boundaries
+CREATE INDEX IF NOT EXISTS tests_product_end ON tests(product_id, end_at);
+-- list_tests/get_quality_report filters by status
+CREATE INDEX IF NOT EXISTS tests_product_status ON tests(product_id, status);
+-- --refresh: the tests that can still change
+CREATE INDEX IF NOT EXISTS tests_not_final ON tests(product_id)
+    WHERE status NOT IN ('archived', 'cancelled');
+-- the sync's bug work list (new tests, tests whose status changed, interrupted syncs)
+CREATE INDEX IF NOT EXISTS tests_bugs_due ON tests(product_id) WHERE bugs_synced_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS test_features (
+    test_id         INTEGER NOT NULL REFERENCES tests(id) ON DELETE CASCADE,
+    test_feature_id INTEGER NOT NULL,             -- the per-test snapshot id bugs point to
+    feature_id      INTEGER NOT NULL,             -- the global feature id
+    title           TEXT,
+    PRIMARY KEY (test_id, test_feature_id)
+);
+-- list_features: tests per feature
+CREATE INDEX IF NOT EXISTS test_features_feature ON test_features(feature_id);
+
+CREATE TABLE IF NOT EXISTS bugs (
+    id               INTEGER PRIMARY KEY,
+    test_id          INTEGER NOT NULL REFERENCES tests(id) ON DELETE CASCADE,
+    product_id       INTEGER NOT NULL,
+    feature_id       INTEGER,
+    title            TEXT NOT NULL,
+    status           TEXT NOT NULL,               -- open|accepted|auto_accepted|rejected (derived)
+    severity         TEXT,                        -- low|high|critical|visual|content|custom
+    bug_type         TEXT NOT NULL,               -- functional|visual|content|custom (derived)
+    known            INTEGER NOT NULL DEFAULT 0,
+    rejection_reason TEXT,                        -- derived from the standard rejection comments
+    reported_at      TEXT,                        -- UTC
+    tester           TEXT,
+    platform         TEXT,                        -- operating system of the first device
+    exported_at      TEXT,
+    raw              TEXT NOT NULL,
+    synced_at        TEXT NOT NULL
+);
+-- get_test_status / list_bugs(test_ids)
+CREATE INDEX IF NOT EXISTS bugs_test ON bugs(test_id, reported_at);
+-- list_bugs(product_ids, dates) and reports by product
+CREATE INDEX IF NOT EXISTS bugs_product_reported ON bugs(product_id, reported_at);
+-- list_bugs(status / severity filters)
+CREATE INDEX IF NOT EXISTS bugs_product_status ON bugs(product_id, status, severity);
+-- list_features: bugs per feature
+CREATE INDEX IF NOT EXISTS bugs_feature ON bugs(feature_id);
+-- list_bugs(tester)
+CREATE INDEX IF NOT EXISTS bugs_tester ON bugs(tester);
+
+CREATE TABLE IF NOT EXISTS sync_runs (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode              TEXT NOT NULL,              -- incremental|refresh|force|nuke|retry
+    trigger           TEXT NOT NULL,              -- cli|server_start|background|tool
+    started_at        TEXT NOT NULL,
+    ended_at          TEXT,
+    status            TEXT NOT NULL,              -- running|success|completed_with_problems|failed|interrupted
+    products          INTEGER NOT NULL DEFAULT 0,
+    new_tests         INTEGER NOT NULL DEFAULT 0,
+    updated_tests     INTEGER NOT NULL DEFAULT 0,
+    bugs              INTEGER NOT NULL DEFAULT 0,
+    features          INTEGER NOT NULL DEFAULT 0,
+    api_requests      INTEGER NOT NULL DEFAULT 0,
+    recovery_attempts INTEGER NOT NULL DEFAULT 0,
+    problems          INTEGER NOT NULL DEFAULT 0,
+    pid               INTEGER,
+    error             TEXT
+);
+
+CREATE TABLE IF NOT EXISTS product_sync (
+    product_id       INTEGER PRIMARY KEY,
+    last_synced_at   TEXT,                        -- last walk that reached its end
+    last_status      TEXT,
+    walk_mode        TEXT,                        -- set while a walk is unfinished (the checkpoint)
+    walk_next_page   INTEGER,                     -- first page not yet stored by that walk
+    walk_per_page    INTEGER,
+    walk_started_at  TEXT
+);
+
+CREATE TABLE IF NOT EXISTS problematic_events (
+    event_id       TEXT PRIMARY KEY,
+    product_id     INTEGER NOT NULL,
+    page           INTEGER NOT NULL,              -- page number at per_page of the walk
+    per_page       INTEGER NOT NULL,
+    offset_start   INTEGER NOT NULL,              -- 0-based position in the newest-first list
+    offset_end     INTEGER NOT NULL,
+    before_id      INTEGER,
+    before_end_at  TEXT,
+    after_id       INTEGER,
+    after_end_at   TEXT,
+    attempts       INTEGER NOT NULL,
+    first_seen_at  TEXT NOT NULL,
+    last_seen_at   TEXT NOT NULL,
+    run_id         INTEGER
+);
+-- the same broken position seen again by a later sync is one event, not a new one
+CREATE UNIQUE INDEX IF NOT EXISTS problematic_position
+    ON problematic_events(product_id, ifnull(before_id, 0), ifnull(after_id, 0));
+
+CREATE TABLE IF NOT EXISTS problematic_tests (
+    event_id  TEXT NOT NULL REFERENCES problematic_events(event_id) ON DELETE CASCADE,
+    test_id   INTEGER NOT NULL,
+    mapped_at TEXT NOT NULL,
+    PRIMARY KEY (event_id, test_id)
+);
+
+-- Full-text search over products, features, tests and bugs (search tool).
+-- rowid = entity code << 40 | id (1 product, 2 feature, 3 test, 4 bug) so a row is replaced by rowid.
+CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
+    title, body, entity UNINDEXED, product_id UNINDEXED,
+    tokenize = 'unicode61 remove_diacritics 2'
+);
+
+CREATE TRIGGER IF NOT EXISTS products_fts_ins AFTER INSERT ON products BEGIN
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((1 << 40) | NEW.id, NEW.name, coalesce(NEW.description, ''), 'product', NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS products_fts_upd AFTER UPDATE ON products BEGIN
+    DELETE FROM search_fts WHERE rowid = (1 << 40) | OLD.id;
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((1 << 40) | NEW.id, NEW.name, coalesce(NEW.description, ''), 'product', NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS products_fts_del AFTER DELETE ON products BEGIN
+    DELETE FROM search_fts WHERE rowid = (1 << 40) | OLD.id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS features_fts_ins AFTER INSERT ON features BEGIN
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((2 << 40) | NEW.id, NEW.title,
+            coalesce(NEW.description, '') || ' ' || coalesce(NEW.howtofind, '') || ' ' ||
+            coalesce((SELECT group_concat(value, ' ') FROM json_each(NEW.user_stories)), ''),
+            'feature', NEW.product_id);
+END;
+CREATE TRIGGER IF NOT EXISTS features_fts_upd AFTER UPDATE ON features BEGIN
+    DELETE FROM search_fts WHERE rowid = (2 << 40) | OLD.id;
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((2 << 40) | NEW.id, NEW.title,
+            coalesce(NEW.description, '') || ' ' || coalesce(NEW.howtofind, '') || ' ' ||
+            coalesce((SELECT group_concat(value, ' ') FROM json_each(NEW.user_stories)), ''),
+            'feature', NEW.product_id);
+END;
+CREATE TRIGGER IF NOT EXISTS features_fts_del AFTER DELETE ON features BEGIN
+    DELETE FROM search_fts WHERE rowid = (2 << 40) | OLD.id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS tests_fts_ins AFTER INSERT ON tests BEGIN
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((3 << 40) | NEW.id, NEW.title,
+            coalesce(json_extract(NEW.raw, '$.goal_text'), '') || ' ' ||
+            coalesce(json_extract(NEW.raw, '$.instructions_text'), ''),
+            'test', NEW.product_id);
+END;
+CREATE TRIGGER IF NOT EXISTS tests_fts_upd AFTER UPDATE OF title, raw ON tests BEGIN
+    DELETE FROM search_fts WHERE rowid = (3 << 40) | OLD.id;
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((3 << 40) | NEW.id, NEW.title,
+            coalesce(json_extract(NEW.raw, '$.goal_text'), '') || ' ' ||
+            coalesce(json_extract(NEW.raw, '$.instructions_text'), ''),
+            'test', NEW.product_id);
+END;
+CREATE TRIGGER IF NOT EXISTS tests_fts_del AFTER DELETE ON tests BEGIN
+    DELETE FROM search_fts WHERE rowid = (3 << 40) | OLD.id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS bugs_fts_ins AFTER INSERT ON bugs BEGIN
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((4 << 40) | NEW.id, NEW.title,
+            coalesce(json_extract(NEW.raw, '$.actual_result'), '') || ' ' ||
+            coalesce(json_extract(NEW.raw, '$.expected_result'), '') || ' ' ||
+            coalesce((SELECT group_concat(value, ' ') FROM json_each(NEW.raw, '$.steps')), ''),
+            'bug', NEW.product_id);
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_fts_upd AFTER UPDATE OF title, raw ON bugs BEGIN
+    DELETE FROM search_fts WHERE rowid = (4 << 40) | OLD.id;
+    INSERT INTO search_fts(rowid, title, body, entity, product_id)
+    VALUES ((4 << 40) | NEW.id, NEW.title,
+            coalesce(json_extract(NEW.raw, '$.actual_result'), '') || ' ' ||
+            coalesce(json_extract(NEW.raw, '$.expected_result'), '') || ' ' ||
+            coalesce((SELECT group_concat(value, ' ') FROM json_each(NEW.raw, '$.steps')), ''),
+            'bug', NEW.product_id);
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_fts_del AFTER DELETE ON bugs BEGIN
+    DELETE FROM search_fts WHERE rowid = (4 << 40) | OLD.id;
+END;
