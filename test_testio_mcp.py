@@ -3,15 +3,38 @@ subprocess), with fakes only at the boundaries: the simulated TestIO account beh
 httpx.MockTransport (or a loopback server), and a real SQLite file in tmp_path."""
 
 import asyncio
+import collections
+import contextlib
+import email.utils
+import functools
+import gc
+import io
 import json
+import logging
+import math
 import os
+import queue
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
 import sqlite3
+import stat
+import subprocess
 import sys
-from datetime import datetime, timezone
+import threading
+import time
+import zipfile
+from datetime import date, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+from mcp import Client, StdioServerParameters
 
 import testio_mcp as tm
 
@@ -116,3 +139,2950 @@ def assert_matches_truth(db_path, acc: tm.SimulatedAccount, product_ids=None):
         assert statuses == {t: acc.test_json(t)["status"] for t in acc.test_ids(pid)}
     assert db_rows(db_path, "SELECT count(*) FROM bugs WHERE test_id NOT IN (SELECT id FROM tests)")[0][0] == 0
     assert db_rows(db_path, "PRAGMA integrity_check")[0][0] == "ok"
+
+
+###############################################################################
+# Data core: settings, sync modes, stop rule, poisoned pages, retries, faults, files, wheel
+###############################################################################
+
+# `import *` must not re-collect the shared file's tests here.
+
+WAIT = 30.0  # upper bound of every wait on a subprocess, an event or a queue
+
+
+###############################################################################
+# Helpers: page logs, run history, a loopback API server, subprocess syncs
+###############################################################################
+
+def pages_read(request_log, pid, per_page=tm.PAGE_SIZE):
+    """Page numbers of a product's test list requested at `per_page`, in request order."""
+    pattern = re.compile(rf"/products/{pid}/exploratory_tests\?page=(\d+)&per_page={per_page}$")
+    return [int(m.group(1)) for entry in request_log if (m := pattern.search(entry))]
+
+
+def runs(db_path):
+    """(mode, status) of every recorded sync run, oldest first."""
+    return db_rows(db_path, "SELECT mode, status FROM sync_runs ORDER BY id")
+
+
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")  # LOG_LEVEL=DEBUG chatter
+
+
+def one_line(text):
+    """The text's only non-empty line, DEBUG/INFO log records aside (fails if there are several)."""
+    lines = [line for line in text.splitlines() if line.strip() and not LOG_RECORD.match(line)]
+    assert len(lines) == 1, f"expected one line, got {lines!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def lean_account():
+    """The shared 3 x 120-test account with 2 bugs per test on average (this file syncs it often)."""
+    return make_account(bugs_per_test=2)
+
+
+def mock(handler):
+    return httpx.MockTransport(handler)
+
+
+def status_code_counter(handler, counter):
+    """Wrap a handler so every answered status code is counted in `counter`."""
+    def wrapped(request):
+        response = handler(request)
+        counter[response.status_code] += 1
+        return response
+    return wrapped
+
+
+class Loopback:
+    """A real HTTP server on 127.0.0.1 answering with `app(httpx.Request) -> httpx.Response`.
+
+    `pause_after = N`: request N is answered, then `reached` is set, and every later request waits
+    (bounded) for `release` before it is answered. An exception raised by `app` drops the connection."""
+
+    def __init__(self, app):
+        self.app = app
+        self.count = 0
+        self.pause_after = None
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                with outer._lock:
+                    outer.count += 1
+                    n = outer.count
+                if outer.pause_after is not None and n > outer.pause_after:
+                    outer.release.wait(WAIT)
+                request = httpx.Request("GET", f"http://127.0.0.1:{outer.port}{self.path}",
+                                        headers=list(self.headers.items()))
+                try:
+                    response = outer.app(request)
+                except httpx.HTTPError:
+                    self.close_connection = True
+                    return
+                body = response.content
+                with contextlib.suppress(OSError):
+                    self.send_response(response.status_code)
+                    for key, value in response.headers.items():
+                        if key.lower() not in ("content-length", "transfer-encoding", "connection",
+                                               "content-encoding"):
+                            self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                if n == outer.pause_after:
+                    outer.reached.set()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/customer/v2"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(WAIT)
+
+
+@pytest.fixture
+def loopback():
+    """Start Loopback servers with `loopback(app)`; all are shut down after the test."""
+    servers = []
+
+    def start(app):
+        servers.append(Loopback(app))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def spawn_sync(tmp_path, base_url, *args, preexec_fn=None, name="sync"):
+    """Start `python testio_mcp.py sync ARGS` against `base_url`; output goes to files in tmp_path."""
+    env = {**os.environ, "TESTIO_CUSTOMER_API_BASE_URL": base_url, "LOG_LEVEL": "WARNING"}
+    with open(tmp_path / f"{name}.out", "wb") as out, open(tmp_path / f"{name}.err", "wb") as err:
+        # preexec_fn only sets an rlimit and a signal disposition (async-signal-safe enough here)
+        return subprocess.Popen([sys.executable, str(HERE / "testio_mcp.py"), "sync", *args], env=env,
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                preexec_fn=preexec_fn)  # noqa: PLW1509
+
+
+def finish(proc, tmp_path, name="sync"):
+    """Wait (bounded) for a spawned sync; returns (exit code, stdout, stderr)."""
+    try:
+        code = proc.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(WAIT)
+        raise
+    return (code, (tmp_path / f"{name}.out").read_text(errors="replace"),
+            (tmp_path / f"{name}.err").read_text(errors="replace"))
+
+
+###############################################################################
+# Settings: environment over .env files, bad values, the token
+###############################################################################
+
+@pytest.mark.parametrize("sources, expected", [
+    ({"environ": "env.db", "./.env": "dot.db"}, "env.db"),
+    ({"environ": "env.db", "--env-file": "explicit.db"}, "env.db"),
+    ({"--env-file": "explicit.db", "./.env": "dot.db", "~/.testio-mcp.env": "home.db"}, "explicit.db"),
+    ({"./.env": "dot.db", "~/.testio-mcp.env": "home.db"}, "home.db"),
+    ({"./.env": "dot.db"}, "dot.db"),
+], ids=["env-over-dotenv", "env-over-env-file", "env-file-over-defaults", "home-over-dotenv", "dotenv"])
+def test_settings_come_from_env_then_env_file_then_home_file_then_dotenv(env, capsys, tmp_path, monkeypatch,
+                                                                         sources, expected):
+    monkeypatch.delenv("TESTIO_DB_PATH")
+    argv = []
+    for source, name in sources.items():
+        line = f'TESTIO_DB_PATH="{tmp_path / name}"\n'
+        if source == "environ":
+            monkeypatch.setenv("TESTIO_DB_PATH", str(tmp_path / name))
+        elif source == "--env-file":
+            (tmp_path / "explicit.env").write_text("# comment\n" + line)
+            argv = ["--env-file", str(tmp_path / "explicit.env")]
+        elif source == "./.env":
+            (tmp_path / ".env").write_text(line)
+        else:
+            (tmp_path / "home" / ".testio-mcp.env").write_text("export " + line)
+    code, out, err = cli(capsys, *argv, "sync", "--status")
+    assert code == 0, err
+    assert re.search(r"^database\s+(\S+)", out, re.MULTILINE).group(1) == str(tmp_path / expected)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("TESTIO_REFRESH_INTERVAL_SECONDS", "soon"),
+    ("TESTIO_REFRESH_INTERVAL_SECONDS", "-5"),
+    ("MAX_CONCURRENT_API_REQUESTS", "-3"),
+    ("MAX_CONCURRENT_API_REQUESTS", "0"),
+    ("MAX_CONCURRENT_API_REQUESTS", "2.5"),
+    ("TESTIO_HTTP_TIMEOUT_SECONDS", "nan"),
+    ("TESTIO_HTTP_TIMEOUT_SECONDS", "0"),
+    ("TESTIO_RETRY_BASE_SECONDS", "fast"),
+    ("TESTIO_PRODUCT_IDS", "12,abc"),
+    ("TESTIO_PRODUCT_IDS", "12;13"),
+    ("TESTIO_PRODUCT_IDS", "-4"),
+    ("LOG_LEVEL", "LOUD"),
+    ("LOG_LEVEL", "verbose"),
+    ("TESTIO_CUSTOMER_API_BASE_URL", "ftp://api.test.io"),
+])
+@pytest.mark.parametrize("where", ["environ", "dotenv"])
+def test_bad_setting_exits_2_with_one_line_naming_the_variable_and_value(env, capsys, monkeypatch, tmp_path,
+                                                                         name, value, where):
+    if where == "environ":
+        monkeypatch.setenv(name, value)
+    else:
+        monkeypatch.delenv(name, raising=False)
+        (tmp_path / ".env").write_text(f"{name}={value}\n")
+    code, out, err = cli(capsys, "sync")
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith("testio-mcp: ") and name in line and repr(value) in line
+    assert out == "" and not env.exists()
+
+
+def test_sync_without_token_says_which_variable_to_set_and_where_to_get_one(env, capsys, monkeypatch, lean_account):
+    monkeypatch.delenv("TESTIO_CUSTOMER_API_TOKEN")
+    code, _, err = cli(capsys, "sync", transport=mock(lean_account.handler))
+    assert code == 1
+    line = one_line(err)
+    assert "TESTIO_CUSTOMER_API_TOKEN is not set" in line and "Integrations -> API" in line
+    assert lean_account.request_log == [] and not env.exists()
+
+
+###############################################################################
+# Sync modes through the CLI
+###############################################################################
+
+def test_cold_incremental_sync_stores_all_products_features_tests_and_bugs(env, capsys, lean_account):
+    code, _, err = cli(capsys, "sync", transport=mock(lean_account.handler))
+    assert code == 0, err
+    assert_matches_truth(env, lean_account)
+    assert sorted(r[0] for r in db_rows(env, "SELECT id FROM products")) == sorted(lean_account.product_ids())
+    for pid in lean_account.product_ids():
+        assert sorted(r[0] for r in db_rows(env, "SELECT id FROM features WHERE product_id = ?", (pid,))) == \
+            [f["id"] for f in lean_account.features_of(pid)]
+    assert runs(env) == [("incremental", "success")]
+    assert "incremental sync success" in err
+
+
+def test_warm_incremental_sync_adds_new_tests_and_fetches_bugs_only_for_them(env, capsys, lean_account):
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    pid = lean_account.product_ids()[0]
+    new = lean_account.add_tests(pid, 4)
+    lean_account.request_log.clear()
+    code, _, err = cli(capsys, "sync", transport=transport)
+    assert code == 0, err
+    assert_matches_truth(env, lean_account)
+    bug_requests = [e for e in lean_account.request_log if "/bugs?" in e]
+    asked = sorted(int(i) for e in bug_requests for i in re.search(r"filter_test_cycle_ids=([\d%C,]+)", e)
+                   .group(1).replace("%2C", ",").split(","))
+    assert asked == sorted(new)
+    assert db_rows(env, "SELECT new_tests FROM sync_runs ORDER BY id DESC LIMIT 1") == [(4,)]
+
+
+def deep_account(**kw):
+    """One product deep enough (450 tests) that an incremental walk does not reach its end."""
+    return make_account(products=1, tests_per_product=450, bugs_per_test=1, **kw)
+
+
+def test_refresh_picks_up_a_status_change_of_a_non_final_test_beyond_the_incremental_pages(env, capsys):
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    deep = acc.test_ids(pid)[420]
+    acc.set_test_status(deep, "running")  # non-final; shows a third of its bugs
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    bugs_before = len(acc.bug_ids(deep))
+    acc.set_test_status(deep, "locked")   # all bugs become visible
+    assert len(acc.bug_ids(deep)) > bugs_before
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    assert db_rows(env, "SELECT status FROM tests WHERE id = ?", (deep,)) == [("running",)]  # out of reach
+    code, _, err = cli(capsys, "sync", "--refresh", transport=transport)
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    stored = dict(db_rows(env, "SELECT id, status FROM bugs WHERE test_id = ?", (deep,)))
+    assert stored == {b["id"]: tm.bug_status(b) for b in acc.bugs_of(deep)}
+
+
+def test_refresh_removes_a_non_final_test_the_api_answers_404_for(env, capsys):
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    gone = acc.test_ids(pid)[400]
+    acc.set_test_status(gone, "locked")
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    assert db_rows(env, "SELECT count(*) FROM bugs WHERE test_id = ?", (gone,))[0][0] > 0
+    acc.delete_test(gone)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    assert db_rows(env, "SELECT count(*) FROM tests WHERE id = ?", (gone,)) == [(1,)]  # incremental can't see it
+    acc.request_log.clear()
+    code, _, err = cli(capsys, "sync", "--refresh", transport=transport)
+    assert code == 0, err
+    assert f"/exploratory_tests/{gone}" in "\n".join(acc.request_log)
+    assert_matches_truth(env, acc)
+    assert db_rows(env, "SELECT count(*) FROM bugs WHERE test_id = ?", (gone,)) == [(0,)]
+
+
+def test_force_rereads_every_page_and_removes_a_deleted_final_test(env, capsys):
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    gone = acc.test_ids(pid)[430]
+    assert acc.test_json(gone)["status"] in tm.FINAL_STATUSES
+    acc.delete_test(gone)
+    acc.request_log.clear()
+    code, _, err = cli(capsys, "sync", "--force", transport=transport)
+    assert code == 0, err
+    assert pages_read(acc.request_log, pid) == [1, 2, 3, 4, 5]
+    assert_matches_truth(env, acc)
+    assert runs(env)[-1] == ("force", "success")
+
+
+def test_nuke_refuses_without_yes_when_stdin_is_not_a_terminal(env, capsys, monkeypatch, lean_account):
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    before = db_rows(env, "SELECT count(*) FROM tests")
+    requests = sum(lean_account.requests.values())
+    code, _, err = cli(capsys, "sync", "--nuke", transport=transport)
+    assert code == 1
+    assert "add --yes" in one_line(err)
+    assert db_rows(env, "SELECT count(*) FROM tests") == before and before[0][0] == 360
+    assert sum(lean_account.requests.values()) == requests
+
+
+def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_account):
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    pid = lean_account.product_ids()[0]
+    conn = sqlite3.connect(env)
+    with conn:
+        conn.execute("INSERT INTO tests (id, product_id, title, status, testing_type, raw, synced_at) "
+                     "VALUES (999999, ?, 'stale', 'archived', 'coverage', '{}', '2020-01-01T00:00:00Z')", (pid,))
+        conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+                     "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 1, 100, 0, 1, 1, "
+                     "'2020-01-01T00:00:00Z', '2020-01-01T00:00:00Z')", (pid,))
+    conn.close()
+    code, _, err = cli(capsys, "sync", "--nuke", "--yes", transport=transport)
+    assert code == 0, err
+    assert_matches_truth(env, lean_account)
+    assert db_rows(env, "SELECT count(*) FROM problematic_events") == [(0,)]
+    assert runs(env) == [("incremental", "success"), ("nuke", "success")]
+
+
+@pytest.mark.parametrize("how", ["flag", "environ"])
+def test_product_ids_limit_the_sync_to_those_products(env, capsys, monkeypatch, lean_account, how):
+    a, _, c = lean_account.product_ids()
+    argv = ["sync"]
+    if how == "flag":
+        argv += ["--product-ids", f"{c},{a}"]
+    else:
+        monkeypatch.setenv("TESTIO_PRODUCT_IDS", f"{c},{a}")
+    code, _, err = cli(capsys, *argv, transport=mock(lean_account.handler))
+    assert code == 0, err
+    assert sorted(r[0] for r in db_rows(env, "SELECT id FROM products")) == sorted([a, c])
+    assert sorted(r[0] for r in db_rows(env, "SELECT DISTINCT product_id FROM tests")) == sorted([a, c])
+    assert_matches_truth(env, lean_account, [a, c])
+
+
+def test_unknown_product_id_fails_naming_it_and_the_visible_ids(env, capsys, lean_account):
+    a, b, c = lean_account.product_ids()
+    code, _, err = cli(capsys, "sync", "--product-ids", f"{a},424242", transport=mock(lean_account.handler))
+    assert code == 1
+    line = [ln for ln in err.splitlines() if ln.startswith("testio-mcp:")]
+    assert line == [(f"testio-mcp: sync failed: product id(s) 424242 are not visible to this token; "
+                     f"visible: {', '.join(map(str, sorted([a, b, c])))}")]
+    assert db_rows(env, "SELECT count(*) FROM tests") == [(0,)]
+    assert runs(env) == [("incremental", "failed")]
+
+
+def test_since_stops_the_walk_at_the_first_page_entirely_older_than_the_date(env, capsys):
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    order = acc.test_ids(pid)
+    ends = [tm.to_utc(acc.test_json(t)["end_at"]) for t in order]
+    since = date.fromisoformat(ends[150][:10])
+    cut = f"{since.isoformat()}T00:00:00Z"
+    last = next(p for p in range(1, 6) if all(e < cut for e in ends[(p - 1) * 100:p * 100]))
+    assert 2 <= last < 5
+    code, _, err = cli(capsys, "sync", "--since", since.isoformat(), transport=mock(acc.handler))
+    assert code == 0, err
+    assert pages_read(acc.request_log, pid) == list(range(1, last + 1))
+    stored = sorted(r[0] for r in db_rows(env, "SELECT id FROM tests"))
+    assert stored == sorted(order[:last * 100])
+    assert all(t in stored for t, e in zip(order, ends) if e >= cut)
+
+
+def test_sync_status_shows_path_counts_products_and_runs(env, capsys, lean_account):
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    assert cli(capsys, "sync", "--product-ids", "1", transport=transport)[0] == 1
+    code, out, err = cli(capsys, "sync", "--status")
+    assert code == 0, err
+    bugs = db_rows(env, "SELECT count(*) FROM bugs")[0][0]
+    features = db_rows(env, "SELECT count(*) FROM features")[0][0]
+    assert f"database   {env} (" in out
+    assert (f"contents   3 products, {features} features, 360 tests, {bugs} bugs, 2 sync_runs, "
+            f"0 problematic_events") in out
+    for pid in lean_account.product_ids():
+        row = next(ln for ln in out.splitlines() if ln.startswith(f"{pid} "))
+        product_bugs = len(lean_account.bug_ids(product_id=pid))
+        assert re.search(rf"\s120\s+{product_bugs}\s+\d{{4}}-\d\d-\d\dT\S+Z\s+success$", row), row
+    run_lines = [ln for ln in out.splitlines() if re.match(r"\d+\s+incremental\s+cli", ln)]
+    assert [ln.split()[0] + " " + ln.split()[4] for ln in run_lines] == ["2 failed", "1 success"]
+    assert "product id(s) 1 are not visible" in out
+
+
+def test_sync_status_on_an_empty_database_says_never(env, capsys):
+    code, out, err = cli(capsys, "sync", "--status")
+    assert code == 0, err
+    assert "contents   0 products, 0 features, 0 tests, 0 bugs, 0 sync_runs, 0 problematic_events" in out
+    assert "last good  never" in out
+
+
+###############################################################################
+# The incremental stop rule
+###############################################################################
+
+@pytest.mark.parametrize("tests, new_on_top, expected_pages", [
+    (520, 0, [1, 2, 3]),           # page 1 holds known tests: read 2 more
+    (520, 150, [1, 2, 3, 4]),      # page 1 all new, page 2 holds the first known test
+    (520, 260, [1, 2, 3, 4, 5]),   # page 3 holds the first known test
+    (150, 0, [1, 2]),              # page 2 is short: stop there
+    (230, 0, [1, 2, 3]),           # page 3 is short and also the last safety page
+    (120, 90, [1, 2, 3]),          # 210 tests now: page 3 short
+])
+def test_incremental_sync_reads_exactly_safety_pages_past_the_first_page_with_a_known_test(
+        env, capsys, tests, new_on_top, expected_pages):
+    acc = make_account(products=1, tests_per_product=tests, bugs_per_test=0.2)
+    pid = acc.product_ids()[0]
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    new = acc.add_tests(pid, new_on_top) if new_on_top else []
+    for k, test_id in enumerate(new):  # above the running and scheduled tests: page 1 onwards
+        acc.move_test(test_id, NOW + timedelta(days=90, minutes=k))
+    assert tm.SAFETY_PAGES == 2
+    acc.request_log.clear()
+    code, _, err = cli(capsys, "sync", transport=transport)
+    assert code == 0, err
+    assert pages_read(acc.request_log, pid) == expected_pages
+    stored = {r[0] for r in db_rows(env, "SELECT id FROM tests")}
+    assert set(new) <= stored
+
+
+@pytest.mark.slow
+def test_a_5000_test_product_syncs_completely(env, capsys, monkeypatch):
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    acc = make_account(products=1, tests_per_product=5000, bugs_per_test=0.1)
+    pid = acc.product_ids()[0]
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert pages_read(acc.request_log, pid) == list(range(1, 52))
+    assert_matches_truth(env, acc)
+
+
+###############################################################################
+# Poisoned pages: recovery by smaller pages, problematic events, map/retry/clear
+###############################################################################
+
+@pytest.mark.parametrize("position", [0, 99, 100, 137, 249])
+def test_a_poisoned_test_is_the_only_one_missing_and_is_recorded_with_its_neighbours(env, capsys, position):
+    acc = make_account(products=1, tests_per_product=250, bugs_per_test=1)
+    pid = acc.product_ids()[0]
+    order = acc.test_ids(pid)
+    bad = order[position]
+    acc.poison_test(bad)
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert "1 test position(s) could not be read; see `testio-mcp problematic list`" in err
+    assert runs(env) == [("incremental", "completed_with_problems")]
+    assert sorted(r[0] for r in db_rows(env, "SELECT id FROM tests")) == sorted(set(order) - {bad})
+    assert sorted(r[0] for r in db_rows(env, "SELECT id FROM bugs")) == \
+        sorted(set(acc.bug_ids(product_id=pid)) - set(acc.bug_ids(bad)))
+    events = db_rows(env, "SELECT product_id, page, per_page, offset_start, offset_end, before_id, after_id, "
+                          "before_end_at, after_end_at FROM problematic_events")
+    before = order[position - 1] if position > 0 else None
+    after = order[position + 1] if position + 1 < len(order) else None
+    end_at = lambda t: tm.to_utc(acc.test_json(t)["end_at"]) if t else None
+    assert events == [(pid, position // 100 + 1, 100, position, position + 1, before, after,
+                       end_at(before), end_at(after))]
+
+
+def test_a_poisoned_position_seen_by_a_later_sync_stays_one_event(env, capsys):
+    acc = make_account(products=1, tests_per_product=250, bugs_per_test=1)
+    acc.poison_test(acc.test_ids()[120])
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    first = db_rows(env, "SELECT event_id, attempts FROM problematic_events")
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    again = db_rows(env, "SELECT event_id, attempts FROM problematic_events")
+    assert [e for e, _ in again] == [e for e, _ in first] and again[0][1] > first[0][1]
+
+
+def test_problematic_map_retry_and_clear_recover_a_poisoned_test_once_the_api_is_fixed(env, capsys):
+    broken = make_account(products=2, tests_per_product=150, bugs_per_test=2)
+    pid = broken.product_ids()[1]
+    bad = broken.test_ids(pid)[42]
+    broken.poison_test(bad)
+    assert cli(capsys, "sync", transport=mock(broken.handler))[0] == 0
+    code, out, err = cli(capsys, "problematic", "list")
+    assert code == 0, err
+    (event_id, _product, _page), = db_rows(env, "SELECT event_id, product_id, page FROM problematic_events")
+    row = one_line(out.split("\n", 1)[1])
+    assert row.split()[:4] == [event_id, str(pid), "1", "42-43"]
+    before, after = broken.test_ids(pid)[41], broken.test_ids(pid)[43]
+    assert f"{before} (" in row and f"{after} (" in row and row.endswith(" -")
+
+    code, out, err = cli(capsys, "problematic", "retry", str(pid), transport=mock(broken.handler))
+    assert code == 1 and "no tests are mapped for product" in one_line(err)
+    code, out, err = cli(capsys, "problematic", "map-tests", event_id, str(bad))
+    assert code == 0, err
+    assert one_line(out) == (f"mapped 1 test(s) to event {event_id}; fetch them with "
+                             f"`testio-mcp problematic retry PRODUCT_ID`")
+    assert one_line(cli(capsys, "problematic", "list")[1].split("\n", 1)[1]).endswith(f" {bad}")
+
+    code, out, err = cli(capsys, "problematic", "retry", str(pid), transport=mock(broken.handler))
+    assert code == 1 and f"failed: {bad} (" in out  # still poisoned: nothing changes
+    assert db_rows(env, "SELECT test_id FROM problematic_tests") == [(bad,)]
+
+    fixed = make_account(products=2, tests_per_product=150, bugs_per_test=2)  # same data, no poison
+    code, out, err = cli(capsys, "problematic", "retry", str(pid), transport=mock(fixed.handler))
+    assert code == 0, err
+    assert one_line(out) == "stored 1 test(s) with their bugs"
+    assert_matches_truth(env, fixed)
+    assert db_rows(env, "SELECT count(*) FROM problematic_tests") == [(0,)]
+    assert cli(capsys, "problematic", "list")[1] == "no problematic events recorded\n"  # resolved
+
+    assert cli(capsys, "sync", transport=mock(broken.handler))[0] == 0  # still broken server-side
+    assert db_rows(env, "SELECT count(*) FROM problematic_events") == [(1,)]
+    code, out, err = cli(capsys, "problematic", "clear")
+    assert code == 1 and "add --yes" in one_line(err)
+    assert db_rows(env, "SELECT count(*) FROM problematic_events") == [(1,)]
+    code, out, err = cli(capsys, "problematic", "clear", "--yes")
+    assert code == 0 and one_line(out) == "cleared 1 event(s)"
+    assert cli(capsys, "problematic", "list")[1] == "no problematic events recorded\n"
+
+
+###############################################################################
+# Retry policy of the API client (exact: injected sleep and jitter)
+###############################################################################
+
+def client_for(handler, waits, rand=lambda: 0.5, **settings):
+    async def sleep(seconds):
+        waits.append(seconds)
+    options = {"token": TOKEN, "base_url": BASE_URL, "retry_base": 0.5, **settings}
+    return tm.TestioClient(tm.Settings(**options), transport=mock(handler), sleep=sleep, rand=rand)
+
+
+def scripted(*outcomes):
+    """A handler answering with the outcomes in order (then 200 {"products": []}); logs each request."""
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        outcome = outcomes[len(calls) - 1] if len(calls) <= len(outcomes) else 200
+        if isinstance(outcome, type) and issubclass(outcome, Exception):
+            raise outcome("injected", request=request)
+        if isinstance(outcome, tuple):
+            status, headers = outcome
+            return httpx.Response(status, headers=headers, json={"error": "x"})
+        if outcome == 200:
+            return httpx.Response(200, json={"products": []})
+        return httpx.Response(outcome, json={"error": "x"})
+
+    handler.calls = calls
+    return handler
+
+
+async def get_products(client):
+    try:
+        return await client.get_products()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("seconds", ["7", "0", "2.5", "120"])  # 120 is the cap itself: still honoured
+@pytest.mark.anyio
+async def test_429_waits_exactly_the_retry_after_seconds(seconds):
+    handler = scripted((429, {"Retry-After": seconds}), 200)
+    waits = []
+    assert await get_products(client_for(handler, waits)) == []
+    assert len(handler.calls) == 2 and waits == [float(seconds)]
+
+
+@pytest.mark.parametrize("offset", [30, 90, -30])
+@pytest.mark.anyio
+async def test_429_with_an_http_date_waits_until_that_moment(offset):
+    target = math.ceil(time.time()) + offset
+    handler = scripted((429, {"Retry-After": email.utils.formatdate(target, usegmt=True)}), 200)
+    waits = []
+    before = time.time()
+    assert await get_products(client_for(handler, waits)) == []
+    after = time.time()
+    assert len(handler.calls) == 2 and len(waits) == 1
+    assert max(0.0, target - after) <= waits[0] <= max(0.0, target - before)
+
+
+@pytest.mark.parametrize("retry_after, shown", [("121", "121"), ("3600", "3600"), ("date+600", "(599|600|601)")])
+@pytest.mark.anyio
+async def test_retry_after_above_the_cap_fails_at_once_with_rate_limited_error(retry_after, shown):
+    header = email.utils.formatdate(math.ceil(time.time()) + 600, usegmt=True) if retry_after.startswith("date") \
+        else retry_after
+    handler = scripted((429, {"Retry-After": header}))
+    waits = []
+    with pytest.raises(tm.RateLimitedError) as info:
+        await get_products(client_for(handler, waits))
+    assert len(handler.calls) == 1 and waits == []
+    assert re.fullmatch(rf"GET products: rate limited, the API asks to wait {shown}s \(more than 120s\); "
+                        rf"try again later", str(info.value))
+
+
+@pytest.mark.anyio
+async def test_429_without_retry_after_backs_off_and_gives_up_after_max_rate_limited():
+    handler = scripted(*[429] * 20)
+    waits = []
+    with pytest.raises(tm.RateLimitedError) as info:
+        await get_products(client_for(handler, waits, rand=lambda: 1.0))
+    assert len(handler.calls) == tm.MAX_RATE_LIMITED + 1 == 7
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    assert "still rate limited after 7 tries" in str(info.value) and "MAX_CONCURRENT_API_REQUESTS" in str(info.value)
+
+
+TRANSIENT = [500, 502, 503, 504, 520, 524, httpx.ReadTimeout, httpx.ConnectTimeout, httpx.ConnectError,
+             httpx.RemoteProtocolError, httpx.ReadError]
+
+
+@pytest.mark.parametrize("failure", TRANSIENT, ids=str)
+@pytest.mark.anyio
+async def test_transient_failures_retry_with_growing_jittered_delays_then_fail(failure):
+    handler = scripted(*[failure] * 10)
+    jitter = iter([0.0, 1.0, 0.5, 0.2, 0.9])
+    waits = []
+    with pytest.raises(tm.ServerError) as info:
+        await get_products(client_for(handler, waits, rand=lambda: next(jitter)))
+    assert len(handler.calls) == tm.MAX_RETRIES + 1 == 5
+    # base 0.5 s doubling, each scaled into [50%, 100%] by the jitter draw
+    assert waits == [0.5 * 0.5, 1.0 * 1.0, 2.0 * 0.75, 4.0 * 0.6]
+    assert "after 5 attempts" in str(info.value)
+    assert info.value.status == (failure if isinstance(failure, int) else None)
+
+
+@pytest.mark.anyio
+async def test_transient_failures_below_the_retry_limit_are_absorbed():
+    handler = scripted(503, httpx.ReadTimeout, 524, httpx.RemoteProtocolError, 200)
+    waits = []
+    assert await get_products(client_for(handler, waits)) == []
+    assert len(handler.calls) == 5 and len(waits) == 4
+
+
+def test_backoff_is_capped_and_jittered_between_half_and_full_delay():
+    delays = [tm.backoff_delay(n, 0.5, r) for n in range(12) for r in (0.0, 1.0)]
+    assert max(delays) == tm.BACKOFF_CAP
+    for n in range(12):
+        full = min(tm.BACKOFF_CAP, 0.5 * 2 ** n)
+        assert tm.backoff_delay(n, 0.5, 0.0) == full / 2 and tm.backoff_delay(n, 0.5, 1.0) == full
+
+
+@pytest.mark.parametrize("status, error", [
+    (400, tm.ApiError), (401, tm.AuthError), (403, tm.NotFoundError), (404, tm.NotFoundError),
+    (405, tm.ApiError), (422, tm.ApiError),
+])
+@pytest.mark.anyio
+async def test_client_errors_are_tried_exactly_once(status, error):
+    handler = scripted(status, 200)
+    waits = []
+    with pytest.raises(error) as info:
+        await get_products(client_for(handler, waits))
+    assert type(info.value) is error and info.value.status == status
+    assert len(handler.calls) == 1 and waits == []
+
+
+def test_a_rejected_token_says_so_and_how_to_fix_it(env, capsys):
+    acc = make_account(token="the-right-token")
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 1
+    assert acc.request_log == ["/customer/v2/products"] and sum(acc.requests.values()) == 0  # asked once
+    assert ("testio-mcp: sync failed: the TestIO API rejected the token (HTTP 401 on GET products): check "
+            "TESTIO_CUSTOMER_API_TOKEN, or create a new token in TestIO under Integrations -> API") in err
+    assert runs(env) == [("incremental", "failed")]
+
+
+###############################################################################
+# Bug batches: 524 splits down to single tests
+###############################################################################
+
+@pytest.mark.parametrize("cause", ["account-limit", "every-multi-test-batch"])
+def test_bug_batches_answering_524_are_split_down_to_single_tests_and_every_bug_is_stored(env, capsys, cause):
+    acc = make_account(products=2, tests_per_product=60, bugs_per_test=4)
+    faults = Faults(acc.handler)
+    if cause == "account-limit":
+        biggest = max(len(acc.bug_ids(t)) for t in acc.test_ids())
+        acc = make_account(products=2, tests_per_product=60, bugs_per_test=4, max_bugs_per_response=biggest)
+        faults = Faults(acc.handler)
+    else:
+        faults.add(lambda r, n: httpx.Response(524, text="timeout")
+                   if r.url.path.endswith("/bugs") and "," in r.url.params["filter_test_cycle_ids"] else None)
+    statuses = collections.Counter()
+    code, _, err = cli(capsys, "sync", transport=mock(status_code_counter(faults, statuses)))
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    batches = [q.split("filter_test_cycle_ids=")[1].split("%2C") for q in faults.log if "/bugs?" in q]
+    singles = {int(b[0]) for b in batches if len(b) == 1}
+    assert statuses[524] > 0
+    if cause == "every-multi-test-batch":  # every test whose bugs are due ends up asked for alone
+        pre_run = {r[0] for r in db_rows(env, "SELECT id FROM tests WHERE status IN "
+                                              "('initialized', 'customer_finalized', 'waiting')")}
+        assert singles == set(acc.test_ids()) - pre_run
+    else:
+        assert singles
+    assert runs(env) == [("incremental", "success")]
+
+
+def test_bugs_of_a_test_that_always_fails_are_retried_by_the_next_sync(env, capsys):
+    acc = make_account(products=1, tests_per_product=60, bugs_per_test=3)
+    victim = next(t for t in acc.test_ids() if acc.bug_ids(t))
+    faults = Faults(acc.handler).add(
+        lambda r, n: httpx.Response(503) if r.url.path.endswith("/bugs")
+        and str(victim) in r.url.params["filter_test_cycle_ids"].split(",") else None)
+    code, _, err = cli(capsys, "sync", transport=mock(faults))
+    assert code == 0, err
+    assert runs(env) == [("incremental", "completed_with_problems")]
+    assert f"bugs of test {victim} could not be fetched" in err
+    assert db_rows(env, "SELECT bugs_synced_at FROM tests WHERE id = ?", (victim,)) == [(None,)]
+    assert db_rows(env, "SELECT count(*) FROM bugs WHERE test_id = ?", (victim,)) == [(0,)]
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    assert runs(env)[-1] == ("incremental", "success")
+
+
+###############################################################################
+# The token never leaks: outputs, log records, database files
+###############################################################################
+
+class RecordText(logging.Handler):
+    """Every record of the module's and httpx's loggers, formatted with its traceback.
+
+    (The CLI's logging.basicConfig(force=True) detaches pytest's caplog handler from the root logger, so
+    records are collected on the named loggers instead.)"""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def records():
+    handler = RecordText()
+    loggers = [logging.getLogger(n) for n in ("testio_mcp", "httpx", "httpcore", "asyncio")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+LEAK_SCENARIOS = {
+    "success": lambda acc: acc.handler,
+    "rejected-401": lambda acc: make_account(products=1, tests_per_product=10, token="another").handler,
+    "server-500": lambda acc: Faults(acc.handler).add(lambda r, n: httpx.Response(500, text="boom")),
+    "timeouts": lambda acc: Faults(acc.handler).add(
+        lambda r, n: httpx.ReadTimeout("timed out", request=r) if n % 2 else None),
+    "resets": lambda acc: Faults(acc.handler).add(
+        lambda r, n: httpx.RemoteProtocolError("Server disconnected", request=r) if n % 3 == 0 else None),
+    "bug-batches-524": lambda acc: Faults(acc.handler).add(
+        lambda r, n: httpx.Response(524) if r.url.path.endswith("/bugs") else None),
+}
+
+
+@pytest.mark.parametrize("scenario", LEAK_SCENARIOS)
+def test_the_token_never_appears_in_output_logs_or_database_files(env, capsys, records, scenario):
+    acc = make_account(products=2, tests_per_product=40, bugs_per_test=2)
+    acc.poison_test(acc.test_ids()[5])
+    handler = LEAK_SCENARIOS[scenario](acc)
+    assert cli(capsys, "sync", "--status")[0] == 0
+    keep_open = sqlite3.connect(env)  # a second open connection keeps -wal and -shm on disk after the CLI
+    keep_open.execute("SELECT count(*) FROM tests").fetchone()
+    try:
+        _code, out, err = cli(capsys, "sync", "--force", transport=mock(handler))
+        cli(capsys, "sync", "--status")
+        cli(capsys, "problematic", "list")
+        files = {p.name: p.read_bytes() for p in env.parent.iterdir()}
+    finally:
+        keep_open.close()
+    assert {"cache.db", "cache.db-wal", "cache.db-shm"} <= set(files)
+    assert any(" DEBUG " in line or line.startswith("DEBUG") for line in err.splitlines())
+    assert any("HTTP Request: GET" in line for line in records.lines)
+    secret = TOKEN.encode()
+    haystacks = {"stdout": out.encode(), "stderr": err.encode(), "log records": "\n".join(records.lines).encode(),
+                 **files}
+    assert [name for name, data in haystacks.items() if secret in data] == []
+    assert [name for name, data in haystacks.items() if TOKEN[4:].encode() in data] == []  # nor a part of it
+
+
+###############################################################################
+# Fault storm: a full sync under random 5xx/524, 429, resets and timeouts
+###############################################################################
+
+class Storm:
+    """10% 5xx/524, 5% 429 (Retry-After: 0), 2% connection resets, 1% read timeouts."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+        self.injected = collections.Counter()
+
+    def __call__(self, request, n):
+        u = self.rng.random()
+        if u < 0.10:
+            status = self.rng.choice([500, 502, 503, 504, 524])
+            self.injected[str(status)] += 1
+            return httpx.Response(status, text="storm")
+        if u < 0.15:
+            self.injected["429"] += 1
+            return httpx.Response(429, headers={"Retry-After": "0"}, json={"error": "slow down"})
+        if u < 0.17:
+            kind = self.rng.choice([httpx.ConnectError, httpx.RemoteProtocolError])
+            self.injected[kind.__name__] += 1
+            return kind("storm", request=request)
+        if u < 0.18:
+            self.injected["ReadTimeout"] += 1
+            return httpx.ReadTimeout("storm", request=request)
+        return None
+
+
+STORM_SEEDS = range(1, 21)
+
+
+@pytest.mark.slow
+def test_a_sync_under_a_fault_storm_reports_success_only_when_local_data_equals_truth(env, capsys, monkeypatch):
+    """For each seed: every run that reports success has stored exactly the truth; a run that reports
+    problems is honest about it, and the next run (same storm) converges."""
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    totals, statuses = collections.Counter(), collections.Counter()
+    for seed in STORM_SEEDS:
+        for path in env.parent.glob("cache.db*"):
+            path.unlink()
+        acc = make_account(seed=seed, products=2, tests_per_product=80, bugs_per_test=1)
+        storm = Storm(seed)
+        transport = mock(Faults(acc.handler).add(storm))
+        for attempt in range(1, 4):
+            code, _, err = cli(capsys, "sync", transport=transport)
+            status = runs(env)[-1][1]
+            statuses[status] += 1
+            assert code in (0, 1) and "Traceback" not in err
+            if status == "success":
+                assert code == 0
+                assert_matches_truth(env, acc)
+                break
+            assert status in ("completed_with_problems", "failed")
+            assert db_rows(env, "SELECT error IS NOT NULL OR problems > 0 FROM sync_runs "
+                                "ORDER BY id DESC LIMIT 1") == [(1,)], f"seed {seed}: dishonest {status}"
+        else:
+            pytest.fail(f"seed {seed}: three syncs under the storm never converged")
+        totals.update(storm.injected)
+    print(f"storm: {len(STORM_SEEDS)} seeds, faults injected {dict(totals)}, runs {dict(statuses)}")
+    assert set(totals) == {"500", "502", "503", "504", "524", "429", "ConnectError", "RemoteProtocolError",
+                           "ReadTimeout"}
+
+
+###############################################################################
+# Hung API, page drift, malformed answers
+###############################################################################
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; yields (url, accepted list)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/customer/v2", accepted
+    stop.set()
+    thread.join(WAIT)
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+def test_a_hung_api_fails_each_request_within_its_timeout_and_the_sync_ends_with_a_clear_error(
+        env, capsys, monkeypatch, silent_server):
+    url, accepted = silent_server
+    monkeypatch.setenv("TESTIO_CUSTOMER_API_BASE_URL", url)
+    monkeypatch.setenv("TESTIO_HTTP_TIMEOUT_SECONDS", "0.5")
+    started = time.monotonic()
+    code, _, err = cli(capsys, "sync")
+    elapsed = time.monotonic() - started
+    assert code == 1
+    assert "testio-mcp: sync failed: GET products: timeout after 5 attempts" in err
+    assert 5 * 0.5 <= elapsed < 5 * 0.5 + 5.0
+    assert len(accepted) >= 1
+    assert db_rows(env, "SELECT status, error FROM sync_runs") == [("failed", "GET products: timeout after 5 attempts")]
+
+
+def assert_end_at_matches(db_path, acc):
+    stored = dict(db_rows(db_path, "SELECT id, end_at FROM tests"))
+    assert stored == {t: tm.to_utc(acc.test_json(t)["end_at"]) for t in acc.test_ids()}
+
+
+@pytest.mark.parametrize("when", ["cold", "warm"])
+def test_page_drift_while_paging_is_absorbed_by_the_next_sync(env, capsys, when):
+    acc = make_account(products=1, tests_per_product=250, bugs_per_test=2)
+    pid = acc.product_ids()[0]
+    if when == "warm":
+        assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    order = acc.test_ids(pid)
+    changed = next(t for t in order[:60] if acc.test_json(t)["status"] == "locked")
+    moved = order[220]
+    drift = {}
+
+    def drift_on_page_2(request, n):
+        if request.url.params.get("page") == "2" and not drift:
+            drift["new"] = acc.add_tests(pid, 7)           # new tests at the head shift every page down
+            acc.set_test_status(changed, "archived")        # a test already read changes status
+            acc.move_test(moved, NOW + timedelta(days=40))  # a test not yet read jumps to the top
+
+    code, _, err = cli(capsys, "sync", transport=mock(Faults(acc.handler).add(drift_on_page_2)))
+    assert code == 0, err
+    assert drift and len(drift["new"]) == 7
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    assert_end_at_matches(env, acc)
+    stored = dict(db_rows(env, "SELECT id, status FROM bugs WHERE test_id = ?", (changed,)))
+    assert stored == {b["id"]: tm.bug_status(b) for b in acc.bugs_of(changed)}
+
+
+MALFORMED = {  # (target, name) -> body answered with HTTP 200
+    **{(target, "not-json"): b"{not json" for target in ("page", "bug-batch")},
+    **{(target, "html"): b"<html><body>maintenance</body></html>" for target in ("page", "bug-batch")},
+    **{(target, "top-level-list"): b"[]" for target in ("page", "bug-batch")},
+    **{(target, "wrong-key"): b'{"data": []}' for target in ("page", "bug-batch")},
+    ("page", "null-list"): b'{"exploratory_tests": null}',
+    ("bug-batch", "null-list"): b'{"bugs": null}',
+    ("page", "object-for-list"): b'{"exploratory_tests": {"id": 1, "title": "x"}}',
+    ("bug-batch", "object-for-list"): b'{"bugs": {"id": 1, "test": {"id": 1}}}',
+    ("page", "item-without-id"): b'{"exploratory_tests": [{"title": "x"}]}',
+    ("bug-batch", "item-without-id"): b'{"bugs": [{"title": "x"}]}',
+    ("page", "string-id"): b'{"exploratory_tests": [{"id": "7"}]}',
+    ("bug-batch", "string-id"): b'{"bugs": [{"id": "7"}]}',
+    ("bug-batch", "bug-without-test"): b'{"bugs": [{"id": 7, "title": "orphan"}]}',
+}
+
+
+def snapshot(db_path):
+    return (db_rows(db_path, "SELECT id, product_id, title, status, end_at, raw FROM tests ORDER BY id"),
+            db_rows(db_path, "SELECT * FROM bugs ORDER BY id"),
+            db_rows(db_path, "SELECT id, product_id, title, description, howtofind, user_stories, section_ids "
+                             "FROM features ORDER BY id"))
+
+
+@pytest.mark.parametrize("target, body", MALFORMED, ids=[f"{t}-{b}" for t, b in MALFORMED])
+def test_a_malformed_page_or_bug_batch_fails_with_a_logged_error_and_keeps_stored_data(env, capsys, target, body):
+    acc = make_account(products=2, tests_per_product=30, bugs_per_test=2)
+    pid = acc.product_ids()[0]
+    victim = next(t for t in acc.test_ids(pid)[10:] if acc.bug_ids(t))
+    acc.set_test_status(victim, "locked")  # non-final: --refresh asks for its bugs again
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    good = snapshot(env)
+    content = MALFORMED[target, body]
+    ctype = "text/html" if content.startswith(b"<") else "application/json"
+
+    def malformed(request, n):
+        if target == "page":
+            hit = request.url.path.endswith(f"/products/{pid}/exploratory_tests")
+        else:
+            hit = request.url.path.endswith("/bugs") and \
+                str(victim) in request.url.params["filter_test_cycle_ids"].split(",")
+        return httpx.Response(200, content=content, headers={"content-type": ctype}) if hit else None
+
+    code, _, err = cli(capsys, "sync", "--refresh", transport=mock(Faults(acc.handler).add(malformed)))
+    assert "Traceback" not in err
+    if target == "page":
+        assert code == 1
+        assert re.search(rf"ERROR testio_mcp: sync of product {pid} failed: GET products/{pid}/exploratory_tests",
+                         err), err
+        assert runs(env)[-1] == ("refresh", "completed_with_problems")
+    else:
+        assert code == 0, err
+        assert re.search(rf"ERROR testio_mcp: bugs of test {victim} could not be fetched: GET bugs", err), err
+        assert runs(env)[-1] == ("refresh", "completed_with_problems")
+    assert snapshot(env) == good
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    assert_matches_truth(env, acc)
+
+
+###############################################################################
+# Crashes and locks: kill -9 mid-sync, two syncs at once, disk full
+###############################################################################
+
+@pytest.mark.parametrize("failing_page, resumed_pages", [
+    (2, [1, 2, 3, 4, 5]),
+    (3, [1, 2, 3, 4, 5]),
+    (4, [1, 2, 3, 4, 5]),
+    (5, [1, 2, 3, 4, 5]),   # pages 1-3 by the incremental rule, then from the checkpoint (one page overlap)
+])
+def test_an_interrupted_walk_is_resumed_from_its_checkpoint_to_the_end(env, capsys, failing_page, resumed_pages):
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    faults = Faults(acc.handler).add(
+        lambda r, n: httpx.Response(503) if r.url.params.get("page") == str(failing_page) else None)
+    code, _, err = cli(capsys, "sync", transport=mock(faults))
+    assert code == 1 and "HTTP 503 after" in err
+    assert db_rows(env, "SELECT walk_mode, walk_next_page FROM product_sync") == [("full", failing_page)]
+    assert db_rows(env, "SELECT count(*) FROM tests") == [((failing_page - 1) * 100,)]
+    acc.request_log.clear()
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert pages_read(acc.request_log, pid) == resumed_pages
+    assert_matches_truth(env, acc)
+    assert db_rows(env, "SELECT walk_mode, walk_next_page, last_status FROM product_sync") == [(None, None, "success")]
+
+
+def wait_for(event, proc, timeout=WAIT):
+    """Wait until `event` is set or `proc` has exited (bounded); True if the event came first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if event.wait(0.02):
+            return True
+        if proc.poll() is not None:
+            return event.is_set()
+    raise AssertionError(f"neither the event nor the exit of pid {proc.pid} within {timeout}s")
+
+
+KILLS = 20
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_leaves_a_sound_database_and_the_next_sync_converges(env, capsys, loopback,
+                                                                                     tmp_path, monkeypatch):
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    acc = make_account(products=1, tests_per_product=310, bugs_per_test=0.3)  # 4 pages: resume matters
+    rng = random.Random(20261127)
+    kills, rounds, interrupted, moments = 0, 0, 0, []
+    while kills < KILLS:
+        rounds += 1
+        assert rounds <= 2 * KILLS, f"only {kills} kills landed in {rounds - 1} rounds"
+        how = rng.choice(["cold", "cold", "force", "warm"])
+        if how == "cold":
+            for path in env.parent.glob("cache.db*"):
+                path.unlink()
+        elif how == "warm":
+            pid = rng.choice(acc.product_ids())
+            acc.add_tests(pid, rng.randint(1, 30))
+            acc.set_test_status(acc.test_ids(pid)[rng.randint(0, 40)], rng.choice(["locked", "archived"]))
+        n = rng.randint(1, 15 if how == "cold" else 5)  # a cold sync makes 19 requests, the others ~8
+        last_run = db_rows(env, "SELECT max(id) FROM sync_runs")[0][0] if env.exists() else None
+        server = loopback(acc.handler)
+        server.pause_after = n
+        proc = spawn_sync(tmp_path, server.base_url, *(["--force"] if how == "force" else []))
+        if wait_for(server.reached, proc):
+            proc.kill()
+        code, _, err = finish(proc, tmp_path)
+        server.release.set()
+        assert code in (0, -signal.SIGKILL), err
+        killed = code == -signal.SIGKILL  # 0: the sync had ended before request n, or before the signal
+        if killed:
+            kills += 1
+            moments.append((how, n))
+        assert "Traceback" not in err
+        assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+        assert db_rows(env, "PRAGMA foreign_key_check") == []
+        code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+        assert code == 0, err
+        assert_matches_truth(env, acc)
+        # the history is honest: the killed run (it had asked the API, so it was recorded) is 'interrupted',
+        # unless it had finished before the signal landed; nothing is left 'running'
+        (killed_run,), (converged,) = db_rows(env, "SELECT status FROM sync_runs WHERE id > ? ORDER BY id",
+                                                (last_run or 0,))
+        assert killed_run in (("interrupted", "success") if killed else ("success",))
+        assert converged == "success"
+        interrupted += killed_run == "interrupted"
+        assert db_rows(env, "SELECT walk_mode FROM product_sync WHERE walk_mode IS NOT NULL") == []
+    print(f"kill -9: {kills} kills ({interrupted} mid-run) in {rounds} rounds at (mode, after request n) {moments}")
+
+
+def test_two_syncs_at_once_one_runs_and_the_other_waits_its_lock_timeout_then_exits(env, capsys, loopback,
+                                                                                    tmp_path):
+    acc = make_account(products=1, tests_per_product=50, bugs_per_test=1)
+    server = loopback(acc.handler)
+    server.pause_after = 1  # the running sync holds the lock, its run recorded, waiting on its 2nd request
+    first = spawn_sync(tmp_path, server.base_url, name="first")
+    assert wait_for(server.reached, first)
+    second = Faults(acc.handler)
+    started = time.monotonic()
+    code, out, err = cli(capsys, "sync", "--lock-timeout", "0.5", transport=mock(second))
+    waited = time.monotonic() - started
+    assert code == 1
+    assert one_line(err) == (f"testio-mcp: another sync is running on {env} (waited 0.5s); "
+                             f"try again when it ends")
+    assert 0.5 <= waited < 0.5 + 10
+    assert second.calls == 0
+    assert db_rows(env, "SELECT status FROM sync_runs ORDER BY id") == [("running",), ("skipped",)]
+    server.release.set()
+    code, out, err = finish(first, tmp_path, "first")
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    assert db_rows(env, "SELECT mode, status, error FROM sync_runs ORDER BY id") == [
+        ("incremental", "success", None),
+        ("incremental", "skipped", f"another sync is running on {env} (waited 0.5s); try again when it ends")]
+    code, out, err = cli(capsys, "sync", "--status")
+    assert re.search(r"^1\s+incremental\s+cli\s+\S+\s+success\s+50\s", out, re.MULTILINE), out
+    assert re.search(r"^2\s+incremental\s+cli\s+\S+\s+skipped\s+0\s+0\s+0\s+0\s+another sync is running", out, re.MULTILINE)
+
+
+def limit_file_size(limit):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead of killing the process
+    return preexec
+
+
+@pytest.mark.parametrize("limit", [48 * 1024, 600 * 1024, 1500 * 1024], ids=["48KiB", "600KiB", "1500KiB"])
+def test_disk_full_mid_sync_fails_with_one_readable_line_and_the_next_sync_converges(env, capsys, loopback,
+                                                                                     tmp_path, limit):
+    acc = make_account(products=2, tests_per_product=150, bugs_per_test=3)
+    server = loopback(acc.handler)
+    proc = spawn_sync(tmp_path, server.base_url, preexec_fn=limit_file_size(limit))
+    code, _, err = finish(proc, tmp_path)
+    assert code == 1
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    # EFBIG from the rlimit surfaces as SQLITE_IOERR ("disk I/O error"); a real full disk as SQLITE_FULL
+    assert re.fullmatch(r"testio-mcp: (sync failed: )?(database or disk is full|disk I/O error)", last), err
+    assert max(p.stat().st_size for p in env.parent.iterdir()) <= limit
+    assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+
+
+###############################################################################
+# Schema: idempotent DDL, newer databases refused, older ones migrated in place
+###############################################################################
+
+def test_schema_sql_applies_twice_cleanly(tmp_path):
+    conn = sqlite3.connect(tmp_path / "twice.db")
+    schema = (HERE / "schema.sql").read_text()
+    conn.executescript(schema)
+    first = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    conn.executescript(schema)
+    assert conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall() == first
+    assert {"products", "features", "tests", "test_features", "bugs", "sync_runs", "product_sync",
+            "problematic_events", "problematic_tests", "search_fts"} <= {n for t, n, _ in first if t == "table"}
+    conn.close()
+
+
+@pytest.mark.parametrize("argv", [["sync", "--status"], ["sync"], ["problematic", "list"]])
+def test_a_database_from_a_newer_version_is_refused_with_a_clear_message(env, capsys, lean_account, argv):
+    env.parent.mkdir()
+    conn = sqlite3.connect(env)
+    conn.execute(f"PRAGMA user_version = {tm.SCHEMA_VERSION + 1}")
+    conn.close()
+    code, _, err = cli(capsys, *argv, transport=mock(lean_account.handler))
+    assert code == 1
+    assert one_line(err) == (f"testio-mcp: the database was written by a newer testio-mcp (schema "
+                             f"{tm.SCHEMA_VERSION + 1}, this one knows {tm.SCHEMA_VERSION}); upgrade testio-mcp "
+                             f"or point TESTIO_DB_PATH elsewhere")
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION + 1,)]
+    assert db_rows(env, "SELECT count(*) FROM sqlite_master") == [(0,)]
+    assert sum(lean_account.requests.values()) == 0
+
+
+def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    counts = {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in ("products", "features", "tests", "bugs")}
+    conn = sqlite3.connect(env)
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%fts%'")\
+            .fetchall():
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute("DROP TABLE search_fts")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
+    code, _, err = cli(capsys, "sync", "--status")
+    assert code == 0, err
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 2
+    assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
+    assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
+        "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
+        "bug": counts["bugs"]}
+    test_id, title = db_rows(env, "SELECT id, title FROM tests ORDER BY id LIMIT 1")[0]
+    hits = db_rows(env, "SELECT rowid & 1099511627775 FROM search_fts WHERE search_fts MATCH ? AND entity = 'test'",
+                   (tm.fts_query(title),))
+    assert (test_id,) in hits
+    assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+
+
+###############################################################################
+# Files: private directory and database files
+###############################################################################
+
+@pytest.mark.parametrize("where", ["data/cache.db", "a/b/c/cache.db"])
+def test_the_data_directory_is_0700_and_database_files_0600_under_umask_022(env, capsys, monkeypatch, tmp_path,
+                                                                          lean_account, where):
+    db_path = tmp_path / where
+    monkeypatch.setenv("TESTIO_DB_PATH", str(db_path))
+    modes = {}
+
+    def snoop(request, n):  # mid-sync, while -wal and -shm exist
+        if request.url.path.endswith("/bugs"):
+            modes.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in db_path.parent.iterdir()})
+
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli(capsys, "sync", transport=mock(Faults(lean_account.handler).add(snoop)))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+    assert modes == {"cache.db": 0o600, "cache.db-wal": 0o600, "cache.db-shm": 0o600, "cache.db.lock": 0o600}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in db_path.parent.iterdir()} == {
+        "cache.db": 0o600, "cache.db.lock": 0o600}
+
+
+###############################################################################
+# The installed wheel
+###############################################################################
+
+def run(argv, **kw):
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, check=False, **kw)
+    assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_version_and_a_demo_sync_outside_the_checkout(env, tmp_path):
+    dist = tmp_path / "dist"
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", dist, HERE])
+    (wheel,) = dist.glob("testio_mcp-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"testio_mcp.py", "testio_mcp_schema.sql"} <= set(names) and "schema.sql" not in names
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
+    purelib = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+                   .stdout.strip())
+    # A venv made from a venv sees the base interpreter's packages, not the test env's: point it at them
+    # (plain paths: the test env's editable-install .pth files are not processed, so the checkout stays off).
+    (purelib / "_test_env.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
+         "-q", wheel])
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environ.update(TESTIO_DB_PATH=str(outside / "data" / "cache.db"), LOG_LEVEL="WARNING")
+    where = run([venv / "bin" / "python", "-c", "import testio_mcp, httpx; print(testio_mcp.__file__)"],
+                cwd=outside, env=environ).stdout.strip()
+    assert Path(where) == purelib / "testio_mcp.py"
+    assert (purelib / "testio_mcp_schema.sql").read_text() == (HERE / "schema.sql").read_text()
+    assert not (purelib / "schema.sql").exists()
+    assert run([venv / "bin" / "testio-mcp", "--version"], cwd=outside, env=environ).stdout == \
+        f"testio-mcp {tm.__version__}\n"
+    result = run([venv / "bin" / "testio-mcp", "sync", "--demo"], cwd=outside, env=environ)
+    assert "incremental sync success" in result.stderr
+    demo = outside / "data" / "demo.db"
+    assert db_rows(demo, "SELECT count(*) FROM tests")[0][0] > 0
+    assert db_rows(demo, "SELECT count(*) FROM search_fts")[0][0] > 0
+    assert not (outside / "data" / "cache.db").exists()
+
+
+###############################################################################
+# Bad flags and values: one line, no traceback, nothing touched
+###############################################################################
+
+BAD_ARGV = [
+    (["sync", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    (["sync", "--since", "2026-13-45"], 1, "--since='2026-13-45' is not a date"),
+    (["sync", "--since", "yesterday"], 1, "--since='yesterday' is not a date"),
+    (["sync", "--product-ids", "abc"], 1, "--product-ids='abc': 'abc' is not a positive whole number"),
+    (["sync", "--product-ids", "0"], 1, "'0' is not a positive whole number"),
+    (["sync", "--product-ids", "1,,2"], 1, "'' is not a positive whole number"),
+    (["sync", "--lock-timeout", "x"], 2, "argument --lock-timeout: 'x' is not a number of seconds"),
+    (["sync", "--lock-timeout", "nan"], 2, "argument --lock-timeout: 'nan' is not a number of seconds"),
+    (["sync", "--lock-timeout", "inf"], 2, "argument --lock-timeout: 'inf' is not a number of seconds"),
+    (["sync", "--lock-timeout", "-1"], 2, "argument --lock-timeout: '-1' is not a number of seconds"),
+    (["sync", "--force", "--refresh"], 2, "not allowed with argument"),
+    (["sync", "--status", "--nuke"], 2, "not allowed with argument"),
+    (["problematic"], 2, "the following arguments are required: {list,map-tests,retry,clear}"),
+    (["problematic", "retry", "0"], 2, "'0' is not a positive whole number"),
+    (["problematic", "retry", "abc"], 2, "'abc' is not a positive whole number"),
+    (["problematic", "retry"], 2, "the following arguments are required: product_id"),
+    (["problematic", "map-tests", "abc123", "x1"], 2, "'x1' is not a positive whole number"),
+    (["problematic", "map-tests", "abc123"], 2, "the following arguments are required: TEST_ID"),
+    (["problematic", "explode"], 2, "invalid choice: 'explode'"),
+    (["serve", "--transport", "pigeon"], 2, "invalid choice: 'pigeon'"),
+    (["serve", "--port", "http"], 2, "argument --port: invalid int value: 'http'"),
+    (["--env-file", "/nonexistent/x.env", "sync"], 2, "--env-file /nonexistent/x.env: no such file"),
+]
+
+
+@pytest.mark.parametrize("argv, exit_code, message", BAD_ARGV, ids=[" ".join(a) for a, _, _ in BAD_ARGV])
+def test_bad_flags_and_values_exit_non_zero_with_one_line_and_touch_nothing(env, capsys, lean_account, argv,
+                                                                           exit_code, message):
+    code, out, err = cli(capsys, *argv, transport=mock(lean_account.handler))
+    assert code == exit_code
+    line = one_line(err)
+    assert message in line and line.startswith("testio-mcp")
+    assert "Traceback" not in err and out == ""
+    assert not env.parent.exists() and sum(lean_account.requests.values()) == 0
+
+
+def test_mapping_tests_to_an_unknown_event_names_it_and_the_next_step(env, capsys):
+    code, _, err = cli(capsys, "problematic", "map-tests", "feedc0ffee00", "123")
+    assert code == 1
+    assert one_line(err) == ("testio-mcp: no problematic event 'feedc0ffee00'; see `testio-mcp problematic list`")
+    assert db_rows(env, "SELECT count(*) FROM problematic_tests") == [(0,)]
+
+
+###############################################################################
+# Retry policy of test pages inside a sync: HTTP 500 splits the page soon, the rest retries fully
+###############################################################################
+
+@pytest.mark.parametrize("failure", [502, 503, 504, 524, httpx.ReadTimeout, httpx.RemoteProtocolError], ids=str)
+def test_a_tests_page_absorbs_transient_failures_like_any_other_request(env, capsys, failure):
+    acc = make_account(products=1, tests_per_product=60, bugs_per_test=1)
+    left = {"n": tm.MAX_RETRIES}
+
+    def flaky_first_page(request, n):
+        if request.url.params.get("page") == "1" and left["n"] > 0:
+            left["n"] -= 1
+            return httpx.Response(failure) if isinstance(failure, int) else failure("flaky", request=request)
+        return None
+
+    faults = Faults(acc.handler).add(flaky_first_page)
+    code, _, err = cli(capsys, "sync", transport=mock(faults))
+    assert code == 0, err
+    assert left["n"] == 0
+    assert pages_read(faults.log, acc.product_ids()[0]) == [1] * (tm.MAX_RETRIES + 1)
+    assert_matches_truth(env, acc)
+    assert runs(env) == [("incremental", "success")]
+
+
+def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(env, capsys):
+    acc = make_account(products=1, tests_per_product=60, bugs_per_test=1)
+    faults = Faults(acc.handler).add(
+        lambda r, n: httpx.Response(500) if r.url.params.get("per_page") == "100" else None)
+    code, _, err = cli(capsys, "sync", transport=mock(faults))
+    assert code == 0, err
+    pid = acc.product_ids()[0]
+    assert pages_read(faults.log, pid) == [1] * (tm.PAGE_RETRIES + 1) and tm.PAGE_RETRIES < tm.MAX_RETRIES
+    assert pages_read(faults.log, pid, per_page=25) == [1, 2, 3]  # the same offsets in smaller pages
+    assert_matches_truth(env, acc)
+    assert runs(env) == [("incremental", "success")]
+
+
+###############################################################################
+# MCP server: the 14 tools in memory, read-through, progress, stdio and HTTP subprocesses
+###############################################################################
+
+# MCP server tests (issue 3, and the server side of issue 5): the 14 tools through the SDK's
+# in-memory Client (handshake era, like Claude clients), one stdio subprocess through the SDK, raw
+# JSON-RPC over pipes, one HTTP subprocess, and the CLI. The simulated account behind
+# httpx.MockTransport (wrapped in Faults for failures) is the only fake; every expectation is
+# computed from what that fake served (acc.test_json / bugs_of / features_of / products_json).
+
+
+
+
+
+TOOLS = ("health_check", "list_products", "list_tests", "get_test_status", "list_bugs", "get_bug",
+         "list_features", "get_quality_report", "query_metrics", "search", "sync_data",
+         "get_database_stats", "get_sync_history", "get_problematic_tests")
+EXECUTED = ("running", "locked", "archived", "customer_finalized")
+# The default rejection comments, copied from the API notes (not from the module under test).
+REASON_TEXT = {
+    "device_not_relevant": "This device is not relevant and the bug will not be fixed.",
+    "ignored_instructions": "The test instructions were not followed.",
+    "intended_behavior": "The behaviour/design described here is intentional.",
+    "irrelevant": "This bug is not relevant and will not be fixed.",
+    "known_bug": "This is a legit bug but already known.",
+    "not_reproducible": "With the information provided it was not possible to reproduce this bug.",
+    "request_timeout": "Your bug was rejected automatically, because you didn't respond to the request "
+                       "within 24 hours",
+}
+SQL_LEAKS = ("sqlite", "syntax error", "no such column", "no such table", "operationalerror", "traceback",
+             "fts5")
+SUBPROCESS_TIMEOUT = 30
+
+
+###############################################################################
+# Helpers: a synced database to copy, an in-memory client, truth from the fake
+###############################################################################
+
+def _clean_environment(mp: pytest.MonkeyPatch, root: Path) -> Path:
+    """The same environment as the `env` fixture, for module-scoped fixtures."""
+    for name in list(os.environ):
+        if name.startswith("TESTIO_") or name in ("MAX_CONCURRENT_API_REQUESTS", "LOG_LEVEL"):
+            mp.delenv(name)
+    (root / "home").mkdir(exist_ok=True)
+    mp.setenv("HOME", str(root / "home"))
+    mp.chdir(root)
+    mp.setenv("TESTIO_CUSTOMER_API_TOKEN", TOKEN)
+    mp.setenv("TESTIO_CUSTOMER_API_BASE_URL", BASE_URL)
+    mp.setenv("TESTIO_DB_PATH", str(root / "data" / "cache.db"))
+    mp.setenv("TESTIO_RETRY_BASE_SECONDS", "0")
+    mp.setenv("LOG_LEVEL", "DEBUG")
+    return root / "data" / "cache.db"
+
+
+@pytest.fixture(scope="module")
+def synced_template(tmp_path_factory):
+    """make_account() synced once through the CLI; tests work on copies (a sync costs ~1.5 s)."""
+    root = tmp_path_factory.mktemp("synced")
+    with pytest.MonkeyPatch.context() as mp:
+        path = _clean_environment(mp, root)
+        with restored_logging():
+            assert tm.main(["sync"], transport=transport_for(make_account().handler)) == 0
+    assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory):
+    """The --demo account's first product synced through the CLI, for the subprocess sessions."""
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        path = _clean_environment(mp, root)
+        mp.delenv("TESTIO_CUSTOMER_API_BASE_URL")
+        mp.setenv("LOG_LEVEL", "WARNING")
+        first = tm.SimulatedAccount().product_ids()[0]
+        with restored_logging():
+            assert tm.main(["--demo", "sync", "--product-ids", str(first)]) == 0
+    return path.with_name("demo.db"), first
+
+
+@contextlib.contextmanager
+def restored_logging():
+    """main() sets up logging for a CLI run (a stderr handler bound to a capture stream pytest closes
+    later, WARNING for httpx/mcp); put the logging of the test session back afterwards."""
+    root = logging.getLogger()
+    noisy = {name: logging.getLogger(name).level for name in ("httpx", "httpcore", "mcp", "uvicorn")}
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, old in noisy.items():
+            logging.getLogger(name).setLevel(old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _session_logging():
+    """An in-process main() of an earlier test file may have left its stderr handler on the root
+    logger, bound to a capture stream pytest has closed since (every record would print a logging
+    error), and httpx/mcp at WARNING: start this module from clean, DEBUG-capable logging."""
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(getattr(h, "stream", None), "closed", False)]
+    for name in ("httpx", "httpcore", "mcp", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    yield
+
+
+@pytest.fixture
+def db(env, synced_template, monkeypatch):
+    """`env` plus a copy of the synced database; the server starts no background sync (interval 0)."""
+    env.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(synced_template, env)
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    return env
+
+
+@contextlib.asynccontextmanager
+async def mcp_client(handler, **client_options):
+    """An in-memory, handshake-era client of a server built from the current environment."""
+    runtime = tm.Runtime(tm.Settings.from_env(), transport_for(handler))
+    async with Client(tm.build_server(runtime), mode="legacy", **client_options) as client:
+        yield client
+
+
+RESULT_TEXTS: list[str] = []  # every tool answer of this module, for the canary test
+
+
+async def ok(client, tool: str, args: dict | None = None, **options) -> dict:
+    """Call a tool that must succeed; returns its structured content (checked to match the text)."""
+    result = await client.call_tool(tool, args or {}, **options)
+    text = result.content[0].text
+    RESULT_TEXTS.append(text)
+    assert result.is_error is False, text
+    assert TOKEN not in text
+    data = result.structured_content
+    assert "data_as_of" in data
+    assert json.loads(text) == data
+    return data
+
+
+async def err(client, tool: str, args: dict) -> str:
+    """Call a tool that must answer with an error result; returns its text."""
+    result = await client.call_tool(tool, args)
+    text = result.content[0].text
+    RESULT_TEXTS.append(text)
+    assert result.is_error is True, text
+    assert TOKEN not in text
+    assert not any(word in text.lower() for word in SQL_LEAKS), text
+    assert "failed unexpectedly" not in text, text
+    return text
+
+
+def utc(stamp: str | None) -> str | None:
+    """An API timestamp (any offset) as UTC text, computed independently of the module."""
+    if stamp is None:
+        return None
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def shown_status(bug: dict) -> str:
+    if bug["status"] == "forwarded":
+        return "open"
+    if bug["status"] == "accepted" and bug["auto_accepted"]:
+        return "auto_accepted"
+    return bug["status"]
+
+
+def shown_type(severity: str) -> str:
+    return "functional" if severity in ("low", "high", "critical") else severity
+
+
+def shown_testing_type(value: str | None) -> str:
+    return {"external": "custom", None: "test_case"}.get(value, value)
+
+
+def reason_of(bug: dict) -> str | None:
+    if bug["status"] != "rejected":
+        return None
+    for comment in bug["comments"]:
+        for reason, text in REASON_TEXT.items():
+            if text in comment["body"]:
+                return reason
+    return "other"
+
+
+def bug_counts(bugs: list[dict]) -> dict:
+    status = collections.Counter(shown_status(b) for b in bugs)
+    return {"total": len(bugs), "open": status["open"], "accepted": status["accepted"],
+            "auto_accepted": status["auto_accepted"], "rejected": status["rejected"],
+            "critical": sum(b["severity"] == "critical" for b in bugs)}
+
+
+def rates(accepted: int, auto: int, rejected: int, total: int) -> dict:
+    """The five rates of the API notes; an empty denominator gives None."""
+    def ratio(a, b):
+        return round(a / b, 4) if b else None
+    return {"active_acceptance_rate": ratio(accepted, total), "auto_acceptance_rate": ratio(auto, accepted + auto),
+            "overall_acceptance_rate": ratio(accepted + auto, total), "rejection_rate": ratio(rejected, total),
+            "review_rate": ratio(accepted + rejected, total)}
+
+
+def bug_rates(bugs: list[dict]) -> dict:
+    c = bug_counts(bugs)
+    return rates(c["accepted"], c["auto_accepted"], c["rejected"], c["total"])
+
+
+def health(r: dict) -> dict:
+    """The customers' thresholds from the API notes."""
+    def grade(value, warning, critical, above):
+        if value is None:
+            return "unknown"
+        if above:
+            return "critical" if value >= critical else "warning" if value >= warning else "healthy"
+        return "critical" if value <= critical else "warning" if value <= warning else "healthy"
+    return {"rejection_rate": grade(r["rejection_rate"], 0.20, 0.35, True),
+            "auto_acceptance_rate": grade(r["auto_acceptance_rate"], 0.20, 0.40, True),
+            "active_acceptance_rate": grade(r["active_acceptance_rate"], 0.35, 0.20, False),
+            "review_rate": grade(r["review_rate"], 0.80, 0.60, False)}
+
+
+def bug_summary(bugs: list[dict]) -> dict:
+    """What a bug summary block must say about these bugs."""
+    c = bug_counts(bugs)
+    r = bug_rates(bugs)
+    rejected = [b for b in bugs if b["status"] == "rejected"]
+    return {"total": c["total"],
+            "by_status": {k: c[k] for k in ("open", "accepted", "auto_accepted", "rejected")},
+            "by_severity": dict(collections.Counter(b["severity"] for b in bugs)),
+            "by_type": dict(collections.Counter(shown_type(b["severity"]) for b in bugs)),
+            "known": sum(bool(b["known"]) for b in bugs), "rates": r, "health": health(r),
+            "rejection_reasons": dict(collections.Counter(reason_of(b) for b in rejected))}
+
+
+PRISTINE = make_account()  # never changed: the truth for every test that leaves the account alone
+
+
+@functools.cache
+def _served_tests(pid: int) -> tuple[dict, ...]:
+    return tuple(PRISTINE.test_json(t) for t in PRISTINE.test_ids(pid))
+
+
+@functools.cache
+def _served_bugs(test_id: int) -> tuple[dict, ...]:
+    return tuple(PRISTINE.bugs_of(test_id))
+
+
+def served_tests(pid: int) -> list[dict]:
+    """The tests of a product, newest end first, as the pristine account serves them (cached)."""
+    return list(_served_tests(pid))
+
+
+def served_bugs(test_id: int) -> list[dict]:
+    """The bugs of a test as the pristine account serves them (cached)."""
+    return list(_served_bugs(test_id))
+
+
+def bugs_of_product(pid: int) -> list[dict]:
+    return [b for t in PRISTINE.test_ids(pid) for b in served_bugs(t)]
+
+
+PIDS = PRISTINE.product_ids()
+P = PIDS[0]                                   # the product most tests look at (no sections)
+NAMES = {p["id"]: p["name"] for p in PRISTINE.products_json()}
+
+
+def newest_first(bugs: list[dict]) -> list[int]:
+    return [b["id"] for b in sorted(bugs, key=lambda b: (utc(b["reported_at"]), b["id"]), reverse=True)]
+
+
+async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
+    """Every row of a paginated tool, checking total and has_more on each page."""
+    rows, page = [], 1
+    while True:
+        data = await ok(client, tool, {**args, "page": page, "per_page": 200})
+        rows += data[key]
+        assert data["pagination"] == {"page": page, "per_page": 200, "total": data["pagination"]["total"],
+                                      "has_more": page * 200 < data["pagination"]["total"]}
+        if not data["pagination"]["has_more"]:
+            assert len(rows) == data["pagination"]["total"]
+            return rows
+        page += 1
+
+
+###############################################################################
+# tools/list: names, schemas, descriptions, annotations
+###############################################################################
+
+@pytest.mark.anyio
+async def test_tools_list_offers_exactly_the_fourteen_tools_each_with_output_schema_and_described_parameters(db):
+    async with mcp_client(make_account().handler) as client:
+        tools = (await client.list_tools()).tools
+    assert sorted(t.name for t in tools) == sorted(TOOLS)
+    for tool in tools:
+        assert tool.description and len(tool.description) > 40, tool.name
+        assert tool.output_schema and tool.output_schema["type"] == "object", tool.name
+        assert "data_as_of" in tool.output_schema["properties"], tool.name
+        for name, schema in tool.input_schema.get("properties", {}).items():
+            assert schema.get("description"), f"{tool.name}.{name} has no description"
+
+
+@pytest.mark.anyio
+async def test_every_tool_but_sync_data_is_marked_read_only(db):
+    async with mcp_client(make_account().handler) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    hints = {name: tools[name].annotations.read_only_hint for name in TOOLS}
+    assert hints == {name: name != "sync_data" for name in TOOLS}
+    assert tools["sync_data"].annotations.idempotent_hint is False
+    assert tools["sync_data"].annotations.open_world_hint is True
+
+
+###############################################################################
+# Answers match what the fake served
+###############################################################################
+
+@pytest.mark.anyio
+async def test_list_products_lists_every_product_with_test_counts(db):
+    acc = make_account()
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_products")
+        by_type = await ok(client, "list_products", {"product_type": acc.products_json()[1]["type"]})
+        by_name = await ok(client, "list_products", {"search": acc.products_json()[2]["name"][7:15].upper()})
+    now = datetime.now(timezone.utc)
+    month_ago = (now - timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now_text = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    expected = []
+    for p in sorted(acc.products_json(), key=lambda p: (p["name"], p["id"])):
+        ends = [utc(t["end_at"]) for t in served_tests(p["id"])]
+        expected.append({"id": p["id"], "name": p["name"], "type": p["type"], "description": p["description"],
+                         "test_count": len(ends), "tests_last_30_days": sum(month_ago <= e <= now_text for e in ends),
+                         "newest_test_end": max(e for e in ends if e <= now_text)})
+    assert data["total"] == 3
+    assert [{k: v for k, v in p.items() if k != "last_synced_at"} for p in data["products"]] == expected
+    assert all(p["last_synced_at"] for p in data["products"])
+    assert [p["id"] for p in by_type["products"]] == [acc.products_json()[1]["id"]]
+    assert [p["id"] for p in by_name["products"]] == [acc.products_json()[2]["id"]]
+
+
+@pytest.mark.anyio
+async def test_list_tests_pages_newest_end_first_with_utc_dates_shown_types_and_bug_counts(db):
+    acc = make_account()
+    pid = P
+    async with mcp_client(acc.handler) as client:
+        everything = await ok(client, "list_tests", {"product_id": pid, "per_page": 200})
+        page2 = await ok(client, "list_tests", {"product_id": pid, "per_page": 50, "page": 2})
+        page3 = await ok(client, "list_tests", {"product_id": pid, "per_page": 50, "page": 3})
+    truth = served_tests(pid)
+    expected = [{"id": t["id"], "title": t["title"], "status": t["status"], "review_status": t["review_status"],
+                 "testing_type": shown_testing_type(t["testing_type"]), "start_at": utc(t["start_at"]),
+                 "end_at": utc(t["end_at"]), "bugs": bug_counts(served_bugs(t["id"]))} for t in truth]
+    assert everything["product"] == {"id": pid, "name": acc.products_json()[0]["name"]}
+    assert everything["pagination"] == {"page": 1, "per_page": 200, "total": 120, "has_more": False}
+    assert [{k: v for k, v in row.items() if k != "synced_at"} for row in everything["tests"]] == expected
+    assert page2["pagination"] == {"page": 2, "per_page": 50, "total": 120, "has_more": True}
+    assert [r["id"] for r in page2["tests"]] == [t["id"] for t in truth[50:100]]
+    assert page3["pagination"] == {"page": 3, "per_page": 50, "total": 120, "has_more": False}
+    assert [r["id"] for r in page3["tests"]] == [t["id"] for t in truth[100:]]
+    # the fake serves mixed offsets and both raw testing types: the shown values are normalised
+    assert any(not t["end_at"].endswith("Z") for t in truth)
+    assert {"custom", "test_case"} <= {r["testing_type"] for r in everything["tests"]}
+
+
+@pytest.mark.parametrize("sort_by", ["end_at", "start_at", "id", "title", "status"])
+@pytest.mark.parametrize("sort_order", ["asc", "desc"])
+@pytest.mark.anyio
+async def test_list_tests_sorts_by_each_key_in_both_orders_with_id_breaking_ties(db, sort_by, sort_order):
+    acc = make_account()
+    pid = acc.product_ids()[1]
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_tests", {"product_id": pid, "sort_by": sort_by, "sort_order": sort_order,
+                                               "per_page": 200})
+    keys = {"end_at": lambda t: utc(t["end_at"]), "start_at": lambda t: utc(t["start_at"]), "id": lambda t: t["id"],
+            "title": lambda t: t["title"].lower(), "status": lambda t: t["status"]}
+    expected = sorted(served_tests(pid), key=lambda t: (keys[sort_by](t), t["id"]), reverse=sort_order == "desc")
+    assert [r["id"] for r in data["tests"]] == [t["id"] for t in expected]
+
+
+def _ends_within(lo: str | None, hi: str | None):
+    def check(t: dict) -> bool:
+        end = utc(t["end_at"])
+        return (lo is None or end >= f"{lo}T00:00:00Z") and (hi is None or end < f"{hi}T00:00:00Z")
+    return check
+
+
+@pytest.mark.parametrize("args, keep", [
+    ({"statuses": ["locked", "archived"]}, lambda t: t["status"] in ("locked", "archived")),
+    ({"statuses": "locked, archived"}, lambda t: t["status"] in ("locked", "archived")),
+    ({"testing_type": "custom"}, lambda t: t["testing_type"] == "external"),
+    ({"testing_type": "test_case"}, lambda t: t["testing_type"] is None),
+    ({"start_date": "2026-01-01", "end_date": "2026-03-31"}, _ends_within("2026-01-01", "2026-04-01")),
+    ({"start_date": "2026-11-27"}, _ends_within("2026-11-27", None)),
+    ({"end_date": "2025-01-31"}, _ends_within(None, "2025-02-01")),
+    ({"start_date": "0001-01-01", "end_date": "9999-12-31"}, lambda t: True),
+    ({"statuses": "archived", "testing_type": "rapid", "start_date": "2025-06-01"},
+     lambda t: t["status"] == "archived" and t["testing_type"] == "rapid" and utc(t["end_at"]) >= "2025-06-01"),
+], ids=["status-list", "status-comma-string", "custom-is-external", "test-case-is-null", "quarter",
+        "from-today", "until-jan-2025", "first-to-last-representable-day", "combined"])
+@pytest.mark.anyio
+async def test_list_tests_filters_by_status_testing_type_and_end_date(db, args, keep):
+    acc = make_account()
+    pid = P
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_tests", {"product_id": pid, "per_page": 200, **args})
+    expected = [t["id"] for t in served_tests(pid) if keep(t)]
+    assert expected, "the filter must select something to mean anything"
+    assert [r["id"] for r in data["tests"]] == expected
+    assert data["pagination"]["total"] == len(expected)
+
+
+@pytest.mark.anyio
+async def test_list_tests_date_filters_use_the_utc_day_of_end_at_not_the_local_one(db):
+    acc = make_account()
+    pid = P
+    crossing = next(t for t in served_tests(pid) if t["end_at"][:10] != utc(t["end_at"])[:10])
+    utc_day, local_day = utc(crossing["end_at"])[:10], crossing["end_at"][:10]
+    async with mcp_client(acc.handler) as client:
+        on_utc_day = await ok(client, "list_tests", {"product_id": pid, "start_date": utc_day, "end_date": utc_day})
+        on_local_day = await ok(client, "list_tests", {"product_id": pid, "start_date": local_day,
+                                                       "end_date": local_day})
+    assert crossing["id"] in [r["id"] for r in on_utc_day["tests"]]
+    assert crossing["id"] not in [r["id"] for r in on_local_day["tests"]]
+
+
+@pytest.mark.anyio
+async def test_get_test_status_summarises_bugs_by_status_severity_type_reason_and_rates(db):
+    acc = make_account()
+    pid = P
+    # an archived test with many bugs: rejected ones (with reasons) and auto-accepted ones
+    test = max((t for t in served_tests(pid) if t["status"] == "archived"), key=lambda t: len(served_bugs(t["id"])))
+    bugs = served_bugs(test["id"])
+    assert {"rejected", "auto_accepted", "accepted"} <= {shown_status(b) for b in bugs}
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "get_test_status", {"test_id": test["id"]})
+    shown = data["test"]
+    assert data["warning"] is None
+    assert {k: shown[k] for k in ("id", "title", "status", "review_status", "testing_type", "start_at", "end_at",
+                                  "goal", "instructions", "out_of_scope", "environment", "created_by")} == {
+        "id": test["id"], "title": test["title"], "status": "archived", "review_status": test["review_status"],
+        "testing_type": shown_testing_type(test["testing_type"]), "start_at": utc(test["start_at"]),
+        "end_at": utc(test["end_at"]), "goal": test["goal_text"], "instructions": test["instructions_text"],
+        "out_of_scope": test["out_of_scope_text"], "environment": test["test_environment"]["title"],
+        "created_by": test["created_by"]}
+    assert shown["product"] == {"id": pid, "name": acc.products_json()[0]["name"]}
+    assert [f["feature_id"] for f in shown["features"]] == [f["feature_id"] for f in test["features"]]
+    assert data["bug_summary"] == bug_summary(bugs)
+    assert [b["id"] for b in data["recent_bugs"]] == newest_first(bugs)[:10]
+
+
+@pytest.mark.anyio
+async def test_get_test_status_of_a_test_without_bugs_gives_null_rates_and_unknown_health(db):
+    acc = make_account()
+    test = next(t for t in served_tests(P) if t["status"] == "cancelled")
+    assert served_bugs(test["id"]) == []
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "get_test_status", {"test_id": test["id"]})
+    assert data["bug_summary"]["total"] == 0
+    assert data["bug_summary"]["rates"] == dict.fromkeys(
+        ("active_acceptance_rate", "auto_acceptance_rate", "overall_acceptance_rate", "rejection_rate",
+         "review_rate"))
+    assert set(data["bug_summary"]["health"].values()) == {"unknown"}
+    assert data["recent_bugs"] == []
+
+
+@pytest.mark.parametrize("args, keep", [
+    ({"status": "open"}, lambda b: b["status"] == "forwarded"),
+    ({"status": ["forwarded"]}, lambda b: b["status"] == "forwarded"),
+    ({"status": "accepted"}, lambda b: b["status"] == "accepted" and not b["auto_accepted"]),
+    ({"status": "auto_accepted"}, lambda b: b["status"] == "accepted" and b["auto_accepted"]),
+    ({"status": "rejected", "rejection_reason": "not_reproducible,known_bug"},
+     lambda b: reason_of(b) in ("not_reproducible", "known_bug")),
+    ({"severity": ["critical"]}, lambda b: b["severity"] == "critical"),
+    ({"bug_type": "visual,content"}, lambda b: b["severity"] in ("visual", "content")),
+    ({"bug_type": "functional", "known": True}, lambda b: b["severity"] in ("low", "high", "critical") and b["known"]),
+    ({"known": False, "severity": "custom"}, lambda b: not b["known"] and b["severity"] == "custom"),
+    ({"start_date": "2026-06-01", "end_date": "2026-06-30"},
+     lambda b: "2026-06-01T00:00:00Z" <= utc(b["reported_at"]) < "2026-07-01T00:00:00Z"),
+], ids=["open", "forwarded-is-open", "accepted-not-auto", "auto-accepted", "reasons", "critical", "types",
+        "known-functional", "new-custom", "reported-in-june"])
+@pytest.mark.anyio
+async def test_list_bugs_of_a_product_filters_like_the_served_bugs_newest_report_first(db, args, keep):
+    acc = make_account()
+    pid = P
+    async with mcp_client(acc.handler) as client:
+        rows = await all_pages(client, "list_bugs", {"product_ids": [pid], **args}, "bugs")
+    served = [b for b in bugs_of_product(pid) if keep(b)]
+    assert served, "the filter must select something to mean anything"
+    assert [r["id"] for r in rows] == newest_first(served)
+    truth = {b["id"]: b for b in served}
+    for row in rows:
+        bug = truth[row["id"]]
+        assert (row["status"], row["severity"], row["bug_type"], row["known"], row["rejection_reason"],
+                row["reported_at"], row["tester"], row["test"]["id"]) == (
+            shown_status(bug), bug["severity"], shown_type(bug["severity"]), bug["known"], reason_of(bug),
+            utc(bug["reported_at"]), bug["author"]["name"], bug["test"]["id"])
+
+
+@pytest.mark.anyio
+async def test_list_bugs_matches_the_tester_name_case_insensitively(db):
+    acc = make_account()
+    pid = P
+    served = bugs_of_product(pid)
+    tester = collections.Counter(b["author"]["name"] for b in served).most_common(1)[0][0]
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_bugs", {"product_ids": str(pid), "tester": tester.upper(), "per_page": 200})
+    assert [r["id"] for r in data["bugs"]] == newest_first([b for b in served if b["author"]["name"] == tester])
+
+
+@pytest.mark.parametrize("spelling", ["list", "comma-string", "comma-string-with-spaces", "json-string"])
+@pytest.mark.anyio
+async def test_list_bugs_takes_test_ids_as_a_json_list_or_a_comma_string(db, spelling):
+    acc = make_account()
+    a, b = [t for t in acc.test_ids(P) if served_bugs(t)][5:7]
+    value = {"list": [a, b], "comma-string": f"{a},{b}", "comma-string-with-spaces": f" {a} , {b} ",
+             "json-string": json.dumps([a, b])}[spelling]
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_bugs", {"test_ids": value, "per_page": 3})
+    served = served_bugs(a) + served_bugs(b)
+    assert data["pagination"] == {"page": 1, "per_page": 3, "total": len(served), "has_more": True}
+    assert [r["id"] for r in data["bugs"]] == newest_first(served)[:3]
+
+
+@pytest.mark.anyio
+async def test_get_bug_returns_steps_results_devices_comments_and_the_rejection_reason(db):
+    acc = make_account()
+    served = bugs_of_product(P)
+    rejected = next(b for b in served if b["status"] == "rejected" and len(b["comments"]) == 2)
+    auto = next(b for b in served if b["status"] == "accepted" and b["auto_accepted"])
+    async with mcp_client(acc.handler) as client:
+        shown = (await ok(client, "get_bug", {"bug_id": rejected["id"]}))["bug"]
+        shown_auto = (await ok(client, "get_bug", {"bug_id": auto["id"]}))["bug"]
+    device = rejected["devices"][0]
+    assert shown == {
+        "id": rejected["id"], "title": rejected["title"], "test": rejected["test"],
+        "product_id": P, "feature_id": rejected["feature"]["id"], "status": "rejected",
+        "severity": rejected["severity"], "bug_type": shown_type(rejected["severity"]), "known": rejected["known"],
+        "rejection_reason": reason_of(rejected), "reported_at": utc(rejected["reported_at"]),
+        "tester": rejected["author"]["name"], "platform": device["operating_system"]["name"],
+        "synced_at": shown["synced_at"], "steps": rejected["steps"],
+        "expected_result": rejected["expected_result"] or None, "actual_result": rejected["actual_result"] or None,
+        "feature": {"id": rejected["feature"]["id"], "title": rejected["feature"]["title"]},
+        "devices": [{"category": device["category"]["name"], "device": device["device"]["name"],
+                     "operating_system": device["operating_system"]["name"],
+                     "os_version": device["operating_system_version"]["name"],
+                     "browsers": [x["name"] for x in device["browsers"]]}],
+        "comments": [{"author": c["author"]["name"], "body": c["body"]} for c in rejected["comments"]],
+        "attachments": [a["url"] for a in rejected["attachments"]], "exported": False, "exported_at": None,
+        "language": rejected["language"], "location": rejected["location"]}
+    assert reason_of(rejected) in REASON_TEXT
+    assert (shown_auto["status"], shown_auto["rejection_reason"]) == ("auto_accepted", None)
+
+
+@pytest.mark.parametrize("product_index", [0, 1], ids=["without-sections", "with-sections"])
+@pytest.mark.anyio
+async def test_list_features_counts_tests_bugs_and_rejected_bugs_per_feature(db, product_index):
+    acc = make_account()
+    pid = acc.product_ids()[product_index]
+    tests = served_tests(pid)
+    bugs = bugs_of_product(pid)
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_features", {"product_id": pid})
+    expected = [{"id": f["id"], "title": f["title"], "description": f["description"], "howtofind": f["howtofind"],
+                 "user_stories": f["user_stories"],
+                 "tests": sum(any(x["feature_id"] == f["id"] for x in t["features"]) for t in tests),
+                 "bugs": sum(b["feature"]["id"] == f["id"] for b in bugs),
+                 "rejected_bugs": sum(b["feature"]["id"] == f["id"] and b["status"] == "rejected" for b in bugs)}
+                for f in sorted(acc.features_of(pid), key=lambda f: (f["title"], f["id"]))]
+    assert data["total"] == len(expected)
+    assert [{k: v for k, v in f.items() if k != "synced_at"} for f in data["features"]] == expected
+
+
+@pytest.mark.parametrize("search", ["IN", "login", "so that I", "&", "%", "_", "\\", "[", '", "'])
+@pytest.mark.anyio
+async def test_list_features_search_matches_title_or_user_story_text_literally(db, search):
+    acc = make_account()
+    pid = PIDS[2]
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "list_features", {"product_id": pid, "search": search})
+    needle = search.lower()
+    expected = [f["id"] for f in sorted(acc.features_of(pid), key=lambda f: (f["title"], f["id"]))
+                if needle in f["title"].lower() or any(needle in story.lower() for story in f["user_stories"])]
+    assert [f["id"] for f in data["features"]] == expected
+
+
+@pytest.mark.anyio
+async def test_quality_report_covers_executed_tests_by_default_and_matches_the_five_rates(db):
+    acc = make_account()
+    pid = P
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "get_quality_report", {"product_ids": [pid]})
+    in_scope = [t for t in served_tests(pid) if t["status"] in EXECUTED]
+    bugs = [b for t in in_scope for b in served_bugs(t["id"])]
+    assert data["scope"]["statuses"] == list(EXECUTED)
+    assert data["tests"]["total"] == len(in_scope) < 120
+    assert data["tests"]["by_status"] == dict(collections.Counter(t["status"] for t in in_scope))
+    assert data["tests"]["by_testing_type"] == dict(
+        collections.Counter(shown_testing_type(t["testing_type"]) for t in in_scope))
+    assert data["bugs"] == bug_summary(bugs)
+    assert data["per_product"] is None
+    assert data["thresholds"]["rejection_rate"] == {"warning": 0.2, "critical": 0.35, "bad_when": "above"}
+    # top_tests: at most 50, the most bugs first, while the totals above cover every test in scope
+    ranked = sorted(in_scope, key=lambda t: (len(served_bugs(t["id"])), utc(t["end_at"])), reverse=True)
+    assert len(in_scope) > 50
+    assert [t["id"] for t in data["top_tests"]] == [t["id"] for t in ranked[:50]]
+    top = data["top_tests"][0]
+    top_bugs = served_bugs(top["id"])
+    assert {k: top[k] for k in ("bugs", "open", "accepted", "auto_accepted", "rejected", "critical")} == {
+        "bugs": len(top_bugs), **{k: v for k, v in bug_counts(top_bugs).items() if k != "total"}}
+    assert top["rates"] == bug_rates(top_bugs)
+
+
+@pytest.mark.anyio
+async def test_quality_report_of_several_products_adds_one_block_per_product(db):
+    acc = make_account()
+    pids = acc.product_ids()
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "get_quality_report", {"product_ids": ",".join(map(str, pids)),
+                                                       "start_date": "2026-01-01", "end_date": "2026-10-31"})
+    blocks = []
+    everything = []
+    for p in acc.products_json():
+        scope = [t for t in served_tests(p["id"]) if t["status"] in EXECUTED
+                 and "2026-01-01T00:00:00Z" <= utc(t["end_at"]) < "2026-11-01T00:00:00Z"]
+        bugs = [b for t in scope for b in served_bugs(t["id"])]
+        everything += bugs
+        summary = bug_summary(bugs)
+        blocks.append({"product_id": p["id"], "name": p["name"], "tests": len(scope), "bugs": len(bugs),
+                       "by_status": summary["by_status"], "rates": summary["rates"], "health": summary["health"]})
+    assert data["per_product"] == blocks
+    assert data["tests"]["total"] == sum(b["tests"] for b in blocks)
+    assert data["bugs"] == bug_summary(everything)
+
+
+@pytest.mark.anyio
+async def test_quality_report_of_a_scope_without_bugs_reports_null_rates_not_zero(db):
+    acc = make_account()
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "get_quality_report", {"product_ids": [P], "statuses": "cancelled"})
+    cancelled = [t for t in served_tests(P) if t["status"] == "cancelled"]
+    assert data["tests"]["total"] == len(cancelled) > 0
+    assert data["bugs"]["total"] == 0
+    assert set(data["bugs"]["rates"].values()) == {None}
+    assert set(data["bugs"]["health"].values()) == {"unknown"}
+
+
+@pytest.mark.anyio
+async def test_query_metrics_pivots_bugs_by_one_dimension(db):
+    acc = make_account()
+    bugs = [b for pid in acc.product_ids() for b in bugs_of_product(pid)]
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "query_metrics", {"metrics": ["bug_count", "rejection_rate", "auto_acceptance_rate"],
+                                                  "dimensions": ["severity"]})
+    expected = []
+    for severity, count in collections.Counter(b["severity"] for b in bugs).most_common():
+        r = bug_rates([b for b in bugs if b["severity"] == severity])
+        expected.append({"severity": severity, "bug_count": count, "rejection_rate": r["rejection_rate"],
+                         "auto_acceptance_rate": r["auto_acceptance_rate"]})
+    assert data["rows"] == expected
+    assert (data["metrics"], data["dimensions"], data["total_rows"]) == (
+        ["bug_count", "rejection_rate", "auto_acceptance_rate"], ["severity"], 6)
+
+
+@pytest.mark.anyio
+async def test_query_metrics_pivots_by_two_dimensions_with_product_names(db):
+    acc = make_account()
+    names = {p["id"]: p["name"] for p in acc.products_json()}
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "query_metrics", {"metrics": "bug_count,test_count", "dimensions": "product,bug_status",
+                                                  "limit": 1000})
+    cells: dict = collections.defaultdict(lambda: {"bugs": 0, "tests": set()})
+    for pid in acc.product_ids():
+        for b in bugs_of_product(pid):
+            cell = cells[(pid, shown_status(b))]
+            cell["bugs"] += 1
+            cell["tests"].add(b["test"]["id"])
+    got = {(r["product"], r["bug_status"]): (r["bug_count"], r["test_count"], r["product_name"]) for r in data["rows"]}
+    assert got == {k: (v["bugs"], len(v["tests"]), names[k[0]]) for k, v in cells.items()}
+    counts = [r["bug_count"] for r in data["rows"]]
+    assert counts == sorted(counts, reverse=True)
+
+
+@pytest.mark.anyio
+async def test_query_metrics_counts_tests_by_a_test_dimension_including_tests_without_bugs(db):
+    acc = make_account()
+    tests = [t for pid in acc.product_ids() for t in served_tests(pid)]
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "query_metrics", {"metrics": ["test_count", "bugs_per_test"],
+                                                  "dimensions": ["test_status"], "sort_by": "test_status"})
+    expected = []
+    for status in sorted({t["status"] for t in tests}):
+        scope = [t for t in tests if t["status"] == status]
+        nbugs = sum(len(served_bugs(t["id"])) for t in scope)
+        expected.append({"test_status": status, "test_count": len(scope),
+                         "bugs_per_test": round(nbugs / len(scope), 3)})
+    assert data["rows"] == expected
+
+
+@pytest.mark.anyio
+async def test_query_metrics_pivots_by_feature_month_and_quarter_in_utc(db):
+    acc = make_account()
+    features = {f["id"]: f["title"] for f in acc.features_of(P)}
+    tests, bugs = served_tests(P), bugs_of_product(P)
+    only_p = {"filters": {"product_ids": [P]}, "limit": 1000}
+    async with mcp_client(acc.handler) as client:
+        by_feature = await ok(client, "query_metrics", {"metrics": ["test_count", "bug_count"],
+                                                        "dimensions": ["feature"], **only_p})
+        by_month = await ok(client, "query_metrics", {"metrics": "test_count,bug_count", "dimensions": "month",
+                                                      "start_date": "2026-01-01", "end_date": "2026-06-30",
+                                                      "sort_by": "month", **only_p})
+        by_quarter = await ok(client, "query_metrics", {"metrics": ["test_count"], "dimensions": ["quarter"],
+                                                        "sort_by": "quarter", **only_p})
+    assert {r["feature"]: (r["feature_name"], r["test_count"], r["bug_count"]) for r in by_feature["rows"]} == {
+        f: (title, sum(any(x["feature_id"] == f for x in t["features"]) for t in tests),
+            sum(b["feature"]["id"] == f for b in bugs)) for f, title in features.items()}
+
+    def grouped(key, scope):
+        groups = collections.defaultdict(list)
+        for t in scope:
+            groups[key(utc(t["end_at"]))].append(t)
+        return sorted(groups.items())
+
+    half = [t for t in tests if "2026-01-01" <= utc(t["end_at"]) < "2026-07-01"]
+    assert by_month["rows"] == [{"month": month, "test_count": len(group),
+                                 "bug_count": sum(len(served_bugs(t["id"])) for t in group)}
+                                for month, group in grouped(lambda end: end[:7], half)]
+    assert by_quarter["rows"] == [{"quarter": quarter, "test_count": len(group)} for quarter, group in
+                                  grouped(lambda end: f"{end[:4]}-Q{(int(end[5:7]) + 2) // 3}", tests)]
+
+
+@pytest.mark.anyio
+async def test_query_metrics_returns_at_most_limit_rows_and_says_how_many_there_are(db):
+    acc = make_account()
+    testers = {b["author"]["name"] for pid in acc.product_ids() for b in bugs_of_product(pid)}
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "query_metrics", {"metrics": ["bug_count"], "dimensions": ["tester"], "limit": 5})
+    assert len(data["rows"]) == 5
+    assert data["total_rows"] == len(testers) > 5
+
+
+@pytest.mark.anyio
+async def test_search_finds_a_title_word_with_bm25_ranking_and_filters(db):
+    acc = make_account()
+    pid = P
+    async with mcp_client(acc.handler) as client:
+        bugs = await ok(client, "search", {"query": "untranslated", "entities": "bug", "product_ids": [pid],
+                                           "limit": 200})
+        tests = await ok(client, "search", {"query": "Regression", "entities": ["test"], "product_ids": str(pid),
+                                            "limit": 200})
+        quoted = await ok(client, "search", {"query": '"Regression"', "entities": ["test"], "product_ids": str(pid),
+                                             "limit": 200})
+    expected_bugs = {b["id"] for b in bugs_of_product(pid) if "untranslated" in b["title"].lower()}
+    assert {r["id"] for r in bugs["results"]} == expected_bugs
+    assert {(r["entity"], r["product_id"]) for r in bugs["results"]} == {("bug", pid)}
+    expected_tests = {t["id"] for t in served_tests(pid) if "regression" in t["title"].lower()}
+    assert {r["id"] for r in tests["results"]} == expected_tests
+    assert quoted["results"] == tests["results"]
+    scores = [r["score"] for r in bugs["results"]]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+
+
+@pytest.mark.parametrize("query", [
+    "login OR checkout", "NEAR(login checkout)", "NEAR(", "check*", "*", '"', '"unbalanced', "title:login",
+    "login AND", "-login", "^login", "(((", "login)", "🐛", "🐛 checkout", "", "   ", "\x00",
+    "' OR 1=1 --", "x'; DROP TABLE bugs; --", "SELECT * FROM bugs", "bugs; DELETE FROM tests",
+    "%", "_", "\\", "ß", "Ünïcödé", "a" * 500,
+])
+@pytest.mark.anyio
+async def test_search_treats_operators_quotes_emoji_and_sql_as_plain_text(db, query):
+    acc = make_account()
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "search", {"query": query})
+        stats = await ok(client, "get_database_stats")
+    assert stats["counts"]["bugs"] == len(acc.bug_ids())  # nothing was dropped or deleted
+    if not re.search(r"\w", query):
+        assert data["results"] == []
+        assert data["note"] == "the query has no searchable words; try words from a title"
+    else:
+        assert data["note"] is None
+
+
+@pytest.mark.anyio
+async def test_get_database_stats_counts_what_the_account_serves(db):
+    acc = make_account()
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "get_database_stats")
+        size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+    ends = [utc(t["end_at"]) for pid in acc.product_ids() for t in served_tests(pid)]
+    assert data["counts"] == {"products": 3, "features": sum(len(acc.features_of(p)) for p in acc.product_ids()),
+                              "tests": 360, "bugs": len(acc.bug_ids()), "sync_runs": 1, "problematic_events": 0}
+    assert (data["oldest_test_end"], data["newest_test_end"]) == (min(ends), max(ends))
+    assert (data["path"], data["size_bytes"]) == (str(db), size)
+    assert {p["id"]: (p["tests"], p["bugs"], p["last_status"]) for p in data["products"]} == {
+        pid: (120, len(acc.bug_ids(product_id=pid)), "success") for pid in acc.product_ids()}
+
+
+@pytest.mark.anyio
+async def test_get_sync_history_lists_runs_newest_first_up_to_the_limit(db):
+    acc = make_account()
+    async with mcp_client(acc.handler) as client:
+        await ok(client, "sync_data", {})
+        await ok(client, "sync_data", {"mode": "refresh", "product_ids": [P]})
+        runs = (await ok(client, "get_sync_history"))["runs"]
+        two = (await ok(client, "get_sync_history", {"limit": 2}))["runs"]
+    assert [(r["id"], r["mode"], r["trigger"], r["status"]) for r in runs] == [
+        (3, "refresh", "tool", "success"), (2, "incremental", "tool", "success"), (1, "incremental", "cli", "success")]
+    assert (runs[2]["new_tests"], runs[2]["bugs"], runs[2]["products"]) == (360, len(acc.bug_ids()), 3)
+    assert two == runs[:2]
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_not_serve(env, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    acc = make_account(products=2, tests_per_product=60)
+    pid, other = acc.product_ids()
+    order = acc.test_ids(pid)
+    acc.poison_test(order[30])
+    async with mcp_client(acc.handler) as client:
+        run = (await ok(client, "sync_data", {}))["run"]
+        events = (await ok(client, "get_problematic_tests"))["events"]
+        mine = (await ok(client, "get_problematic_tests", {"product_id": pid}))["events"]
+        theirs = (await ok(client, "get_problematic_tests", {"product_id": other}))["events"]
+    assert run["status"] == "completed_with_problems"
+    assert len(events) == 1
+    event = events[0]
+    assert {k: event[k] for k in ("product_id", "page", "per_page", "offset_start", "offset_end", "before_id",
+                                  "after_id", "mapped_test_ids")} == {
+        "product_id": pid, "page": 1, "per_page": 100, "offset_start": 30, "offset_end": 31,
+        "before_id": order[29], "after_id": order[31], "mapped_test_ids": []}
+    assert (event["before_end_at"], event["after_end_at"]) == (
+        utc(acc.test_json(order[29])["end_at"]), utc(acc.test_json(order[31])["end_at"]))
+    assert mine == events and theirs == []
+
+
+###############################################################################
+# Bad input: an error result naming the argument, the bad value and what is accepted
+###############################################################################
+
+T = next(t["id"] for t in served_tests(P) if t["status"] == "archived" and served_bugs(t["id"]))
+METRIC = {"metrics": ["bug_count"], "dimensions": ["severity"]}
+
+
+BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
+    ("list_tests", {"product_id": "abc"}, ["product_id", "'abc'", "valid integer"]),
+    ("list_tests", {"product_id": 0}, ["product_id", "input_value=0", "greater than or equal to 1"]),
+    ("list_tests", {"product_id": P, "per_page": 201}, ["per_page", "input_value=201", "less than or equal to 200"]),
+    ("list_tests", {"product_id": P, "page": 0}, ["page", "input_value=0", "greater than or equal to 1"]),
+    ("list_tests", {"product_id": P, "statuses": "locked,done"}, ["statuses", "'done'", "initialized", "cancelled"]),
+    ("list_tests", {"product_id": P, "testing_type": "external"}, ["testing_type", "'external'", "'custom'"]),
+    ("list_tests", {"product_id": P, "sort_by": "name"}, ["sort_by", "'name'", "'end_at'"]),
+    ("list_tests", {"product_id": P, "start_date": "2026-02-01", "end_date": "2026-01-01"},
+     ["start_date='2026-02-01'", "end_date='2026-01-01'", "after"]),
+    ("list_tests", {"product_id": P, "start_date": "31.01.2026"}, ["start_date='31.01.2026'", "YYYY-MM-DD"]),
+    ("list_tests", {"product_id": P, "end_date": "2026-02-30"}, ["end_date='2026-02-30'", "YYYY-MM-DD"]),
+    ("list_tests", {"product_id": 99}, ["product 99 is not in the local data", "list_products"]),
+    ("list_products", {"product_type": "car"}, ["product_type", "'car'", "'website'"]),
+    ("get_test_status", {"test_id": -3}, ["test_id", "input_value=-3", "greater than or equal to 1"]),
+    ("get_test_status", {"test_id": 2**64}, ["test_id", str(2**64), "less than or equal to 9223372036854775807"]),
+    ("list_bugs", {}, ["exactly one of test_ids or product_ids", "test_ids=None", "product_ids=None"]),
+    ("list_bugs", {"test_ids": [T], "product_ids": [P]}, ["exactly one of test_ids or product_ids",
+                                                          f"test_ids=[{T}]", f"product_ids=[{P}]"]),
+    ("list_bugs", {"test_ids": "1,x"}, ["test_ids='1,x'", "'x'", "positive whole number"]),
+    ("list_bugs", {"test_ids": "99999999999999999999"}, ["test_ids", "'99999999999999999999'", "positive whole"]),
+    ("list_bugs", {"test_ids": [0]}, ["test_ids", "input_value=0", "greater than or equal to 1"]),
+    ("list_bugs", {"test_ids": [99]}, ["test 99 is not in the local data", "get_test_status"]),
+    ("list_bugs", {"product_ids": "99"}, ["product 99 is not in the local data", "list_products"]),
+    ("list_bugs", {"product_ids": [P], "severity": "blocker"}, ["severity", "'blocker'", "critical"]),
+    ("list_bugs", {"product_ids": [P], "status": "open,closed"}, ["status", "'closed'", "auto_accepted"]),
+    ("list_bugs", {"product_ids": [P], "rejection_reason": "rude"}, ["rejection_reason", "'rude'", "known_bug"]),
+    ("list_bugs", {"product_ids": [P], "known": "perhaps"}, ["known", "'perhaps'", "valid boolean"]),
+    ("get_bug", {"bug_id": 5}, ["bug 5 is not in the local data", "list_bugs"]),
+    ("get_bug", {"bug_id": "five"}, ["bug_id", "'five'", "valid integer"]),
+    ("list_features", {"product_id": 99}, ["product 99 is not in the local data", "list_products"]),
+    ("get_quality_report", {}, ["product_ids", "Field required"]),
+    ("get_quality_report", {"product_ids": []}, ["product_ids is empty", "at least one product id"]),
+    ("get_quality_report", {"product_ids": f"{P},99"}, ["product 99 is not in the local data", "list_products"]),
+    ("get_quality_report", {"product_ids": [P], "statuses": ["done"]}, ["statuses", "'done'", "archived"]),
+    ("query_metrics", {"metrics": ["bug_count"], "dimensions": ["colour"]}, ["dimensions", "'colour'", "'severity'"]),
+    ("query_metrics", {"metrics": "bugs", "dimensions": "month"}, ["metrics", "'bugs'", "bug_count"]),
+    ("query_metrics", {"metrics": "bug_count", "dimensions": "month,week,product"},
+     ["one or two dimensions", "dimensions='month,week,product'"]),
+    ("query_metrics", {**METRIC, "limit": 1001}, ["limit", "input_value=1001", "less than or equal to 1000"]),
+    ("query_metrics", {**METRIC, "filters": {"colour": ["red"]}}, ["filters", "'colour'", "product_ids"]),
+    ("query_metrics", {**METRIC, "filters": {"severities": ["huge"]}}, ["filters.severities", "'huge'", "critical"]),
+    ("query_metrics", {**METRIC, "filters": {"product_ids": [99]}}, ["product 99 is not in the local data"]),
+    ("query_metrics", {**METRIC, "sort_by": "tester"}, ["sort_by='tester'", "bug_count, severity"]),
+    ("query_metrics", {**METRIC, "start_date": "2026-05-01", "end_date": "2026-04-01"}, ["start_date", "after"]),
+    ("search", {}, ["query", "Field required"]),
+    ("search", {"query": "x", "entities": "bug,issue"}, ["entities", "'issue'", "product, feature, test, bug"]),
+    ("search", {"query": "x", "limit": 201}, ["limit", "input_value=201", "less than or equal to 200"]),
+    ("search", {"query": "x", "product_ids": [99]}, ["product 99 is not in the local data", "list_products"]),
+    ("search", {"query": 42}, ["query", "input_value=42", "valid string"]),
+    ("sync_data", {"mode": "nuke"}, ["mode", "'nuke'", "'incremental'"]),
+    ("sync_data", {"product_ids": "1;2"}, ["product_ids='1;2'", "positive whole number"]),
+    ("get_sync_history", {"limit": 51}, ["limit", "input_value=51", "less than or equal to 50"]),
+    ("get_sync_history", {"limit": "ten"}, ["limit", "'ten'", "valid integer"]),
+    ("get_problematic_tests", {"product_id": 0}, ["product_id", "input_value=0", "greater than or equal to 1"]),
+]
+
+
+@pytest.mark.parametrize("tool, args, fragments", BAD_INPUT,
+                         ids=[f"{i:02}-{tool}-{'-'.join(args) or 'no-arguments'}" for i, (tool, args, _) in
+                              enumerate(BAD_INPUT)])
+@pytest.mark.anyio
+async def test_bad_input_gets_an_error_naming_the_argument_the_value_and_what_is_accepted(db, tool, args, fragments):
+    async with mcp_client(make_account().handler) as client:
+        text = await err(client, tool, args)
+    missing = [f for f in fragments if f not in text]
+    assert missing == [], text
+
+
+###############################################################################
+# Read-through: get_test_status asks the API for what the cache lacks or holds stale
+###############################################################################
+
+RUNNING = next(t["id"] for t in served_tests(P) if t["status"] == "running")
+
+
+@pytest.mark.anyio
+async def test_get_test_status_fetches_a_test_missing_locally_and_stores_it_with_its_bugs(db):
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)
+    faults = Faults(acc.handler)
+    async with mcp_client(faults) as client:
+        data = await ok(client, "get_test_status", {"test_id": new})
+    assert faults.log == [f"/customer/v2/exploratory_tests/{new}?", f"/customer/v2/bugs?filter_test_cycle_ids={new}"]
+    assert (data["test"]["id"], data["test"]["status"], data["warning"]) == (new, "locked", None)
+    assert data["bug_summary"] == bug_summary(acc.bugs_of(new))
+    assert db_rows(db, "SELECT product_id, status FROM tests WHERE id = ?", (new,)) == [(P, "locked")]
+    assert sorted(r[0] for r in db_rows(db, "SELECT id FROM bugs WHERE test_id = ?", (new,))) == acc.bug_ids(new)
+
+
+def age_test(db_path: Path, test_id: int, synced_at: str = "2026-01-01T00:00:00Z") -> None:
+    """Arrange a test synced long ago (the database file is a boundary; no clock is faked)."""
+    conn = sqlite3.connect(str(db_path))
+    with conn:
+        conn.execute("UPDATE tests SET synced_at = ?, bugs_synced_at = ? WHERE id = ?", (synced_at, synced_at, test_id))
+    conn.close()
+
+
+@pytest.mark.parametrize("aged, refreshed", [(True, True), (False, False)],
+                         ids=["older-than-interval-is-refreshed", "fresh-is-answered-from-cache"])
+@pytest.mark.anyio
+async def test_get_test_status_refreshes_a_running_test_older_than_the_refresh_interval(db, monkeypatch, aged,
+                                                                                        refreshed):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "3600")
+    if aged:
+        age_test(db, RUNNING)
+    acc = make_account()
+    before = acc.bugs_of(RUNNING)
+    acc.set_test_status(RUNNING, "locked")  # the test ended: every bug of it is visible now
+    after = acc.bugs_of(RUNNING)
+    assert len(after) > len(before)
+    faults = Faults(acc.handler)
+    async with mcp_client(faults) as client:
+        data = await ok(client, "get_test_status", {"test_id": RUNNING})
+    status, bugs = ("locked", after) if refreshed else ("running", before)
+    assert (data["test"]["status"], data["warning"]) == (status, None)
+    assert data["bug_summary"] == bug_summary(bugs)
+    assert faults.calls == (2 if refreshed else 0)
+    assert db_rows(db, "SELECT status FROM tests WHERE id = ?", (RUNNING,)) == [(status,)]
+
+
+@pytest.mark.anyio
+async def test_get_test_status_answers_from_the_cache_with_a_warning_when_the_api_fails(db):
+    age_test(db, RUNNING)
+    acc = make_account()
+    before = acc.bugs_of(RUNNING)
+    acc.set_test_status(RUNNING, "locked")
+    path = f"/customer/v2/exploratory_tests/{RUNNING}"
+    faults = Faults(acc.handler).add(lambda request, n: httpx.Response(503) if request.url.path == path else None)
+    async with mcp_client(faults) as client:
+        data = await ok(client, "get_test_status", {"test_id": RUNNING})
+    assert (data["test"]["status"], data["bug_summary"]) == ("running", bug_summary(before))
+    assert data["warning"] == (f"could not refresh this running test from the API (GET exploratory_tests/{RUNNING}: "
+                               f"HTTP 503 after 5 attempts); answering from the local copy synced at "
+                               f"2026-01-01T00:00:00Z")
+    assert faults.log == [f"{path}?"] * 5
+
+
+@pytest.mark.parametrize("fault, fragments", [
+    (None, ["test 5 does not exist or is not visible to this token", "check the id with list_tests"]),
+    (503, ["test 5 is not in the local data and the API could not be read", "HTTP 503", "try again later"]),
+], ids=["api-says-404", "api-fails"])
+@pytest.mark.anyio
+async def test_get_test_status_of_a_test_the_api_cannot_give_is_a_clear_error(db, fault, fragments):
+    faults = Faults(make_account().handler)
+    if fault:
+        faults.add(lambda request, n: httpx.Response(fault))
+    async with mcp_client(faults) as client:
+        text = await err(client, "get_test_status", {"test_id": 5})
+    assert [f for f in fragments if f not in text] == [], text
+    assert db_rows(db, "SELECT count(*) FROM tests WHERE id = 5") == [(0,)]
+
+
+###############################################################################
+# Without a token: local answers, and sync_data says how to fix it
+###############################################################################
+
+@pytest.mark.anyio
+async def test_without_a_token_the_server_answers_from_the_database_and_sync_data_explains_the_fix(db, monkeypatch):
+    monkeypatch.delenv("TESTIO_CUSTOMER_API_TOKEN")
+    faults = Faults(make_account().handler)
+    async with mcp_client(faults) as client:
+        products = await ok(client, "list_products")
+        running = await ok(client, "get_test_status", {"test_id": RUNNING})
+        bugs = await ok(client, "list_bugs", {"test_ids": [T]})
+        health = await ok(client, "health_check")
+        sync = await err(client, "sync_data", {})
+        missing = await err(client, "get_test_status", {"test_id": 5})
+    assert [p["id"] for p in products["products"]] == sorted(PIDS, key=lambda p: NAMES[p])
+    assert (running["test"]["status"], running["warning"]) == ("running", None)
+    assert bugs["pagination"]["total"] == len(served_bugs(T))
+    assert health["token"] == {"configured": False, "accepted": None,
+                               "error": "TESTIO_CUSTOMER_API_TOKEN is not set; only the local data can be queried"}
+    assert health["background_sync"]["state"] == "off: TESTIO_CUSTOMER_API_TOKEN is not set"
+    assert sync == ("Error executing tool sync_data: sync_data needs the TestIO API, but TESTIO_CUSTOMER_API_TOKEN "
+                    "is not set; add it to the MCP server's env (or ~/.testio-mcp.env) and restart. The local data "
+                    "can still be queried.")
+    assert "TESTIO_CUSTOMER_API_TOKEN is not set" in missing and "test 5 is not in the local data" in missing
+    assert faults.calls == 0
+
+
+###############################################################################
+# sync_data: summary, progress, one sync at a time
+###############################################################################
+
+@pytest.mark.anyio
+async def test_sync_data_returns_the_run_summary_and_reports_progress_per_product(db):
+    acc = make_account()
+    new = acc.add_tests(P, 3)
+    progress = []
+
+    async def on_progress(value, total, message):
+        progress.append((value, total, message))
+
+    async with mcp_client(acc.handler) as client:
+        data = await ok(client, "sync_data", {}, progress_callback=on_progress)
+        stats = await ok(client, "get_database_stats")
+    run = data["run"]
+    assert (run["mode"], run["trigger"], run["status"], run["error"], data["note"]) == (
+        "incremental", "tool", "success", None, None)
+    assert (run["new_tests"], run["updated_tests"], run["bugs"]) == (3, 0, sum(len(acc.bugs_of(t)) for t in new))
+    assert {p["product_id"]: (p["new_tests"], p["status"]) for p in run["products"]} == {
+        pid: (3 if pid == P else 0, "success") for pid in PIDS}
+    assert run["run_id"] == 2 and stats["counts"]["tests"] == 363
+    assert data["data_as_of"] >= run["started_at"]
+    assert_matches_truth(db, acc)
+    assert [value for value, _, _ in progress] == list(range(1, len(progress) + 1))
+    assert {total for _, total, _ in progress} == {None}
+    for pid in PIDS:
+        assert any(m.startswith(f"product {pid} ({NAMES[pid]}): ") and m.endswith(", success") for _, _, m in progress)
+
+
+@pytest.mark.anyio
+async def test_sync_data_that_meets_a_rejected_token_mid_sync_fails_cleanly_without_stray_task_errors(db, caplog):
+    caplog.set_level(logging.INFO)
+    faults = Faults(make_account().handler).add(
+        lambda request, n: httpx.Response(401) if not request.url.path.endswith("/products") else None)
+    async with mcp_client(faults) as client:
+        data = await ok(client, "sync_data", {"mode": "refresh"})
+    gc.collect()  # an unretrieved task exception is reported when the task is collected
+    assert data["run"]["status"] == "failed"
+    assert "the TestIO API rejected the token (HTTP 401" in data["run"]["error"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.anyio
+async def test_sync_data_for_a_product_the_token_cannot_see_reports_a_failed_run_naming_it(db):
+    async with mcp_client(make_account().handler) as client:
+        data = await ok(client, "sync_data", {"product_ids": "99"})
+    assert (data["run"]["status"], data["run"]["products"]) == ("failed", [])
+    assert data["run"]["error"] == (f"product id(s) 99 are not visible to this token; visible: "
+                                    f"{', '.join(map(str, sorted(PIDS)))}")
+
+
+class GatedProducts:
+    """An async handler holding the first GET products until released (a sync in progress)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.products = 0
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/products"):
+            self.products += 1
+            if self.products == 1:
+                self.entered.set()
+                await self.release.wait()
+        return self.handler(request)
+
+
+@pytest.mark.anyio
+async def test_a_second_sync_data_waits_for_the_running_sync_instead_of_starting_another(db):
+    acc = make_account()
+    acc.add_tests(P, 2)
+    gate = GatedProducts(acc.handler)
+    results, health_checks = {}, 0
+    async with mcp_client(gate) as client:
+        async def call(key):
+            results[key] = await ok(client, "sync_data", {})
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call, "first")
+                await gate.entered.wait()
+                tasks.start_soon(call, "second")
+                while True:  # until the second call is inside sync_data (health_check counts tool calls)
+                    health = await ok(client, "health_check")
+                    health_checks += 1
+                    if health["tool_metrics"].get("sync_data", {}).get("calls") == 2:
+                        break
+                assert health["background_sync"]["running_now"] is True
+                gate.release.set()
+        history = (await ok(client, "get_sync_history"))["runs"]
+    assert gate.products == 1 + health_checks  # one sync read the product list; health_check the rest
+    assert results["first"]["note"] is None
+    assert results["second"]["note"] == "a sync was already running; this is its result"
+    assert results["first"]["run"] == results["second"]["run"]
+    assert results["first"]["run"]["new_tests"] == 2
+    assert [(r["trigger"], r["status"]) for r in history] == [("tool", "success"), ("cli", "success")]
+
+
+###############################################################################
+# health_check
+###############################################################################
+
+@pytest.mark.anyio
+async def test_health_check_reports_an_accepted_token_its_latency_and_api_and_tool_metrics(db):
+    async with mcp_client(make_account().handler) as client:
+        await ok(client, "list_products")
+        await ok(client, "list_products")
+        await err(client, "get_bug", {"bug_id": 5})
+        data = await ok(client, "health_check")
+    token = data["token"]
+    assert (token["configured"], token["accepted"]) == (True, True)
+    assert set(token) == {"configured", "accepted", "latency_ms"}
+    assert isinstance(token["latency_ms"], float) and 0 <= token["latency_ms"] < 15_000
+    assert (data["database"]["ok"], data["database"]["schema_version"], data["database"]["counts"]["tests"]) == (
+        True, tm.SCHEMA_VERSION, 360)
+    assert data["last_successful_sync"] == data["data_as_of"] is not None
+    api = data["api_metrics"]
+    assert (api["requests"], api["retries"], api["errors"]) == (1, 0, {})
+    assert set(api["latency_ms"]) == {"p50", "p95", "p99"} and api["latency_ms"]["p99"] is not None
+    tools = data["tool_metrics"]
+    assert {k: tools["list_products"][k] for k in ("calls", "errors")} == {"calls": 2, "errors": 0}
+    assert {k: tools["get_bug"][k] for k in ("calls", "errors")} == {"calls": 1, "errors": 1}
+    assert tools["list_products"]["p99_ms"] >= tools["list_products"]["p50_ms"] > 0
+
+
+@pytest.mark.parametrize("outcome, accepted, fragments, errors", [
+    (lambda request, n: httpx.Response(401, json={"error": "You need to sign in"}), False,
+     ["the TestIO API rejected the token (HTTP 401 on GET products)", "TESTIO_CUSTOMER_API_TOKEN"], {"401": 1}),
+    (lambda request, n: httpx.Response(500), None,
+     ["the API could not be reached to check the token", "HTTP 500 after 5 attempts"], {"500": 5}),
+    (lambda request, n: httpx.ReadTimeout("timed out", request=request), None,
+     ["the API could not be reached to check the token", "timeout after 5 attempts"], {"timeout": 5}),
+], ids=["401", "500", "timeout"])
+@pytest.mark.anyio
+async def test_health_check_reports_a_rejected_token_or_an_unreachable_api(db, outcome, accepted, fragments, errors):
+    async with mcp_client(Faults(make_account().handler).add(outcome)) as client:
+        data = await ok(client, "health_check")
+    assert data["token"]["accepted"] is accepted
+    assert [f for f in fragments if f not in data["token"]["error"]] == [], data["token"]["error"]
+    assert data["api_metrics"]["errors"] == errors
+    assert data["database"]["ok"] is True
+
+
+###############################################################################
+# Secrets: the token canary and the test environment credentials
+###############################################################################
+
+def _db_bytes(path: Path) -> bytes:
+    return b"".join(Path(f"{path}{suffix}").read_bytes() for suffix in ("", "-wal", "-shm")
+                    if Path(f"{path}{suffix}").exists())
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_the_token_reaches_no_tool_result_log_output_or_database_file(db, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    age_test(db, RUNNING)
+    acc = make_account()
+    acc.set_test_status(RUNNING, "locked")
+    [new] = acc.add_tests(P, 1)
+    fault = {"now": None}
+    authorizations = set()
+
+    def rule(request, n):
+        authorizations.add(request.headers.get("authorization"))
+        return {None: None, "401": httpx.Response(401, json={"error": "You need to sign in"}),
+                "500": httpx.Response(500), "timeout": httpx.ReadTimeout("timed out", request=request)}[fault["now"]]
+
+    faults = Faults(acc.handler).add(rule)
+    texts, files = [], []
+    async with mcp_client(faults) as client:
+        for fault["now"] in ("401", "500", "timeout", None):
+            for tool, args in [("health_check", {}), ("get_test_status", {"test_id": RUNNING}),
+                               ("get_test_status", {"test_id": new}), ("sync_data", {"product_ids": [P]}),
+                               ("list_bugs", {"test_ids": [RUNNING], "include_details": True}),
+                               ("search", {"query": "token"}), ("get_sync_history", {}),
+                               ("list_tests", {"product_id": 1})]:
+                result = await client.call_tool(tool, args)
+                texts.append(result.content[0].text)
+            files.append(_db_bytes(db))
+    files.append(_db_bytes(db))
+    log_text = caplog.text
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)
+    # the CLI too, at DEBUG, failing with 401 in the middle of a sync
+    failing = transport_for(Faults(acc.handler).add(lambda request, n: httpx.Response(401) if n > 3 else None))
+    with restored_logging():
+        code, out, err_text = await anyio.to_thread.run_sync(
+            lambda: cli(capfd, "sync", "--refresh", transport=failing))
+    files.append(_db_bytes(db))
+    assert authorizations == {f"Token {TOKEN}"}  # the token really was in use on every request
+    for fragment in ("HTTP 401 on GET products", "HTTP 401 on GET exploratory_tests", "HTTP 500 after 5 attempts",
+                     "timeout after 5 attempts", "could not refresh this running test"):
+        assert any(fragment in t for t in texts), fragment
+    assert code == 1 and "HTTP 401" in err_text
+    leaks = [where for where, blob in [("results", "\n".join(texts + RESULT_TEXTS)), ("log", log_text),
+                                       ("stdout+stderr", out + err_text + "".join(capfd.readouterr()))]
+             if TOKEN in blob]
+    leaks += [f"database file snapshot {i}" for i, blob in enumerate(files) if TOKEN.encode() in blob]
+    assert leaks == []
+
+
+@pytest.mark.anyio
+async def test_test_environment_credentials_never_reach_the_database_or_any_answer(db):
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)  # stored by read-through, the other tests by the CLI sync
+    environments = [t["test_environment"] for pid in PIDS for t in served_tests(pid)]
+    environments.append(acc.test_json(new)["test_environment"])
+    secrets = sorted({e[k] for e in environments for k in ("password", "url", "access")} | {"qa-user"})
+    assert all(e["password"].startswith("demo-secret-") for e in environments)  # the fake does serve them
+    texts = []
+    async with mcp_client(acc.handler) as client:
+        for test_id in (new, T, RUNNING):
+            data = await ok(client, "get_test_status", {"test_id": test_id})
+            texts.append(json.dumps(data))
+        assert data["test"]["environment"] == acc.test_json(RUNNING)["test_environment"]["title"]  # the title stays
+        for query in ("demo secret", "qa user", "staging", "password", "Log in with username", "access"):
+            texts.append(json.dumps(await ok(client, "search", {"query": query, "limit": 200})))
+        texts.append(json.dumps(await ok(client, "list_tests", {"product_id": P, "per_page": 200})))
+        texts.append(json.dumps(await ok(client, "list_bugs", {"test_ids": [T, RUNNING], "include_details": True})))
+        raw = _db_bytes(db)
+    assert [s for s in secrets if s.encode() in raw] == []
+    assert [s for s in secrets if any(s in t for t in texts)] == []
+
+
+###############################################################################
+# Generated arguments: a result or a clear error, never a crash or SQL text
+###############################################################################
+
+HOSTILE = [None, True, False, 0, -1, 1, 2, 3, 2**31, 2**63, -(2**63) - 1, 10**40, 1.5, -0.0, 1e308,
+           "", " ", "0", "-1", "1,2", "1,,2", ",", "9" * 40, "a" * 5000, "2026-02-30", "2026-01-01", "1999-12-31",
+           "9999-12-31", "0001-01-01",
+           "20260101", "' OR 1=1 --", '"; DROP TABLE bugs; --', "NEAR(a b)", "a OR b", "*", '"', "^", "🐛", "ß",
+           "\x00", "²", "١٢", "%", "_", "\\", "null", "[1]", '{"a": 1}', [], [1], [0], [-1], ["x"], [None],
+           [[1]], [1.5], ["1", 2], {}, {"a": 1}, {"product_ids": [1]}, {"severities": "low"}, {"testers": [None]}]
+
+
+FIGURES: dict = {}  # what the generated-arguments test ran, for the report
+
+
+def _valid_values(acc) -> dict[str, list]:
+    pid = acc.product_ids()[0]
+    tests = acc.test_ids(pid)
+    bug = acc.bug_ids(product_id=pid)[0]
+    return {"product_id": [pid], "product_ids": [[pid], str(pid), ",".join(map(str, acc.product_ids()))],
+            "test_id": tests[:3] + tests[-3:], "test_ids": [[tests[10]], f"{tests[10]},{tests[11]}"],
+            "bug_id": [bug], "statuses": [["locked"], "archived,locked"], "status": ["open", ["rejected"]],
+            "severity": ["critical", ["low", "high"]], "bug_type": ["visual"], "rejection_reason": ["known_bug"],
+            "known": [True, False], "tester": ["clara_dubois_123"], "testing_type": ["custom", "test_case"],
+            "start_date": ["2025-01-01"], "end_date": ["2026-12-31"], "sort_by": ["title", "bug_count", "month"],
+            "sort_order": ["asc"], "page": [1, 2], "per_page": [1, 200], "include_details": [True],
+            "search": ["log", "Demo"], "product_type": ["website"],
+            "metrics": [["bug_count"], "test_count,rejection_rate", ["features_tested", "bugs_per_test"]],
+            "dimensions": [["severity"], "product,month", ["feature"], "known,tester"],
+            "filters": [{"severities": ["low"]}, {"product_ids": [pid]}, {"bug_statuses": "rejected"}],
+            "query": ["checkout", "log*", "login button"], "entities": [["bug"], "test,feature"],
+            "limit": [1, 5, 50], "mode": ["incremental", "refresh"]}
+
+
+def generated_arguments(rng: random.Random, schema: dict, valid: dict[str, list]) -> dict:
+    """An argument set: each parameter left out, valid, or hostile; sometimes an extra key."""
+    args = {}
+    required = set(schema.get("required", []))
+    for name in schema.get("properties", {}):
+        roll = rng.random()
+        if roll < (0.1 if name in required else 0.4):
+            continue
+        pool = valid.get(name) if roll < 0.7 and valid.get(name) else HOSTILE
+        args[name] = rng.choice(pool)
+    if rng.random() < 0.15:
+        args[rng.choice(["bogus", "product", "__proto__", "arguments"])] = rng.choice(HOSTILE)
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_every_tool_answers_hundreds_of_generated_argument_sets_with_a_result_or_a_clear_error(
+        env, monkeypatch, caplog, capfd):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    caplog.set_level(logging.INFO)
+    acc = make_account(products=2, tests_per_product=30)
+    valid = _valid_values(acc)
+    rng = random.Random(20261127)
+    outcomes: collections.Counter = collections.Counter()
+    problems = []
+    async with mcp_client(acc.handler) as client:
+        await ok(client, "sync_data", {})
+        tools = (await client.list_tools()).tools
+        for tool in sorted(tools, key=lambda t: t.name):
+            for _ in range(60 if tool.name == "sync_data" else 250):
+                args = generated_arguments(rng, tool.input_schema, valid)
+                result = await client.call_tool(tool.name, args)
+                text = result.content[0].text if result.content else ""
+                outcomes[(tool.name, bool(result.is_error))] += 1
+                bad = (not text or TOKEN in text or "failed unexpectedly" in text
+                       or any(word in text.lower() for word in SQL_LEAKS)
+                       or (not result.is_error and "data_as_of" not in (result.structured_content or {})))
+                if bad:
+                    problems.append((tool.name, args, text[:300]))
+    FIGURES["fuzz"] = {"argument sets": sum(outcomes.values()), "tools": len(tools),
+                       "errors": sum(n for (_, error), n in outcomes.items() if error),
+                       "results": sum(n for (_, error), n in outcomes.items() if not error)}
+    assert problems == []
+    assert {name for name, _ in outcomes} == set(TOOLS)
+    # every tool answered some sets with a result, and rejected some with an error
+    assert {name for (name, error) in outcomes if not error} == set(TOOLS)
+    assert {name for (name, error) in outcomes if error} == set(TOOLS) - {"health_check", "get_database_stats"}
+    crashes = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert crashes == []
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
+
+###############################################################################
+# stdio: the SDK client against a real subprocess, raw JSON-RPC over pipes, shutdown
+###############################################################################
+
+class Lines:
+    """A pipe read line by line on a thread, so every wait for output is bounded."""
+
+    def __init__(self, pipe):
+        self.lines: list[bytes] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe) -> None:
+        for line in iter(pipe.readline, b""):
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def next(self, deadline: float) -> bytes | None:
+        """The next line (None at EOF); queue.Empty when the deadline passes."""
+        return self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next(deadline)
+            assert line is not None, f"the process ended without printing {text!r}"
+            if text in line.decode("utf-8", "replace"):
+                return
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(home: Path, db_path: Path, **extra: str) -> dict[str, str]:
+    return {"HOME": str(home), "PATH": os.environ.get("PATH", ""), "TESTIO_DB_PATH": str(db_path),
+            "TESTIO_REFRESH_INTERVAL_SECONDS": "0", **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_demo_data(tmp_path, demo_template):
+    template, pid = demo_template
+    (tmp_path / "data").mkdir()
+    shutil.copyfile(template, tmp_path / "data" / "demo.db")
+    params = StdioServerParameters(command=sys.executable, args=[str(HERE / "testio_mcp.py"), "--demo"],
+                                   env=child_env(tmp_path, tmp_path / "data" / "cache.db"), cwd=str(tmp_path))
+    with anyio.fail_after(SUBPROCESS_TIMEOUT):
+        async with Client(params, mode="legacy") as client:
+            tools = (await client.list_tools()).tools
+            products = await ok(client, "list_products")
+            tests = await ok(client, "list_tests", {"product_id": pid, "per_page": 5})
+    demo = tm.SimulatedAccount()
+    assert sorted(t.name for t in tools) == sorted(TOOLS)
+    assert [(p["id"], p["name"]) for p in products["products"]] == [(pid, demo.products_json()[0]["name"])]
+    assert products["products"][0]["name"].startswith("Demo · ")
+    assert [t["id"] for t in tests["tests"]] == demo.test_ids(pid)[:5]
+
+
+def _raw_session(tmp_path: Path, synced_template: Path) -> subprocess.Popen:
+    """testio_mcp.py over stdio with the canary token, DEBUG logs, and an API port nobody listens on."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    shutil.copyfile(synced_template, tmp_path / "data" / "cache.db")
+    env = child_env(tmp_path, tmp_path / "data" / "cache.db", TESTIO_CUSTOMER_API_TOKEN=TOKEN, LOG_LEVEL="DEBUG",
+                    TESTIO_CUSTOMER_API_BASE_URL=f"http://127.0.0.1:{free_port()}/customer/v2",
+                    TESTIO_RETRY_BASE_SECONDS="0", TESTIO_HTTP_TIMEOUT_SECONDS="5")
+    return subprocess.Popen([sys.executable, str(HERE / "testio_mcp.py")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+
+
+def _send(proc: subprocess.Popen, *messages: dict) -> None:
+    for message in messages:
+        proc.stdin.write((json.dumps(message) + "\n").encode())
+    proc.stdin.flush()
+
+
+def _replies(out: Lines, ids: set[int], timeout: float = SUBPROCESS_TIMEOUT) -> dict[int, dict]:
+    deadline, replies = time.monotonic() + timeout, {}
+    while not ids <= set(replies):
+        line = out.next(deadline)
+        assert line is not None, f"stdout closed before the replies to {ids - set(replies)}"
+        message = json.loads(line)
+        if "id" in message:
+            replies[message["id"]] = message
+    return replies
+
+
+def _call(request_id: int, name: str, arguments: dict) -> dict:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments}}
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                         "clientInfo": {"name": "raw-pipe-test", "version": "0"}}}
+
+
+def _assert_every_line_is_json_rpc(lines: list[bytes]) -> None:
+    for line in lines:
+        message = json.loads(line)  # one message per line, nothing else on stdout
+        assert message["jsonrpc"] == "2.0"
+        assert ("id" in message and ("result" in message or "error" in message)) or "method" in message, message
+
+
+@pytest.mark.slow
+def test_stdio_stdout_carries_only_json_rpc_and_stdin_eof_ends_the_server_cleanly(tmp_path, synced_template):
+    proc = _raw_session(tmp_path, synced_template)
+    try:
+        out, err_lines = Lines(proc.stdout), Lines(proc.stderr)
+        _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+              {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+              _call(3, "list_products", {}),
+              _call(4, "list_tests", {"product_id": "abc"}),
+              _call(5, "no_such_tool", {}),
+              _call(6, "get_test_status", {"test_id": 5}),
+              _call(7, "health_check", {}),
+              {"jsonrpc": "2.0", "id": 8, "method": "no/such"},
+              _call(9, "search", {"query": '" OR 1=1 --'}),
+              _call(10, "list_bugs", {"test_ids": [T], "include_details": True, "per_page": 200}))
+        replies = _replies(out, set(range(1, 11)))
+        proc.stdin.close()
+        started = time.monotonic()
+        code = proc.wait(timeout=2)
+        assert time.monotonic() - started < 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
+    assert replies[1]["result"]["protocolVersion"] == "2025-06-18"
+    assert replies[1]["result"]["serverInfo"]["name"] == "testio-mcp"
+    assert sorted(t["name"] for t in replies[2]["result"]["tools"]) == sorted(TOOLS)
+    assert replies[3]["result"]["structuredContent"]["total"] == 3
+    text = {i: replies[i]["result"]["content"][0]["text"] for i in (4, 5, 6, 9, 10)}
+    assert replies[4]["result"]["isError"] and "product_id" in text[4] and "'abc'" in text[4]
+    assert replies[5]["result"] == {"content": [{"type": "text", "text": "Unknown tool: no_such_tool"}],
+                                    "isError": True}
+    assert replies[6]["result"]["isError"] and "could not be read (GET exploratory_tests/5: connection error" in text[6]
+    assert replies[7]["result"]["structuredContent"]["token"]["accepted"] is None
+    assert replies[8]["error"]["code"] == -32601
+    assert replies[9]["result"]["isError"] is False
+    assert replies[10]["result"]["structuredContent"]["pagination"]["total"] == len(served_bugs(T))
+    _assert_every_line_is_json_rpc(out.lines)
+    stderr = b"".join(err_lines.lines).decode()
+    assert " DEBUG " in stderr and "Traceback" not in stderr
+    assert TOKEN not in stderr and TOKEN.encode() not in b"".join(out.lines)
+
+
+@pytest.mark.slow
+def test_stdio_server_exits_within_two_seconds_on_sigterm(tmp_path, synced_template):
+    proc = _raw_session(tmp_path, synced_template)
+    try:
+        out = Lines(proc.stdout)
+        Lines(proc.stderr)
+        _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+              {"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+        assert len(_replies(out, {1, 2})[2]["result"]["tools"]) == 14
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = proc.wait(timeout=2)
+        assert time.monotonic() - started < 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
+    _assert_every_line_is_json_rpc(out.lines)
+
+
+###############################################################################
+# Streamable HTTP: one subprocess; DNS-rebinding checks; remote binding needs consent
+###############################################################################
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_foreign_host_and_bad_json(
+        tmp_path, demo_template):
+    template, pid = demo_template
+    (tmp_path / "data").mkdir()
+    shutil.copyfile(template, tmp_path / "data" / "demo.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    proc = subprocess.Popen([sys.executable, str(HERE / "testio_mcp.py"), "serve", "--transport", "http",
+                             "--port", str(port), "--demo"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env(tmp_path, tmp_path / "data" / "cache.db"),
+                            cwd=str(tmp_path))
+    try:
+        err_lines = Lines(proc.stderr)
+        Lines(proc.stdout)
+        await anyio.to_thread.run_sync(err_lines.wait_for, f"testio-mcp: MCP over HTTP at {url}", SUBPROCESS_TIMEOUT)
+        with anyio.fail_after(SUBPROCESS_TIMEOUT):
+            async with Client(url, mode="legacy") as client:
+                tools = (await client.list_tools()).tools
+                products = await ok(client, "list_products")
+            headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                foreign_origin = await http.post(url, json=INITIALIZE, headers={**headers,
+                                                                                "Origin": "http://evil.example.com"})
+                foreign_host = await http.post(url, json=INITIALIZE, headers={**headers, "Host": "evil.example.com"})
+                not_json = await http.post(url, content=b"{this is not json", headers=headers)
+                local_origin = await http.post(url, json=INITIALIZE, headers={**headers,
+                                                                              "Origin": f"http://localhost:{port}"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert sorted(t.name for t in tools) == sorted(TOOLS)
+    assert [p["id"] for p in products["products"]] == [pid]
+    assert (foreign_origin.status_code, foreign_host.status_code, not_json.status_code) == (403, 421, 400)
+    assert local_origin.status_code == 200
+    assert "Traceback" not in b"".join(err_lines.lines).decode()
+
+
+def test_http_on_a_non_loopback_host_without_allow_remote_exits_with_a_clear_message(env, capsys):
+    with restored_logging():
+        code, out, err_text = cli(capsys, "serve", "--transport", "http", "--host", "0.0.0.0", "--port", "9")
+    assert (code, out) == (1, "")
+    assert err_text.strip().endswith("testio-mcp: --host 0.0.0.0 is not a loopback address: anyone who can reach it "
+                                     "could read your TestIO data; add --allow-remote if that is intended")
+
+
+###############################################################################
+# Docs stay honest
+###############################################################################
+
+def _cli_commands(parser) -> list[str]:
+    commands = []
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, sub in action.choices.items():
+            commands.append(name)
+            commands += [f"{name} {nested}" for nested in _cli_commands(sub)]
+    return commands
+
+
+def test_readme_names_every_tool_and_every_cli_command():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    names = [*TOOLS, *_cli_commands(tm.build_parser())]
+    assert len(names) == 14 + 7
+    assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", readme)] == []

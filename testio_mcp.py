@@ -68,6 +68,7 @@ DEMO_TOKEN = "demo-token"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 SCHEMA_VERSION = 2
+MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
@@ -133,7 +134,7 @@ class Settings:
                               f"unset it to use {DEFAULT_BASE_URL}")
         level = get(ENV_LOG_LEVEL, "INFO").upper()
         if level not in LOG_LEVELS:
-            raise ConfigError(f"{ENV_LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
+            raise ConfigError(f"{ENV_LOG_LEVEL}={get(ENV_LOG_LEVEL, 'INFO')!r} is not one of {', '.join(LOG_LEVELS)}")
         return cls(
             token=token,
             base_url=base_url,
@@ -266,6 +267,11 @@ def to_utc(value: Any) -> str | None:
     return iso(dt)
 
 
+def parse_utc(text: str | None) -> datetime | None:
+    """Stored UTC text back to an aware datetime (None stays None)."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if text else None
+
+
 def parse_date(value: str, name: str) -> date:
     """A YYYY-MM-DD argument as a date; ConfigError naming `name` otherwise."""
     try:
@@ -284,7 +290,7 @@ def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
     ids = []
     for item in items:
         text = str(item).strip()
-        if isinstance(item, bool) or not text.isdigit() or int(text) < 1:
+        if isinstance(item, bool) or not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_ID:
             raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use e.g. 123,456")
         ids.append(int(text))
     return tuple(dict.fromkeys(ids))
@@ -447,7 +453,7 @@ def rate_health(rates: dict[str, float | None]) -> dict[str, str]:
 def day_bounds(start: date | None, end: date | None) -> tuple[str | None, str | None]:
     """Inclusive dates as [start, end+1day) UTC text bounds for end_at / reported_at filters."""
     lo = f"{start.isoformat()}T00:00:00Z" if start else None
-    hi = f"{(end + timedelta(days=1)).isoformat()}T00:00:00Z" if end else None
+    hi = f"{(end + timedelta(days=1)).isoformat()}T00:00:00Z" if end and end < date.max else None  # max: no bound
     return lo, hi
 
 
@@ -770,9 +776,19 @@ def product_sync_state(conn: sqlite3.Connection, product_id: int) -> dict:
     return dict(row) if row else {}
 
 
-def known_test_ids(conn: sqlite3.Connection, product_id: int) -> set[int]:
-    """Ids of the tests of a product already stored."""
-    return {r[0] for r in conn.execute("SELECT id FROM tests WHERE product_id = ?", (product_id,))}
+def known_test_ids(conn: sqlite3.Connection, product_id: int, synced_before: str | None = None) -> set[int]:
+    """Ids of the tests of a product already stored (last written before `synced_before`, if given)."""
+    return {r[0] for r in conn.execute(
+        "SELECT id FROM tests WHERE product_id = ? AND (? IS NULL OR synced_at < ?)",
+        (product_id, synced_before, synced_before))}
+
+
+def features_due(conn: sqlite3.Connection, product_id: int) -> bool:
+    """True when a product has no stored features, or a stored test points at an unknown feature."""
+    return bool(conn.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM features WHERE product_id = :p) OR EXISTS ("
+        " SELECT 1 FROM test_features tf JOIN tests t ON t.id = tf.test_id WHERE t.product_id = :p"
+        " AND tf.feature_id NOT IN (SELECT id FROM features))", {"p": product_id}).fetchone()[0])
 
 
 def tests_due_for_bugs(conn: sqlite3.Connection, product_id: int) -> list[int]:
@@ -899,7 +915,11 @@ def unmap_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> None:
     """Drop the mapping of tests that are now stored; events left with no open position go too."""
     ids = list(test_ids)
     if ids:
+        events = [r[0] for r in conn.execute(
+            f"SELECT DISTINCT event_id FROM problematic_tests WHERE test_id IN ({_placeholders(len(ids))})", ids)]
         conn.execute(f"DELETE FROM problematic_tests WHERE test_id IN ({_placeholders(len(ids))})", ids)
+        conn.execute(f"DELETE FROM problematic_events WHERE event_id IN ({_placeholders(len(events))}) "
+                     "AND event_id NOT IN (SELECT event_id FROM problematic_tests)", events)
 
 
 def clear_problems(conn: sqlite3.Connection) -> int:
@@ -1201,13 +1221,15 @@ def query_bug(conn: sqlite3.Connection, bug_id: int) -> dict | None:
 def query_features(conn: sqlite3.Connection, product_id: int, search: str | None) -> list[dict]:
     """A product's features with user stories and how many tests and bugs touched each."""
     _require_products(conn, [product_id])
-    pattern = f"%{search.lower()}%" if search else None
+    literal = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None
+    pattern = f"%{literal}%" if search else None  # % and _ in the search are text, not wildcards
     rows = conn.execute(
         "SELECT f.*, (SELECT count(DISTINCT tf.test_id) FROM test_features tf WHERE tf.feature_id = f.id) "
         "  AS tests, (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id) AS bugs, "
         " (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id AND b.status = 'rejected') AS rejected_bugs "
-        "FROM features f WHERE f.product_id = ? AND (? IS NULL OR lower(f.title) LIKE ? "
-        " OR lower(f.user_stories) LIKE ?) ORDER BY f.title, f.id", (product_id, pattern, pattern, pattern))
+        "FROM features f WHERE f.product_id = ? AND (? IS NULL OR lower(f.title) LIKE ? ESCAPE '\\' "
+        " OR EXISTS (SELECT 1 FROM json_each(f.user_stories) s WHERE lower(s.value) LIKE ? ESCAPE '\\')) "
+        "ORDER BY f.title, f.id", (product_id, pattern, pattern, pattern))
     return [{"id": r["id"], "title": r["title"], "description": r["description"], "howtofind": r["howtofind"],
              "user_stories": json.loads(r["user_stories"]), "tests": r["tests"], "bugs": r["bugs"],
              "rejected_bugs": r["rejected_bugs"], "synced_at": r["synced_at"]} for r in rows]
@@ -1316,7 +1338,8 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
         where.append("t.end_at < ?")
         args.append(hi)
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
-    aggs = [f"{expr} AS {name.lstrip('_')}" for name, expr in METRIC_EXPRESSIONS.items()]
+    aggs = [f"{expr if need_tf or name != 'features_tested' else 'NULL'} AS {name.lstrip('_')}"
+            for name, expr in METRIC_EXPRESSIONS.items()]  # tf is only joined when needed
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
     sql = (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
            f"GROUP BY {group}")
@@ -1355,20 +1378,30 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Se
 SEARCH_ENTITIES = ("product", "feature", "test", "bug")
 
 
-def fts_query(text: str) -> str | None:
-    """User text as a safe FTS5 query: every word quoted (operators become words), last one a prefix."""
+def fts_query(text: str, any_word: bool = False) -> str | None:
+    """User text as a safe FTS5 query: every word quoted (operators become words), last one a prefix;
+    all words must match, or any of them with `any_word`."""
     words = re.findall(r"\w+", text, flags=re.UNICODE)
     if not words:
         return None
     quoted = [f'"{w}"' for w in words[:32]]
     quoted[-1] += "*"
-    return " ".join(quoted)
+    return (" OR " if any_word else " ").join(quoted)
 
 
 def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
                  product_ids: Sequence[int], limit: int) -> list[dict]:
-    """BM25-ranked matches (title weighted 10x) over products, features, tests and bugs."""
-    match = fts_query(query)
+    """BM25-ranked matches (title weighted 10x) over products, features, tests and bugs; when no
+    row has every word, the rows with any of them."""
+    _require_products(conn, product_ids)  # a mistyped id must not look like "nothing found"
+    results = _search(conn, fts_query(query), entities, product_ids, limit)
+    if not results and len(re.findall(r"\w+", query)) > 1:
+        results = _search(conn, fts_query(query, any_word=True), entities, product_ids, limit)
+    return results
+
+
+def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str],
+            product_ids: Sequence[int], limit: int) -> list[dict]:
     if match is None:
         return []
     where, args = ["search_fts MATCH ?"], [match]
@@ -1449,8 +1482,11 @@ class TestioClient:
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def _request(self, path: str, params: dict | None = None, *, retries: int = MAX_RETRIES) -> Any:
-        """GET path and return its JSON, retrying 429/5xx/524/timeouts/resets; ApiError subclasses."""
+    async def _request(self, path: str, params: dict | None = None, *, retries: int = MAX_RETRIES,
+                       retries_500: int | None = None) -> Any:
+        """GET path and return its JSON, retrying 429/5xx/524/timeouts/resets; ApiError subclasses.
+
+        `retries_500` gives HTTP 500 a budget of its own (a poisoned page fails every time)."""
         attempt = limited = 0
         while True:
             queued = time.monotonic()
@@ -1502,23 +1538,23 @@ class TestioClient:
             else:
                 status = None
                 self.metrics.errors["timeout" if failure == "timeout" else "connection"] += 1
-            if attempt >= retries:
+            if attempt >= (retries_500 if status == 500 and retries_500 is not None else retries):
                 raise ServerError(f"{where}: {failure} after {attempt + 1} attempts", status)
             self.metrics.retries += 1
             await self._sleep(backoff_delay(attempt, self.settings.retry_base, self._rand()))
             attempt += 1
 
     @staticmethod
-    def _items(body: Any, key: str, where: str) -> Any:
+    def _items(body: Any, key: str, where: str, many: bool = True) -> Any:
         if not isinstance(body, dict) or key not in body:
             raise MalformedResponseError(f"{where}: expected a JSON object with {key!r}")
         value = body[key]
-        if isinstance(value, list):
+        if isinstance(value, list) and many:
             bad = next((v for v in value if not isinstance(v, dict) or not isinstance(v.get("id"), int)), None)
             if bad is not None:
                 raise MalformedResponseError(f"{where}: an item of {key!r} has no numeric id: {str(bad)[:80]}")
-        elif not isinstance(value, dict):
-            raise MalformedResponseError(f"{where}: {key!r} is not a list or object")
+        elif many or not isinstance(value, dict):  # a list endpoint answering an object would be iterated by key
+            raise MalformedResponseError(f"{where}: {key!r} is not a {'list' if many else 'JSON object'}")
         return value
 
     async def get_products(self) -> list[dict]:
@@ -1526,16 +1562,16 @@ class TestioClient:
         return self._items(await self._request("products"), "products", "GET products")
 
     async def get_tests_page(self, product_id: int, page: int, per_page: int,
-                             retries: int = PAGE_RETRIES) -> list[dict]:
+                             retries_500: int = PAGE_RETRIES) -> list[dict]:
         """One page of a product's tests, newest first by end_at."""
         path = f"products/{product_id}/exploratory_tests"
-        body = await self._request(path, {"page": page, "per_page": per_page}, retries=retries)
+        body = await self._request(path, {"page": page, "per_page": per_page}, retries_500=retries_500)
         return self._items(body, "exploratory_tests", f"GET {path}")
 
     async def get_test(self, test_id: int) -> dict:
         """One test by id (NotFoundError when deleted or not visible)."""
         path = f"exploratory_tests/{test_id}"
-        return self._items(await self._request(path), "exploratory_test", f"GET {path}")
+        return self._items(await self._request(path), "exploratory_test", f"GET {path}", many=False)
 
     async def get_bugs(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> list[dict]:
         """All bugs of these tests (one request; large batches may fail with 524)."""
@@ -1559,7 +1595,7 @@ class TestioClient:
                     raise
             # the product gained sections since the product list was read
             body = await self._request(f"products/{product['id']}")
-            product = self._items(body, "product", "GET product")
+            product = self._items(body, "product", "GET product", many=False)
             sections = section_ids(product)
         pages = await asyncio.gather(*(self._request(f"products/{product['id']}/sections/{s}/features")
                                        for s in sections))
@@ -1706,9 +1742,10 @@ class SyncEngine:
             failed = [r for r in result.products if r.status == "failed"]
             if result.products and len(failed) == len(result.products):
                 result.status, result.error = "failed", failed[0].error
-            elif failed or result.total("problems"):
+            elif any(r.status != "success" for r in result.products):  # failed, or bugs/positions missing
                 result.status = "completed_with_problems"
-                result.error = "; ".join(f"product {r.product_id}: {r.error}" for r in failed) or None
+                result.error = "; ".join(f"product {r.product_id}: {r.error}" for r in result.products
+                                         if r.error) or None
             else:
                 result.status = "success"
         except (TestioError, OSError, sqlite3.Error) as exc:
@@ -1763,18 +1800,31 @@ class SyncEngine:
         pid = product["id"]
         state = await self.db.read(product_sync_state, pid)
         known = await self.db.read(known_test_ids, pid)
-        features = asyncio.create_task(self._sync_features(product, result))
+        # incremental syncs re-read features only when a stored test points at an unknown one
+        features = None
         bugs = _BugFetcher(self, result)
-        full = mode in ("force", "nuke") or not known
-        seen = await self._walk(product, result, bugs, full=full, known=known, since=since,
-                                resume=state.get("walk_next_page") if state.get("walk_mode") else None)
-        if mode in ("force", "nuke") and result.problems == 0 and seen is not None:
-            await self._verify_unseen(product, result, bugs, known - seen)
-        if mode == "refresh":
-            await self._refresh_non_final(product, result, bugs, seen or set())
-        bugs.add(await self.db.read(tests_due_for_bugs, pid))
-        await bugs.finish()
-        await features
+        try:
+            if mode != "incremental" or await self.db.read(features_due, pid):
+                features = asyncio.create_task(self._sync_features(product, result))
+            full = mode in ("force", "nuke") or not known
+            seen = await self._walk(product, result, bugs, full=full, known=known, since=since,
+                                    resume=await self._resume_point(pid, state))
+            if mode in ("force", "nuke") and result.problems == 0 and seen is not None:
+                await self._verify_unseen(product, result, bugs, known - seen)
+            if mode == "refresh":
+                await self._refresh_non_final(product, result, bugs, seen or set())
+            bugs.add(await self.db.read(tests_due_for_bugs, pid))
+            if features is None and await self.db.read(features_due, pid):
+                features = asyncio.create_task(self._sync_features(product, result))
+            await bugs.finish()
+            if features is not None:
+                await features
+        except BaseException:
+            # the product failed: stop its other requests (the next sync redoes what they would have)
+            bugs.cancel()
+            if features is not None:
+                features.cancel()
+            raise
         result.status = "completed_with_problems" if result.problems or bugs.failed else "success"
         if bugs.failed:
             result.error = f"bugs of {bugs.failed} test(s) could not be fetched; the next sync retries them"
@@ -1784,13 +1834,23 @@ class SyncEngine:
         features = await self.client.get_features(product)
         result.features = await self.db.write(replace_features, product["id"], features, iso(utc_now()))
 
+    async def _resume_point(self, pid: int, state: dict) -> tuple[int, bool, set[int]] | None:
+        """Where an interrupted walk stopped: (its next page, was it full, tests known before it began)."""
+        if not state.get("walk_next_page"):
+            return None
+        before = await self.db.read(known_test_ids, pid, state.get("walk_started_at"))
+        return state["walk_next_page"], state.get("walk_mode") == "full", before
+
     async def _walk(self, product: dict, result: ProductResult, bugs: "_BugFetcher", *, full: bool,
-                    known: set[int], since: date | None, resume: int | None) -> set[int] | None:
+                    known: set[int], since: date | None,
+                    resume: tuple[int, bool, set[int]] | None) -> set[int] | None:
         """Read pages newest-first, storing each with its checkpoint.
 
-        Incremental: stop after the first page holding a known test plus SAFETY_PAGES, unless an
-        interrupted walk must be resumed (then jump back to its checkpoint and read to the end).
-        Returns the ids seen, or None when the walk did not read the whole list."""
+        Incremental: stop after the first page holding a known test plus SAFETY_PAGES. An interrupted
+        walk is then continued from its checkpoint (one page of overlap absorbs drift): a full one to
+        the end, an incremental one until the tests known before it began (the pages it stored hold
+        tests that only look known). Returns the ids seen, or None when the walk did not read the
+        whole list."""
         pid = product["id"]
         mode = "full" if full else "incremental"
         since_text = iso(datetime.combine(since, datetime.min.time(), timezone.utc)) if since else None
@@ -1816,8 +1876,9 @@ class SyncEngine:
                 if boundary is None and any(t["id"] in known for t in tests):
                     boundary = page
                 if boundary is not None and page >= boundary + SAFETY_PAGES:
-                    if resume and resume > page + 1:
-                        page, full, mode = resume - 1, True, "full"  # one page of overlap absorbs drift
+                    if resume:
+                        page, full, known = max(page + 1, resume[0] - 1), resume[1], resume[2]
+                        mode, boundary, resume = "full" if full else "incremental", None, None
                         continue
                     complete = False
                     break
@@ -1843,6 +1904,9 @@ class SyncEngine:
         for offset, attempts in broken:
             prev = found.get(offset - 1) or (before if offset == start else None)
             nxt = found.get(offset + 1)
+            if nxt is None and offset + 1 == start + PAGE_SIZE:  # the next test opens the next page
+                with contextlib.suppress(ApiError):
+                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
             event = {"product_id": pid, "page": page, "per_page": PAGE_SIZE, "offset_start": offset,
                      "offset_end": offset + 1, "before_id": (prev or {}).get("id"),
                      "before_end_at": to_utc((prev or {}).get("end_at")), "after_id": (nxt or {}).get("id"),
@@ -1928,19 +1992,22 @@ class _BugFetcher:
             del self.pending[:BUG_BATCH_TESTS]
 
     def _start(self, batch: list[int]) -> None:
-        self.tasks.append(asyncio.create_task(self._fetch(batch)))
+        task = asyncio.create_task(self._fetch(batch))
+        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no traceback
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.tasks.append(task)
 
     async def finish(self) -> None:
         """Start the last partial batch and wait for all of them."""
         if self.pending:
             self._start(self.pending)
             self.pending = []
-        try:
-            await asyncio.gather(*self.tasks)
-        except BaseException:
-            for task in self.tasks:
-                task.cancel()
-            raise
+        await asyncio.gather(*self.tasks)
+
+    def cancel(self) -> None:
+        """Stop the batches still in flight."""
+        for task in self.tasks:
+            task.cancel()
 
     async def _fetch(self, batch: list[int]) -> None:
         client = self.engine.client
@@ -2830,6 +2897,11 @@ class AppState:
         self.tool_counts: collections.Counter[str] = collections.Counter()
         self.tool_errors: collections.Counter[str] = collections.Counter()
 
+    @property
+    def stale_after(self) -> int:
+        """Seconds after which a non-final test is re-read before answering."""
+        return self.settings.refresh_interval or 300
+
     def require_client(self, what: str) -> TestioClient:
         """The API client, or a clear error when no token is configured."""
         if self.client is None:
@@ -2873,8 +2945,8 @@ class AppState:
         if self.client is None:
             self.background["state"] = f"off: {ENV_TOKEN} is not set"
             return
-        last = await self.db.read(data_as_of)
-        age = (utc_now() - datetime.fromisoformat(last.replace("Z", "+00:00"))).total_seconds() if last else None
+        last = parse_utc(await self.db.read(data_as_of))
+        age = (utc_now() - last).total_seconds() if last else None
         if age is None or (interval and age >= interval):
             await self.background_sync("incremental", "server_start")
         if not interval:
@@ -3010,7 +3082,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                      "known_bug", "not_reproducible", "request_timeout", "other"]
     Entity = Literal["product", "feature", "test", "bug"]
     DateArg = Annotated[str | None, Field(description="YYYY-MM-DD (UTC day, inclusive)", max_length=10)]
-    IdList = Annotated[list[Annotated[int, Field(ge=1)]] | str | None,
+    IdList = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | str | None,
                        Field(description="ids as a JSON list, or a comma string like \"1,2\"")]
     Page = Annotated[int, Field(ge=1, le=1_000_000, description="1-based page number")]
 
@@ -3059,13 +3131,14 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
 
     @tool(title="List tests of a product")
     async def list_tests(
-        product_id: Annotated[int, Field(ge=1, description="product id (see list_products)")],
+        product_id: Annotated[int, Field(ge=1, le=MAX_ID, description="product id (see list_products)")],
         statuses: Annotated[list[Status] | str | None, Field(description="only these test statuses")] = None,
         testing_type: Annotated[TestingType | None, Field(description="only this testing type")] = None,
         start_date: DateArg = None,
         end_date: DateArg = None,
-        sort_by: Literal["end_at", "start_at", "id", "title", "status"] = "end_at",
-        sort_order: Literal["asc", "desc"] = "desc",
+        sort_by: Annotated[Literal["end_at", "start_at", "id", "title", "status"],
+                           Field(description="sort key (ties broken by id)")] = "end_at",
+        sort_order: Annotated[Literal["asc", "desc"], Field(description="asc or desc")] = "desc",
         page: Page = 1,
         per_page: Annotated[int, Field(ge=1, le=200, description="tests per page, at most 200")] = 100,
     ) -> TestsResult:
@@ -3082,7 +3155,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
 
     @tool(title="Test status and bug summary", open_world=True)
     async def get_test_status(
-        test_id: Annotated[int, Field(ge=1, description="test (cycle) id")],
+        test_id: Annotated[int, Field(ge=1, le=MAX_ID, description="test (cycle) id")],
     ) -> TestStatusResult:
         """One test with its goal, instructions, features, platforms, dates and status, plus its bug
         summary: totals by severity, type and status, known bugs, the five acceptance rates (null when
@@ -3102,9 +3175,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                                 f"({exc or 'timeout'}); try again later") from None
             found = await read(query_test, test_id)
         elif found["test"]["status"] not in FINAL_STATUSES and state.client is not None:
-            synced = datetime.fromisoformat(found["test"]["bugs_synced_at"] or found["test"]["synced_at"]
-                                            .replace("Z", "+00:00")) if found["test"]["bugs_synced_at"] else None
-            if synced is None or (utc_now() - synced).total_seconds() >= state.settings.refresh_interval:
+            synced = parse_utc(found["test"]["bugs_synced_at"])
+            if synced is None or (utc_now() - synced).total_seconds() >= state.stale_after:
                 try:
                     await asyncio.wait_for(fetch_test(state.db, state.client, test_id), READ_THROUGH_TIMEOUT)
                     found = await read(query_test, test_id) or found
@@ -3151,7 +3223,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                           bugs=found["bugs"], note=UNTRUSTED_NOTE)
 
     @tool(title="Get one bug")
-    async def get_bug(bug_id: Annotated[int, Field(ge=1, description="bug id")]) -> BugResult:
+    async def get_bug(bug_id: Annotated[int, Field(ge=1, le=MAX_ID, description="bug id")]) -> BugResult:
         """Everything about one bug: steps, expected and actual result, devices, comments, rejection
         reason, its test and feature, tester, reported_at, known, exported."""
         bug = await read(query_bug, bug_id)
@@ -3162,7 +3234,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
 
     @tool(title="List features of a product")
     async def list_features(
-        product_id: Annotated[int, Field(ge=1, description="product id (see list_products)")],
+        product_id: Annotated[int, Field(ge=1, le=MAX_ID, description="product id (see list_products)")],
         search: Annotated[str | None, Field(description="part of a feature title or user story",
                                             max_length=200)] = None,
     ) -> FeaturesResult:
@@ -3175,7 +3247,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
 
     @tool(title="Quality report")
     async def get_quality_report(
-        product_ids: Annotated[list[Annotated[int, Field(ge=1)]] | str,
+        product_ids: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | str,
                                Field(description="one or more product ids (JSON list or \"1,2\")")],
         start_date: DateArg = None,
         end_date: DateArg = None,
@@ -3235,9 +3307,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                             f"{', '.join(metric_list + dims)}")
         clean = _metric_filters(filters or {})
         lo, hi = _arg_dates(start_date, end_date)
-        rows = await read(query_metrics_sql, metric_list, dims, clean, lo, hi, sort_by, limit)
-        return MetricsResult(data_as_of=await as_of(), metrics=metric_list, dimensions=dims, rows=rows,
-                             total_rows=len(rows))
+        rows = await read(query_metrics_sql, metric_list, dims, clean, lo, hi, sort_by, sys.maxsize)
+        return MetricsResult(data_as_of=await as_of(), metrics=metric_list, dimensions=dims, rows=rows[:limit],
+                             total_rows=len(rows))  # the whole pivot, so the model sees when rows were cut
 
     @tool(title="Full-text search")
     async def search(
@@ -3306,7 +3378,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
 
     @tool(title="Problematic tests")
     async def get_problematic_tests(
-        product_id: Annotated[int | None, Field(ge=1, description="only this product")] = None,
+        product_id: Annotated[int | None, Field(ge=1, le=MAX_ID, description="only this product")] = None,
     ) -> ProblematicResult:
         """Positions in a product's test list that the API could not serve even one by one (HTTP 500):
         product, page, offsets, the neighbouring tests, attempts, and any test ids mapped by hand."""
@@ -3400,15 +3472,26 @@ class _RedactFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is now (main() may run more than once in a process)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str, secret: str | None = None) -> None:
     """Log to stderr (stdout is the MCP wire in stdio mode)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RedactFilter(secret))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
-    if level != "DEBUG":
-        for noisy in ("httpx", "httpcore", "mcp", "uvicorn"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpcore", "mcp", "uvicorn"):  # NOTSET: a later DEBUG call in-process undoes it
+        logging.getLogger(noisy).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -3451,7 +3534,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           f"{ENV_PRODUCT_IDS})")
     sync.add_argument("--since", metavar="YYYY-MM-DD", help="stop reading history at tests that ended "
                                                             "before this date")
-    sync.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS",
+    sync.add_argument("--lock-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for another running sync (default 60)")
 
     problematic = sub.add_parser("problematic", parents=[common], help="pages/tests the API cannot serve",
@@ -3473,6 +3556,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:  # nan would wait forever on a busy lock
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _confirm(question: str, yes: bool) -> bool:

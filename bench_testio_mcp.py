@@ -1,0 +1,1022 @@
+"""bench_testio_mcp: end-to-end performance figures of testio-mcp against a simulated TestIO API.
+
+Run it:
+    python bench_testio_mcp.py                      small + medium, 50 ms per API request (< 3 minutes)
+    python bench_testio_mcp.py --large              adds 100 products x 1,000 tests (long: many minutes)
+    python bench_testio_mcp.py --json               the same figures as one JSON document on stdout
+    python bench_testio_mcp.py --sizes small --latency-ms 20 --concurrency 5 --calls 50 --keep-db /tmp/b
+
+What it measures (each target of the performance issue is shown with PASS/FAIL):
+    sync     the real CLI (`testio-mcp sync ...`) as a subprocess against the simulator served by a
+             loopback HTTP server (stdlib, 127.0.0.1 only) that answers each request after
+             `--latency-ms`: a cold sync, an incremental sync with nothing new, one after 10 new tests
+             on one product, and a `--refresh` sync. Wall time (process start included), the engine's
+             own time, CPU, API requests by route, the lower bound ceil(requests / concurrency) x
+             latency, and the request budget computed from the account's truth. The same process
+             reports whether the sync imported the MCP SDK.
+    server   `testio-mcp serve` over stdio: spawn -> `initialize` reply and -> `tools/list` reply (raw
+             JSON-RPC over pipes, median of 5) against a bare one-tool MCPServer; idle RSS.
+    tools    the 13 query tools over one real stdio session (mcp ClientSession): one untimed call, then
+             up to `--calls` calls each (a tool stops early after `--tool-seconds`; n is shown); p50/p99
+             seen by the client and inside the server (health_check's tool_metrics); CPU per call of
+             both processes; 100 concurrent list_tests; sync_data (incremental) a few times; latency
+             growth from small to medium (10x the data; medium's 10,000 tests / ~76,000 bugs are close
+             to the issue's 10,000 / 100,000).
+    storage  database bytes (after a WAL checkpoint) per test and per bug, split by table (dbstat).
+
+Processes start the way the `testio-mcp` console script does (import the module, call main), with the
+bytecode cached in a private PYTHONPYCACHEPREFIX as after `pip install`.
+
+The fake API's own cost is kept out of the figures: before the cold sync the answers the sync will ask
+for (test pages, and each test's bug list) are rendered once by `SimulatedAccount.handler`; a bug batch
+is served as the concatenation of its tests' lists, byte-identical to the simulator's own answer
+(checked at start). Anything else goes to the simulator live. `--no-warm` serves everything live.
+
+Everything started here (HTTP server, subprocesses, worker processes, temporary directories) is
+stopped in `finally` blocks.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import http.server
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import re
+import resource
+import secrets
+import select
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import testio_mcp as tm
+
+HERE = Path(__file__).resolve().parent
+
+###############################################################################
+# Configuration: dataset sizes and the targets of the performance issue
+###############################################################################
+
+SIZES = {  # name -> (products, tests per product); the simulator draws ~8 bugs per test
+    "small": (3, 250),
+    "medium": (10, 1_000),
+    "large": (100, 1_000),
+}
+BUGS_PER_TEST = 8.0
+MAX_BUGS_PER_RESPONSE = 2_500        # the simulator's 524 threshold (its default)
+
+COLD_RATIO_MAX = 1.5                 # cold sync wall <= 1.5 x ceil(requests / concurrency) x latency
+INCREMENTAL_PER_PRODUCT = 4          # incremental sync with nothing new: <= 4 requests per product + 1
+FAST_TOOLS_P99_MS = 5.0              # list_tests, get_test_status p99 inside the server
+QUALITY_REPORT_MS = 100.0            # get_quality_report (one product) inside the server
+CONCURRENT_CALLS = 100
+CONCURRENT_MAX_S = 0.3               # 100 concurrent list_tests over stdio
+START_OVER_BARE_MAX_S = 0.2          # spawn -> initialize reply, over a bare one-tool MCPServer
+FLAT_FACTOR = 2.0                    # "flat": medium p50 <= max(2 x small p50, small p50 + 1 ms)
+FLAT_SLACK_MS = 1.0
+
+START_RUNS = 5
+NEW_TESTS = 10
+SYNC_DATA_CALLS = 3
+CONCURRENT_RUNS = 3
+HEAVY_MODULES = ("mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "uvicorn", "anyio")
+
+# The 13 tools timed in the loop (sync_data is timed apart, in incremental mode).
+LOOP_TOOLS = ("list_products", "list_tests", "get_test_status", "list_bugs", "get_bug", "list_features",
+              "get_quality_report", "query_metrics", "search", "get_database_stats", "get_sync_history",
+              "get_problematic_tests", "health_check")
+ALL_TOOLS = set(LOOP_TOOLS) | {"sync_data"}
+
+BARE_SERVER = '''\
+from mcp.server.mcpserver import MCPServer
+
+mcp = MCPServer("bare")
+
+
+@mcp.tool()
+def ping(x: int = 0) -> int:
+    """Echo x."""
+    return x
+
+
+if __name__ == "__main__":
+    mcp.run()
+'''
+
+# The server and the CLI start the way the `testio-mcp` console script starts them: import the
+# module (its bytecode cached in a private PYTHONPYCACHEPREFIX, as after `pip install`) and call it.
+SERVER_LAUNCHER = "import sys; sys.argv[0] = 'testio-mcp'; from testio_mcp import main_entry; main_entry()"
+# The sync also says which heavy modules it imported (on stderr, after the CLI's own output).
+SYNC_LAUNCHER = f"""\
+import sys
+sys.argv[0] = "testio-mcp"
+from testio_mcp import main
+code = main(sys.argv[1:])
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {set(HEAVY_MODULES)!r})
+print("BENCH-IMPORTS " + ",".join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries the table or the JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (the same definition the server uses)."""
+    return tm.percentile(values, q)
+
+
+###############################################################################
+# Machine
+###############################################################################
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, OS and the versions that matter."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        mem_gib = round(int(kib.split()[1]) / 2**20, 1)
+    from importlib.metadata import version
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "mcp": version("mcp"), "httpx": httpx.__version__,
+            "load_average_at_start": round(os.getloadavg()[0], 2)}
+
+
+###############################################################################
+# Fake API: the simulator behind a loopback HTTP server, with pre-rendered answers
+###############################################################################
+
+class FakeApi:
+    """SimulatedAccount served over HTTP on 127.0.0.1; each answer takes `latency` seconds."""
+
+    def __init__(self, account: tm.SimulatedAccount, token: str, latency: float) -> None:
+        self.account = account
+        self.token = token
+        self.latency = latency
+        self.requests: Counter[str] = Counter()
+        self.hits = self.misses = 0
+        self.live_seconds = 0.0          # time spent inside the simulator (serialized by its lock)
+        self._lock = threading.Lock()
+        self._pages: dict[tuple, bytes] = {}             # (path, page, per_page) -> body
+        self.statuses: dict[int, str] = {}               # test id -> status, as the pages serve it
+        self._bugs: dict[int, tuple[int, bytes]] = {}    # test id -> (bugs, the JSON items)
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Listen on 127.0.0.1 (a free port); returns the base URL."""
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"   # keep-alive, as against the real API
+            disable_nagle_algorithm = True  # else headers and body as two writes wait ~40 ms for an ACK
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                api._serve(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-api", daemon=True)
+        self._thread.start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}/customer/v2"
+
+    def stop(self) -> None:
+        """Stop listening (idempotent)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- serving --------------------------------------------------------------------------
+
+    def _serve(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        started = time.monotonic()
+        url = f"http://127.0.0.1{handler.path}"
+        status, body, ctype = self._answer(httpx.Request("GET", url, headers=dict(handler.headers.items())))
+        with self._lock:
+            self.requests[_route(handler.path)] += 1
+        time.sleep(max(0.0, self.latency - (time.monotonic() - started)))  # outside the simulator's lock
+        handler.send_response(status)
+        handler.send_header("Content-Type", ctype)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _answer(self, request: httpx.Request) -> tuple[int, bytes, str]:
+        if request.headers.get("authorization") == f"Token {self.token}":
+            body = self._cached(request.url)
+            if body is not None:
+                with self._lock:
+                    self.hits += 1
+                return 200, body, "application/json"
+        started = time.perf_counter()
+        response = self.account.handler(request)
+        with self._lock:
+            self.misses += 1
+            self.live_seconds += time.perf_counter() - started
+        return response.status_code, response.content, response.headers.get("content-type", "application/json")
+
+    def _cached(self, url: httpx.URL) -> bytes | None:
+        path, params = url.path, url.params
+        if path.endswith("/exploratory_tests") and "page" in params:
+            return self._pages.get((path, params.get("page"), params.get("per_page")))
+        if path.endswith("/customer/v2/bugs") and set(params) == {"filter_test_cycle_ids"}:
+            try:
+                ids = {int(s) for s in params["filter_test_cycle_ids"].split(",") if s.strip()}
+            except ValueError:
+                return None
+            return self._bug_batch(ids)
+        return None
+
+    def _bug_batch(self, ids: set[int]) -> bytes | None:
+        # The simulator sorts a batch's bugs by -id, and a bug id is test id * 1000 + n: so the
+        # answer is each test's own list, tests in descending id order.
+        parts, total = [], 0
+        for test_id in sorted(ids, reverse=True):
+            entry = self._bugs.get(test_id)
+            if entry is None:
+                return None
+            total += entry[0]
+            if entry[1]:
+                parts.append(entry[1])
+        if total > MAX_BUGS_PER_RESPONSE:
+            return None  # the simulator answers 524 (cheaply)
+        return b'{"bugs": [' + b", ".join(parts) + b"]}"
+
+    # -- pre-rendering --------------------------------------------------------------------
+
+    def _live(self, path_and_query: str) -> httpx.Response:
+        return self.account.handler(httpx.Request("GET", f"http://127.0.0.1/customer/v2/{path_and_query}",
+                                                  headers={"Authorization": f"Token {self.token}"}))
+
+    def warm(self) -> dict[str, Any]:
+        """Render every test page of a full walk and each test's bug list; check a few batches."""
+        started = time.perf_counter()
+        for pid in self.account.product_ids():
+            pages = len(self.account.test_ids(pid)) // tm.PAGE_SIZE + 1
+            for page in range(1, pages + 1):
+                response = self._live(f"products/{pid}/exploratory_tests?page={page}&per_page={tm.PAGE_SIZE}")
+                if response.status_code == 200:
+                    self._pages[(f"/customer/v2/products/{pid}/exploratory_tests", str(page),
+                                 str(tm.PAGE_SIZE))] = response.content
+                    self.statuses.update((t["id"], t["status"]) for t in response.json()["exploratory_tests"])
+        ids = self.account.test_ids()
+        chunks = [ids[i:i + 250] for i in range(0, len(ids), 250)]
+        global _WARMING
+        _WARMING = self
+        try:
+            if len(chunks) > 1 and (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods():
+                # each worker inherits the account by fork (no threads run yet) and renders a share
+                with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+                    rendered = [r for part in pool.imap_unordered(_render_bug_lists, chunks) for r in part]
+            else:
+                rendered = [r for chunk in chunks for r in _render_bug_lists(chunk)]
+        finally:
+            _WARMING = None
+        self._bugs.update((test_id, (count, items)) for test_id, count, items in rendered)
+        checked = self._self_check()
+        return {"seconds": round(time.perf_counter() - started, 2), "pages": len(self._pages),
+                "tests": len(self._bugs), "batches_checked": checked}
+
+    def bug_list(self, test_id: int) -> tuple[int, int, bytes] | None:
+        """One test's bugs as the simulator serves them: (test id, bugs, the JSON items)."""
+        prefix, suffix = b'{"bugs": [', b"]}"
+        body = self._live(f"bugs?filter_test_cycle_ids={test_id}").content
+        if body.startswith(prefix) and body.endswith(suffix):
+            return test_id, len(self.account.bug_ids(test_id)), body[len(prefix):-len(suffix)]
+        return None
+
+    def _self_check(self) -> int:
+        """Compare composed bug batches with the simulator's own answers; drop the cache if they differ."""
+        rng = random.Random(5)
+        ids = self.account.test_ids()
+        for n in range(3):
+            batch = rng.sample(ids, min(len(ids), tm.BUG_BATCH_TESTS))
+            query = ",".join(map(str, batch))
+            live = self._live(f"bugs?filter_test_cycle_ids={query}")
+            composed = self._bug_batch(set(batch))
+            if live.status_code == 200 and composed != live.content:
+                log("warning: composed bug batches differ from the simulator's; serving bugs live")
+                self._bugs.clear()
+                return n
+        return 3
+
+    def add_tests(self, product_id: int, n: int) -> list[int]:
+        """New tests on a product (the simulator's scenario control); its pre-rendered pages go."""
+        ids = self.account.add_tests(product_id, n)
+        for key in [k for k in self._pages if k[0] == f"/customer/v2/products/{product_id}/exploratory_tests"]:
+            del self._pages[key]
+        return ids
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters so far (for before/after deltas)."""
+        with self._lock:
+            return {"requests": Counter(self.requests), "hits": self.hits, "misses": self.misses,
+                    "live_seconds": self.live_seconds}
+
+    def delta(self, before: dict[str, Any]) -> dict[str, Any]:
+        """Requests by route, cache hits/misses and simulator time since `before`."""
+        now = self.snapshot()
+        by_route = now["requests"] - before["requests"]
+        return {"requests": sum(by_route.values()), "by_route": dict(sorted(by_route.items())),
+                "prerendered": now["hits"] - before["hits"], "live": now["misses"] - before["misses"],
+                "simulator_seconds": round(now["live_seconds"] - before["live_seconds"], 3)}
+
+
+_WARMING: FakeApi | None = None  # the FakeApi whose answers fork workers render
+
+
+def _render_bug_lists(test_ids: list[int]) -> list[tuple[int, int, bytes]]:
+    return [r for r in map(_WARMING.bug_list, test_ids) if r is not None]
+
+
+_ROUTES = ((r"/products$", "products"), (r"/products/\d+$", "product"),
+           (r"/products/\d+/exploratory_tests$", "test_pages"), (r"/exploratory_tests/\d+$", "test"),
+           (r"/bugs$", "bug_batches"), (r"/bugs/\d+$", "bug"), (r"/features$", "features"),
+           (r"/user_stories$", "user_stories"))
+
+
+def _route(path: str) -> str:
+    path = path.split("?", 1)[0].rstrip("/")
+    return next((name for pattern, name in _ROUTES if re.search(pattern, path)), "other")
+
+
+###############################################################################
+# The account's truth: dataset figures and the request budget of a cold sync
+###############################################################################
+
+def dataset_truth(account: tm.SimulatedAccount, statuses: dict[int, str]) -> dict[str, Any]:
+    """Products, tests, bugs, sections, and the requests a cold sync needs at most.
+
+    Per product: pages = floor(tests / PAGE_SIZE) + 1 (the walk stops at the first short or empty
+    page); bug batches = ceil(tests whose bugs are fetched / BUG_BATCH_TESTS), where tests in a
+    pre-run status (initialized, customer_finalized, waiting) are stored with their bugs marked as
+    synced and never fetched; features = 1 request, or 1 per section for a product with sections
+    (the API answers 422 to the product-level call for those). Plus 1 for GET products.
+    `statuses` (test id -> status) may be partial; missing ones are read from the account."""
+    products = {p["id"]: p for p in account.products_json()}
+    per_product = []
+    for pid in account.product_ids():
+        ids = account.test_ids(pid)
+        status = lambda tid: statuses.get(tid) or account.test_json(tid)["status"]  # noqa: E731
+        fetched = sum(1 for tid in ids if status(tid) not in tm.PRE_RUN_STATUSES)
+        per_product.append({"product_id": pid, "tests": len(ids), "bug_tests": fetched,
+                            "bugs": len(account.bug_ids(product_id=pid)),
+                            "pages": len(ids) // tm.PAGE_SIZE + 1,
+                            "bug_batches": math.ceil(fetched / tm.BUG_BATCH_TESTS),
+                            "feature_requests": max(1, len(tm.section_ids(products[pid])))})
+    total = lambda key: sum(p[key] for p in per_product)  # noqa: E731
+    budget = total("pages") + total("bug_batches") + total("feature_requests") + 1
+    return {"products": len(per_product), "tests": total("tests"), "bugs": total("bugs"),
+            "sectioned_products": sum(p["feature_requests"] > 1 for p in per_product),
+            "pages": total("pages"), "bug_batches": total("bug_batches"),
+            "feature_requests": total("feature_requests"), "budget": budget,
+            "budget_one_per_product": budget - total("feature_requests") + len(per_product)}
+
+
+###############################################################################
+# Sync runs: the real CLI as a subprocess
+###############################################################################
+
+def base_env(home: Path, api_url: str, token: str, db_path: Path, concurrency: int) -> dict[str, str]:
+    """A clean environment: only what the server needs, a private HOME (no stray ~/.testio-mcp.env),
+    the checkout on PYTHONPATH and a private bytecode cache."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
+            "PYTHONPATH": str(HERE), "PYTHONPYCACHEPREFIX": str(home.parent.parent / "pycache"),
+            "NO_PROXY": "127.0.0.1", "TESTIO_CUSTOMER_API_BASE_URL": api_url,
+            "TESTIO_CUSTOMER_API_TOKEN": token, "TESTIO_DB_PATH": str(db_path),
+            "MAX_CONCURRENT_API_REQUESTS": str(concurrency), "TESTIO_REFRESH_INTERVAL_SECONDS": "0",
+            "LOG_LEVEL": "WARNING"}
+
+
+def run_sync(api: FakeApi, env: dict[str, str], cwd: Path, *flags: str) -> dict[str, Any]:
+    """`python testio_mcp.py sync FLAGS` as a subprocess: wall time, API requests, imported SDK modules."""
+    before = api.snapshot()
+    cpu_before = _children_cpu()
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", SYNC_LAUNCHER, "sync", *flags],
+                          env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=3600)
+    wall = time.perf_counter() - started
+    cpu = _children_cpu() - cpu_before
+    if proc.returncode != 0:
+        raise RuntimeError(f"sync {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    marker = next((line for line in proc.stderr.splitlines() if line.startswith("BENCH-IMPORTS ")), None)
+    imported = [m for m in (marker or "BENCH-IMPORTS ").split(" ", 1)[1].split(",") if m]
+    summary = re.search(r" sync (\S+) in ([\d.]+)s with (\d+) API requests", proc.stderr)
+    return {"flags": list(flags), "wall_s": round(wall, 3), "cpu_s": round(cpu, 2),
+            "engine_s": float(summary[2]) if summary else None,
+            "status": summary[1] if summary else None,
+            "engine_counted_requests": int(summary[3]) if summary else None,
+            "sdk_modules_imported": imported, **api.delta(before)}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (from /proc)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def lower_bound(requests: int, concurrency: int, latency: float) -> float:
+    """ceil(requests / concurrency) x latency: perfect pipelining, zero client cost."""
+    return math.ceil(requests / concurrency) * latency
+
+
+###############################################################################
+# Storage: database bytes per test and per bug
+###############################################################################
+
+def storage(db_path: Path) -> dict[str, Any]:
+    """File bytes after a WAL checkpoint, split by table with dbstat, per test and per bug."""
+    with contextlib.closing(sqlite3.connect(str(db_path), timeout=30)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        tests = conn.execute("SELECT count(*) FROM tests").fetchone()[0]
+        bugs = conn.execute("SELECT count(*) FROM bugs").fetchone()[0]
+        owners = dict(conn.execute("SELECT name, tbl_name FROM sqlite_schema WHERE type = 'index'"))
+        by_object: Counter[str] = Counter()
+        with contextlib.suppress(sqlite3.Error):  # dbstat is optional in SQLite builds
+            for name, size in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"):
+                owner = owners.get(name, name)
+                by_object["search_fts" if owner.startswith("search_fts") else owner] += size
+    size = sum(p.stat().st_size for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
+    return {"bytes": size, "tests": tests, "bugs": bugs,
+            "bytes_per_test": round(size / tests) if tests else None,
+            "bytes_per_bug": round(size / bugs) if bugs else None,
+            "test_rows_per_test": round((by_object["tests"] + by_object["test_features"]) / tests) if tests else None,
+            "bug_rows_per_bug": round(by_object["bugs"] / bugs) if bugs else None,
+            "fts_per_row": round(by_object["search_fts"] / (tests + bugs)) if tests + bugs else None,
+            "by_table": dict(by_object.most_common())}
+
+
+###############################################################################
+# Server start: raw JSON-RPC over pipes, against a bare one-tool MCPServer
+###############################################################################
+
+def _rss_kib(pid: int) -> int | None:
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:"))
+        return int(line.split()[1])
+    return None
+
+
+def _read_reply(proc: subprocess.Popen, buffer: bytearray, want_id: int, deadline: float) -> dict:
+    """Read newline-delimited JSON-RPC from the server until the reply to `want_id` arrives."""
+    fd = proc.stdout.fileno()
+    while True:
+        while b"\n" in buffer:
+            line, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and message.get("id") == want_id:
+                    return message
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no reply to request {want_id}")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the server closed stdout before replying to request {want_id}")
+            buffer += chunk
+
+
+def time_start(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """One spawn: seconds to the initialize reply and to the tools/list reply, RSS after tools/list."""
+    rpc = lambda obj: (json.dumps(obj) + "\n").encode()  # noqa: E731
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        buffer = bytearray()
+        proc.stdin.write(rpc({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "bench", "version": "0"}}}))
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        init = _read_reply(proc, buffer, 1, deadline)
+        t_init = time.perf_counter() - started
+        proc.stdin.write(rpc({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        proc.stdin.write(rpc({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        proc.stdin.flush()
+        tools = _read_reply(proc, buffer, 2, deadline)
+        t_list = time.perf_counter() - started
+        if "result" not in init or "result" not in tools:
+            raise RuntimeError(f"unexpected replies: {init} / {tools}")
+        return {"initialize_s": t_init, "tools_list_s": t_list, "rss_kib": _rss_kib(proc.pid),
+                "tools": len(tools["result"]["tools"])}
+    finally:
+        _stop(proc, graceful=False)
+
+
+def _stop(proc: subprocess.Popen, graceful: bool = True) -> None:
+    """Close stdin (the normal MCP shutdown; the SDK then takes ~0.4 s), or SIGTERM at once; then kill.
+    Always reaped."""
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    try:
+        if not graceful:
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure_start(env: dict[str, str], cwd: Path, tmp: Path, runs: int) -> dict[str, Any]:
+    """testio-mcp serve vs a bare one-tool MCPServer, interleaved, median of `runs` each."""
+    bare = tmp / "bare_server.py"
+    bare.write_text(BARE_SERVER)
+    commands = {"testio": [sys.executable, "-c", SERVER_LAUNCHER, "serve"], "bare": [sys.executable, str(bare)]}
+    samples: dict[str, list[dict]] = {"testio": [], "bare": []}
+    for _ in range(runs):
+        for name, cmd in commands.items():
+            samples[name].append(time_start(cmd, env, cwd))
+    out: dict[str, Any] = {}
+    for name, runs_ in samples.items():
+        out[name] = {key: round(statistics.median(r[key] for r in runs_), 3)
+                     for key in ("initialize_s", "tools_list_s")}
+        out[name]["rss_mib"] = round(statistics.median(r["rss_kib"] or 0 for r in runs_) / 1024, 1)
+        out[name]["initialize_runs_s"] = [round(r["initialize_s"], 3) for r in runs_]
+        out[name]["tools"] = runs_[0]["tools"]
+    out["initialize_over_bare_s"] = round(out["testio"]["initialize_s"] - out["bare"]["initialize_s"], 3)
+    out["tools_list_over_bare_s"] = round(out["testio"]["tools_list_s"] - out["bare"]["tools_list_s"], 3)
+    return out
+
+
+###############################################################################
+# Tools over a real stdio session
+###############################################################################
+
+def tool_arguments(db_path: Path) -> dict[str, list[dict]]:
+    """Representative arguments per tool, rotated over a few ids read from the synced database."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        products = [r[0] for r in conn.execute("SELECT id FROM products ORDER BY id")]
+        tests = [r[0] for r in conn.execute(
+            "SELECT t.id FROM tests t WHERE t.status = 'archived' AND EXISTS "
+            "(SELECT 1 FROM bugs b WHERE b.test_id = t.id) ORDER BY (t.id * 7919) % 10007 LIMIT 20")]
+        bugs = [r[0] for r in conn.execute("SELECT id FROM bugs ORDER BY (id * 7919) % 10007 LIMIT 20")]
+    words = ["checkout", "login crash", "payment error", "typo", "button", "search filter"]
+    return {
+        "list_products": [{}],
+        "list_tests": [{"product_id": p} for p in products],
+        "get_test_status": [{"test_id": t} for t in tests],
+        "list_bugs": [{"product_ids": [p]} for p in products],
+        "get_bug": [{"bug_id": b} for b in bugs],
+        "list_features": [{"product_id": p} for p in products],
+        "get_quality_report": [{"product_ids": [p]} for p in products],
+        "query_metrics": [{"metrics": ["test_count", "bug_count", "rejection_rate"], "dimensions": ["month"],
+                           "filters": {"product_ids": [p]}} for p in products],
+        "search": [{"query": w} for w in words],
+        "get_database_stats": [{}],
+        "get_sync_history": [{}],
+        "get_problematic_tests": [{}],
+        "health_check": [{}],
+    }
+
+
+def _server_children() -> list[int]:
+    """Pids of our child processes running `testio_mcp.py serve`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if ppid == os.getpid() and any(b"testio_mcp" in c for c in cmdline) and b"serve" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def _timed_call(session: Any, name: str, arguments: dict) -> tuple[float, str | None]:
+    started = time.perf_counter()
+    result = await session.call_tool(name, arguments)
+    elapsed = time.perf_counter() - started
+    error = None
+    if getattr(result, "is_error", False):
+        error = " ".join(getattr(c, "text", "") for c in result.content)[:300]
+    return elapsed, error
+
+
+async def tool_session(env: dict[str, str], cwd: Path, arguments: dict[str, list[dict]], calls: int,
+                       tool_seconds: float, errlog: Any) -> dict[str, Any]:
+    """One stdio session: each tool `calls` times (or until `tool_seconds`), server-side metrics,
+    100 concurrent list_tests, a few sync_data calls, and the server's RSS."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=["-c", SERVER_LAUNCHER, "serve"], env=env,
+                                   cwd=str(cwd))
+    out: dict[str, Any] = {"tools": {}}
+    async with stdio_client(params, errlog=errlog) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            listed = {t.name for t in (await session.list_tools()).tools}
+            out["tools_listed"] = sorted(listed)
+            missing = ALL_TOOLS - listed
+            if missing:
+                raise RuntimeError(f"the server does not list {sorted(missing)}")
+            pids = _server_children()
+            pid = pids[0] if len(pids) == 1 else None
+            out["rss_mib_idle"] = round((_rss_kib(pid) or 0) / 1024, 1) if pid else None
+            cpu = lambda: (_process_cpu(pid) if pid else None, time.process_time())  # noqa: E731
+
+            for name in LOOP_TOOLS:
+                await session.call_tool(name, arguments[name][0])  # untimed: first-call costs (caches)
+                samples, errors = [], []
+                deadline = time.perf_counter() + tool_seconds
+                cpu_before = cpu()
+                for i in range(calls):
+                    elapsed, error = await _timed_call(session, name, arguments[name][i % len(arguments[name])])
+                    samples.append(elapsed)
+                    if error:
+                        errors.append(error)
+                    if time.perf_counter() > deadline:
+                        break
+                out["tools"][name] = {"calls": len(samples), "client_p50_ms": _ms(pct(samples, 0.5)),
+                                      "client_p99_ms": _ms(pct(samples, 0.99)), "errors": len(errors),
+                                      "first_error": errors[0] if errors else None,
+                                      **_cpu_per_call(cpu_before, cpu(), len(samples))}
+
+            health = await session.call_tool("health_check", {})
+            metrics = (health.structured_content or {}).get("tool_metrics", {})
+            for name, row in out["tools"].items():
+                server = metrics.get(name, {})
+                row["server_p50_ms"], row["server_p99_ms"] = server.get("p50_ms"), server.get("p99_ms")
+
+            runs = []
+            product_args = arguments["list_tests"]
+            cpu_before = cpu()
+            for _ in range(CONCURRENT_RUNS):
+                started = time.perf_counter()
+                results = await asyncio.gather(*(session.call_tool("list_tests", product_args[i % len(product_args)])
+                                                 for i in range(CONCURRENT_CALLS)))
+                runs.append(time.perf_counter() - started)
+                if any(r.is_error for r in results):
+                    raise RuntimeError("a concurrent list_tests call failed")
+            out["concurrent_list_tests"] = {"calls": CONCURRENT_CALLS, "runs_s": [round(r, 3) for r in runs],
+                                            "median_s": round(statistics.median(runs), 3),
+                                            **_cpu_per_call(cpu_before, cpu(), CONCURRENT_RUNS * CONCURRENT_CALLS)}
+
+            samples, errors = [], []
+            for _ in range(SYNC_DATA_CALLS):
+                elapsed, error = await _timed_call(session, "sync_data", {"mode": "incremental"})
+                samples.append(elapsed)
+                if error:
+                    errors.append(error)
+            out["sync_data"] = {"calls": len(samples), "client_p50_ms": _ms(pct(samples, 0.5)),
+                                "client_max_ms": _ms(max(samples)), "errors": len(errors),
+                                "first_error": errors[0] if errors else None}
+            out["rss_mib_after"] = round((_rss_kib(pid) or 0) / 1024, 1) if pid else None
+    return out
+
+
+def _cpu_per_call(before: tuple, after: tuple, calls: int) -> dict[str, float | None]:
+    """CPU milliseconds per call spent by the server process and by this (client) process."""
+    server = None if before[0] is None or after[0] is None else (after[0] - before[0]) / calls
+    return {"server_cpu_ms_per_call": _ms(server), "client_cpu_ms_per_call": _ms((after[1] - before[1]) / calls)}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+###############################################################################
+# One dataset size, end to end
+###############################################################################
+
+def bench_size(name: str, opts: argparse.Namespace, root: Path, startup: dict[str, Any]) -> dict[str, Any]:
+    """Sync phases, storage, the tool session (and once, the start-up comparison) for one size."""
+    products, per_product = SIZES[name]
+    latency, concurrency = opts.latency_ms / 1000, opts.concurrency
+    token = f"bench-{secrets.token_hex(8)}"
+    work = root / name
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    db_path = work / "cache.db"
+    result: dict[str, Any] = {"products": products, "tests_per_product": per_product}
+
+    log(f"{name}: building the account ({products} x {per_product} tests)")
+    account = tm.SimulatedAccount(products=products, tests_per_product=per_product,
+                                  bugs_per_test=BUGS_PER_TEST, token=token,
+                                  max_bugs_per_response=MAX_BUGS_PER_RESPONSE)
+    api = FakeApi(account, token, latency)
+    try:
+        if opts.warm:
+            log(f"{name}: pre-rendering the API's answers")
+            result["prerender"] = api.warm()
+        result["dataset"] = dataset_truth(account, api.statuses)
+        url = api.start()
+        env = base_env(home, url, token, db_path, concurrency)
+        subprocess.run([sys.executable, "-c", "import testio_mcp"], env=env, cwd=work, check=True)  # bytecode
+
+        log(f"{name}: cold sync")
+        cold = run_sync(api, env, work)
+        cold["lower_bound_s"] = round(lower_bound(cold["requests"], concurrency, latency), 3)
+        cold["ratio"] = round(cold["wall_s"] / cold["lower_bound_s"], 2) if cold["lower_bound_s"] else None
+        result["cold"] = cold
+
+        log(f"{name}: incremental syncs and --refresh")
+        result["incremental"] = run_sync(api, env, work)
+        target = account.product_ids()[0]
+        api.add_tests(target, NEW_TESTS)
+        result["incremental_new"] = {**run_sync(api, env, work), "added_tests": NEW_TESTS, "product_id": target}
+        result["refresh"] = run_sync(api, env, work, "--refresh")
+        result["storage"] = storage(db_path)
+
+        if startup is not None and not startup:
+            log(f"{name}: server start-up vs a bare MCPServer ({START_RUNS} runs each)")
+            startup.update(measure_start(env, work, work, START_RUNS))
+
+        log(f"{name}: tools over stdio ({opts.calls} calls each, at most {opts.tool_seconds:g}s per tool)")
+        with open(work / "server.log", "w") as errlog:
+            result["server"] = asyncio.run(tool_session(env, work, tool_arguments(db_path), opts.calls,
+                                                        opts.tool_seconds, errlog))
+    finally:
+        api.stop()
+    return result
+
+
+###############################################################################
+# Targets and the report
+###############################################################################
+
+def evaluate(sizes: dict[str, dict], startup: dict[str, Any], concurrency: int) -> list[dict]:
+    """Every target of the issue with its measured value and PASS/FAIL."""
+    targets: list[dict] = []
+
+    def add(name: str, value: Any, limit: str, ok: bool | None) -> None:
+        targets.append({"target": name, "measured": value, "limit": limit,
+                        "result": "n/a" if ok is None else "PASS" if ok else "FAIL"})
+
+    for size, r in sizes.items():
+        cold, truth = r["cold"], r["dataset"]
+        add(f"{size}: cold sync wall / lower bound", f"{cold['wall_s']:.2f}s / {cold['lower_bound_s']:.2f}s "
+            f"= {cold['ratio']}x", f"<= {COLD_RATIO_MAX}x", cold["ratio"] <= COLD_RATIO_MAX)
+        add(f"{size}: cold sync requests", cold["requests"],
+            f"<= {truth['budget']} = {truth['pages']} pages + {truth['bug_batches']} bug batches + "
+            f"{truth['feature_requests']} features + 1", cold["requests"] <= truth["budget"])
+        limit = INCREMENTAL_PER_PRODUCT * truth["products"] + 1
+        add(f"{size}: incremental sync (nothing new) requests", r["incremental"]["requests"], f"<= {limit}",
+            r["incremental"]["requests"] <= limit)
+        tools = r["server"]["tools"]
+        for tool in ("list_tests", "get_test_status"):
+            p99 = tools[tool]["server_p99_ms"]
+            add(f"{size}: {tool} p99 inside the server", f"{p99} ms", f"< {FAST_TOOLS_P99_MS:g} ms",
+                p99 is not None and p99 < FAST_TOOLS_P99_MS)
+        p99 = tools["get_quality_report"]["server_p99_ms"]
+        add(f"{size}: get_quality_report (1 product) p99 inside the server", f"{p99} ms",
+            f"< {QUALITY_REPORT_MS:g} ms", p99 is not None and p99 < QUALITY_REPORT_MS)
+        conc = r["server"]["concurrent_list_tests"]["median_s"]
+        add(f"{size}: {CONCURRENT_CALLS} concurrent list_tests over stdio", f"{conc:.3f}s",
+            f"< {CONCURRENT_MAX_S}s", conc < CONCURRENT_MAX_S)
+        errors = sum(t["errors"] for t in tools.values()) + r["server"]["sync_data"]["errors"]
+        add(f"{size}: tool calls answered without error", f"{errors} errors", "0", errors == 0)
+        imported = sorted({m for k in ("cold", "incremental", "incremental_new", "refresh")
+                           for m in r[k]["sdk_modules_imported"]})
+        add(f"{size}: CLI sync imports no MCP SDK", "imported: " + (", ".join(imported) or "none"),
+            "no mcp / mcp_types", not {"mcp", "mcp_types"} & set(imported))
+
+    if "small" in sizes and "medium" in sizes:
+        small, medium = sizes["small"]["server"]["tools"], sizes["medium"]["server"]["tools"]
+        for tool in LOOP_TOOLS:
+            a, b = small[tool]["server_p50_ms"], medium[tool]["server_p50_ms"]
+            if a is None or b is None:
+                add(f"flat: {tool}", "no data", "", None)
+                continue
+            ok = b <= max(FLAT_FACTOR * a, a + FLAT_SLACK_MS)
+            add(f"flat small->medium: {tool} p50 in server", f"{a} -> {b} ms ({b / a if a else 0:.1f}x)",
+                f"<= max({FLAT_FACTOR:g}x, +{FLAT_SLACK_MS:g} ms)", ok)
+
+    if startup:
+        over = startup["initialize_over_bare_s"]
+        add("server start -> initialize, over a bare MCPServer",
+            f"{startup['testio']['initialize_s']:.2f}s - {startup['bare']['initialize_s']:.2f}s = {over:+.3f}s",
+            f"<= {START_OVER_BARE_MAX_S}s", over <= START_OVER_BARE_MAX_S)
+    return targets
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable tables."""
+    m, s, sizes = report["machine"], report["settings"], report["sizes"]
+    names = list(sizes)
+    out = [f"testio-mcp bench, {report['started_at']}",
+           f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; Python {m['python']}, "
+           f"SQLite {m['sqlite']}, mcp {m['mcp']}, httpx {m['httpx']}",
+           f"settings: API latency {s['latency_ms']:g} ms per request, MAX_CONCURRENT_API_REQUESTS "
+           f"{s['concurrency']}, {s['calls']} calls per tool (at most {s['tool_seconds']:g}s per tool), "
+           f"pre-rendered API answers: {'yes' if s['warm'] else 'no'}", ""]
+
+    def per_size(label: str, fn) -> list[Any]:
+        return [label] + [fn(sizes[n]) for n in names]
+
+    def sync_rows(key: str, label: str) -> list[list[Any]]:
+        return [per_size(f"{label}: wall / in engine / CPU", lambda r: f"{r[key]['wall_s']:.2f}s / "
+                         f"{_fmt(r[key]['engine_s'], 's', 1)} / {r[key]['cpu_s']:.1f}s"),
+                per_size(f"{label}: API requests", lambda r: f"{r[key]['requests']}: "
+                         + " ".join(f"{k} {v}" for k, v in r[key]["by_route"].items()))]
+
+    rows = [per_size("dataset: products x tests, bugs", lambda r: f"{r['dataset']['products']} x "
+                     f"{r['tests_per_product']:,}, {r['dataset']['bugs']:,} bugs")]
+    rows += sync_rows("cold", "cold sync")
+    rows.append(per_size("cold sync: budget (issue's 1 feature call/product)",
+                         lambda r: f"{r['dataset']['budget']} ({r['dataset']['budget_one_per_product']})"))
+    rows.append(per_size("cold sync: lower bound, wall / bound", lambda r: f"{r['cold']['lower_bound_s']:.2f}s, "
+                         f"{r['cold']['ratio']}x"))
+    rows.append(per_size("cold sync: fake API time (answers live / pre-rendered)",
+                         lambda r: f"{r['cold']['simulator_seconds']:.2f}s ({r['cold']['live']} / "
+                         f"{r['cold']['prerendered']})"))
+    rows += sync_rows("incremental", "incremental, nothing new")
+    rows += sync_rows("incremental_new", f"incremental, {NEW_TESTS} new tests")
+    rows += sync_rows("refresh", "--refresh")
+    rows.append(per_size("database: size (tests, bugs)", lambda r: f"{r['storage']['bytes'] / 2**20:.1f} MiB "
+                         f"({r['storage']['tests']:,}, {r['storage']['bugs']:,})"))
+    rows.append(per_size("database: bytes per test / per bug (whole file)",
+                         lambda r: f"{r['storage']['bytes_per_test']:,} / {r['storage']['bytes_per_bug']:,}"))
+    rows.append(per_size("  test rows / bug rows (+indexes), FTS per row",
+                         lambda r: f"{r['storage']['test_rows_per_test']:,} / {r['storage']['bug_rows_per_bug']:,}, "
+                         f"{r['storage']['fts_per_row']:,}"))
+    rows.append(per_size("server RSS: idle / after the tool runs", lambda r: f"{r['server']['rss_mib_idle']} / "
+                         f"{r['server']['rss_mib_after']} MiB"))
+    rows.append(per_size(f"{CONCURRENT_CALLS} concurrent list_tests (median of {CONCURRENT_RUNS})",
+                         lambda r: f"{r['server']['concurrent_list_tests']['median_s']:.3f}s (CPU/call server "
+                         f"{_fmt(r['server']['concurrent_list_tests']['server_cpu_ms_per_call'], ' ms', 1)}, client "
+                         f"{_fmt(r['server']['concurrent_list_tests']['client_cpu_ms_per_call'], ' ms', 1)})"))
+    rows.append(per_size(f"sync_data incremental over stdio, p50 of {SYNC_DATA_CALLS}",
+                         lambda r: f"{_fmt(r['server']['sync_data']['client_p50_ms'], ' ms', 0)}"))
+    out += ["Sync, storage, server", _table(rows, ["metric"] + names), ""]
+
+    trows = []
+    both = "small" in sizes and "medium" in sizes
+    for tool in LOOP_TOOLS:
+        row = [tool]
+        for n in names:
+            t = sizes[n]["server"]["tools"][tool]
+            row += [f"{_fmt(t['server_p50_ms'])} / {_fmt(t['server_p99_ms'])}",
+                    f"{_fmt(t['client_p50_ms'])} / {_fmt(t['client_p99_ms'])}",
+                    f"{_fmt(t['server_cpu_ms_per_call'], '', 1)} + {_fmt(t['client_cpu_ms_per_call'], '', 1)}",
+                    t["calls"]]
+        if both:
+            a = sizes["small"]["server"]["tools"][tool]["server_p50_ms"]
+            b = sizes["medium"]["server"]["tools"][tool]["server_p50_ms"]
+            row.append(f"{b / a:.1f}x" if a and b else "-")
+        trows.append(row)
+    headers = ["tool"]
+    for n in names:
+        headers += [f"{n}: in server", "over stdio", "CPU srv+cli", "n"]
+    if both:
+        headers.append("medium/small")
+    out += ["Tools: ms p50 / p99 per call, in the server (health_check tool_metrics) and over stdio (client "
+            "wall);", "CPU ms per call of the server process + the client (this process, mcp ClientSession)",
+            _table(trows, headers), ""]
+
+    st = report.get("startup")
+    if st:
+        srows = [[name, _fmt(st[name]["initialize_s"], "s", 3), _fmt(st[name]["tools_list_s"], "s", 3),
+                  _fmt(st[name]["rss_mib"], " MiB", 1), st[name]["tools"],
+                  " ".join(f"{v:.2f}" for v in st[name]["initialize_runs_s"])]
+                 for name in ("testio", "bare")]
+        srows.append(["difference", f"{st['initialize_over_bare_s']:+.3f}s", f"{st['tools_list_over_bare_s']:+.3f}s",
+                      "", "", ""])
+        out += [f"Server start over stdio (raw JSON-RPC, median of {START_RUNS})",
+                _table(srows, ["server", "-> initialize", "-> tools/list", "RSS", "tools", "initialize runs (s)"]),
+                ""]
+
+    out += ["Targets", _table([[t["target"], t["measured"], t["limit"], t["result"]] for t in report["targets"]],
+                              ["target", "measured", "limit", "result"]), ""]
+    passed = sum(t["result"] == "PASS" for t in report["targets"])
+    out.append(f"{passed}/{len(report['targets'])} targets passed; bench ran {report['total_seconds']:.0f}s "
+               f"(1-minute load average {m['load_average_at_start']} at start, {m['load_average_at_end']} at end: "
+               f"other work on the machine skews the figures)")
+    return "\n".join(out)
+
+
+###############################################################################
+# CLI
+###############################################################################
+
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line."""
+    p = argparse.ArgumentParser(prog="bench_testio_mcp", description=__doc__.split("\n\n")[0])
+    p.add_argument("--latency-ms", type=float, default=50.0, help="API latency per request (default 50)")
+    p.add_argument("--concurrency", type=int, default=10, help="MAX_CONCURRENT_API_REQUESTS (default 10)")
+    p.add_argument("--sizes", default="small,medium", help="comma list of small, medium, large")
+    p.add_argument("--large", action="store_true", help="add the large size (100 x 1,000 tests)")
+    p.add_argument("--calls", type=int, default=200, help="calls per tool (default 200)")
+    p.add_argument("--tool-seconds", type=float, default=3.0,
+                   help="stop a tool's loop after this many seconds (default 3; n is shown)")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="serve every API answer live from the simulator (its CPU then counts in the syncs)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (table on stderr)")
+    p.add_argument("--keep-db", metavar="DIR", help="keep the databases and server logs in DIR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; returns the exit code (0 even when targets fail: the table says which)."""
+    opts = build_parser().parse_args(argv)
+    names = [n.strip() for n in opts.sizes.split(",") if n.strip()]
+    if opts.large and "large" not in names:
+        names.append("large")
+    unknown = [n for n in names if n not in SIZES]
+    if unknown or not names:
+        print(f"bench: unknown size {unknown}; use {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    report: dict[str, Any] = {"started_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": machine_info(),
+                              "settings": {"latency_ms": opts.latency_ms, "concurrency": opts.concurrency,
+                                           "calls": opts.calls, "tool_seconds": opts.tool_seconds,
+                                           "warm": opts.warm, "sizes": names,
+                                           "page_size": tm.PAGE_SIZE, "bug_batch_tests": tm.BUG_BATCH_TESTS},
+                              "sizes": {}, "startup": {}}
+    if opts.keep_db:
+        root = Path(opts.keep_db).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        cleanup = None
+    else:
+        root = Path(tempfile.mkdtemp(prefix="testio-bench-"))
+        cleanup = root
+    try:
+        for name in names:
+            if opts.keep_db and (root / name).exists():
+                shutil.rmtree(root / name)
+            report["sizes"][name] = bench_size(name, opts, root, report["startup"])
+    finally:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    report["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    report["targets"] = evaluate(report["sizes"], report["startup"], opts.concurrency)
+    text = render(report)
+    if opts.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
