@@ -3086,3 +3086,60 @@ def test_readme_names_every_tool_and_every_cli_command():
     names = [*TOOLS, *_cli_commands(tm.build_parser())]
     assert len(names) == 14 + 7
     assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", readme)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_thousand_tool_calls_during_cli_syncs_never_see_a_locked_database_or_half_a_page(
+        env, loopback, tmp_path, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    acc = make_account(tests_per_product=450, bugs_per_test=3)
+    a, b, _ = acc.product_ids()
+    api = loopback(acc.handler)
+    assert finish(spawn_sync(tmp_path, api.base_url, "--product-ids", str(a), name="first"), tmp_path,
+                  "first")[0] == 0
+    archived = next(t for t in acc.test_ids(a) if acc.test_json(t)["status"] == "archived")
+    calls = [("list_tests", {"product_id": b, "per_page": 5}), ("get_quality_report", {"product_ids": [a]}),
+             ("search", {"query": "login"}), ("list_bugs", {"product_ids": [a], "per_page": 20}),
+             ("get_test_status", {"test_id": archived}), ("list_features", {"product_id": a}),
+             ("query_metrics", {"metrics": ["bug_count", "rejection_rate"], "dimensions": ["product"]}),
+             ("get_database_stats", {})]
+    syncs, totals, texts, during = [], set(), [], 0
+    seen_counts, stop = set(), threading.Event()
+
+    def count_pages():  # a second reader as fast as it can go, on its own connection
+        conn = sqlite3.connect(str(env))
+        while not stop.is_set():
+            seen_counts.update(conn.execute("SELECT product_id, count(*) FROM tests WHERE product_id != ? "
+                                            "GROUP BY product_id", (a,)).fetchall())
+        conn.close()
+
+    poller = threading.Thread(target=count_pages, daemon=True)
+    async with mcp_client(acc.handler) as client:
+        with anyio.fail_after(180):
+            syncs.append(spawn_sync(tmp_path, api.base_url, name="sync0"))  # cold for products b and c
+            poller.start()
+            while not any(p["id"] == b for p in (await ok(client, "list_products"))["products"]):
+                assert syncs[0].poll() is None, "the sync ended before it stored the products"
+            for n in range(1000):
+                if syncs[-1].poll() is not None:  # keep a sync writing for the whole run
+                    syncs.append(spawn_sync(tmp_path, api.base_url, "--force", name=f"sync{len(syncs)}"))
+                tool, args = calls[n % len(calls)]
+                during += syncs[-1].poll() is None
+                result = await client.call_tool(tool, args)
+                texts.append(result.content[0].text)
+                assert result.is_error is False, texts[-1]
+                if tool == "list_tests":
+                    totals.add(result.structured_content["pagination"]["total"])
+    stop.set()
+    poller.join(WAIT)
+    outcomes = [finish(proc, tmp_path, f"sync{i}") for i, proc in enumerate(syncs)]
+    assert [code for code, _, _ in outcomes] == [0] * len(syncs), outcomes
+    assert not any("database is locked" in text for text in texts + [err for _, _, err in outcomes])
+    # a page of tests is committed in one transaction: a reader sees whole pages, never part of one
+    final = len(acc.test_ids(b))
+    assert totals <= {*range(0, final, tm.PAGE_SIZE), final}
+    assert {n for _, n in seen_counts} <= {*range(0, final, tm.PAGE_SIZE), final}, sorted(seen_counts)
+    assert len(seen_counts) >= 4  # the poller did see the cold sync of two products progress
+    assert during >= 900, f"only {during} of 1000 calls overlapped a running sync"
+    assert_matches_truth(env, acc)
