@@ -53,6 +53,20 @@ def anyio_backend():
     return "asyncio"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def canary_sweep(tmp_path_factory):
+    """After the whole suite: the token is in no file any test left behind (databases with their -wal
+    and -shm, subprocess stdout/stderr captures, logs), except the .env files tests wrote it into."""
+    yield
+    leaks = []
+    for path in tmp_path_factory.getbasetemp().rglob("*"):
+        if path.is_file() and not path.is_symlink() and not path.name.endswith(".env"):
+            with contextlib.suppress(OSError):
+                if TOKEN.encode() in path.read_bytes():
+                    leaks.append(str(path))
+    assert leaks == [], f"the canary token leaked into {leaks}"
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A clean environment: token, fake base URL, DB in tmp, no retry waits, no stray .env files."""
@@ -1576,7 +1590,7 @@ def demo_template(tmp_path_factory):
         path = _clean_environment(mp, root)
         mp.delenv("TESTIO_CUSTOMER_API_BASE_URL")
         mp.setenv("LOG_LEVEL", "WARNING")
-        first = tm.SimulatedAccount().product_ids()[0]
+        first = tm.demo_account().product_ids()[0]
         with restored_logging():
             assert tm.main(["--demo", "sync", "--product-ids", str(first)]) == 0
     return path.with_name("demo.db"), first
@@ -2896,7 +2910,7 @@ async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_dem
             tools = (await client.list_tools()).tools
             products = await ok(client, "list_products")
             tests = await ok(client, "list_tests", {"product_id": pid, "per_page": 5})
-    demo = tm.SimulatedAccount()
+    demo = tm.demo_account()
     assert sorted(t.name for t in tools) == sorted(TOOLS)
     assert [(p["id"], p["name"]) for p in products["products"]] == [(pid, demo.products_json()[0]["name"])]
     assert products["products"][0]["name"].startswith("Demo · ")

@@ -2711,6 +2711,11 @@ class SimulatedAccount:
                                                 key=lambda f: f["id"])))
 
 
+def demo_account() -> SimulatedAccount:
+    """The --demo account: 4 products (one with sections), 3,000 tests, ~24,000 bugs; same data all day."""
+    return SimulatedAccount(seed=1, products=4, tests_per_product=750)
+
+
 ###############################################################################
 # MCP server: app state, lifespan, background freshness, the 14 tools (event loop;
 # the SDK is imported inside build_server so `testio-mcp sync` never pays its ~1 s import)
@@ -3756,7 +3761,7 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTranspo
         return 2
     setup_logging(settings.log_level, settings.token)
     if settings.demo and transport is None:
-        transport = httpx.MockTransport(SimulatedAccount().handler)
+        transport = httpx.MockTransport(demo_account().handler)
     runtime = Runtime(settings, transport)
     command = COMMANDS.get(args.command, cmd_serve)
     try:
