@@ -78,14 +78,15 @@ CREATE TABLE IF NOT EXISTS bugs (
     raw              TEXT NOT NULL,
     synced_at        TEXT NOT NULL
 );
--- get_test_status / list_bugs(test_ids)
-CREATE INDEX IF NOT EXISTS bugs_test ON bugs(test_id, reported_at);
+-- bug counts per test (list_tests, get_test_status, get_quality_report): covering, no row reads
+CREATE INDEX IF NOT EXISTS bugs_test_summary
+    ON bugs(test_id, status, severity, bug_type, known, rejection_reason);
 -- list_bugs(product_ids, dates) and reports by product
 CREATE INDEX IF NOT EXISTS bugs_product_reported ON bugs(product_id, reported_at);
 -- list_bugs(status / severity filters)
 CREATE INDEX IF NOT EXISTS bugs_product_status ON bugs(product_id, status, severity);
--- list_features: bugs per feature
-CREATE INDEX IF NOT EXISTS bugs_feature ON bugs(feature_id);
+-- list_features: bugs and rejected bugs per feature (covering)
+CREATE INDEX IF NOT EXISTS bugs_feature_status ON bugs(feature_id, status);
 -- list_bugs(tester)
 CREATE INDEX IF NOT EXISTS bugs_tester ON bugs(tester);
 
@@ -147,6 +148,8 @@ CREATE TABLE IF NOT EXISTS problematic_tests (
 
 -- Full-text search over products, features, tests and bugs (search tool).
 -- rowid = entity code << 40 | id (1 product, 2 feature, 3 test, 4 bug) so a row is replaced by rowid.
+-- Products and features (few rows) are indexed by triggers; tests and bugs are indexed in bulk by
+-- the statements that store them (per-row FTS5 writes from triggers tripled the cost of a sync).
 CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
     title, body, entity UNINDEXED, product_id UNINDEXED,
     tokenize = 'unicode61 remove_diacritics 2'
@@ -184,42 +187,10 @@ CREATE TRIGGER IF NOT EXISTS features_fts_del AFTER DELETE ON features BEGIN
     DELETE FROM search_fts WHERE rowid = (2 << 40) | OLD.id;
 END;
 
-CREATE TRIGGER IF NOT EXISTS tests_fts_ins AFTER INSERT ON tests BEGIN
-    INSERT INTO search_fts(rowid, title, body, entity, product_id)
-    VALUES ((3 << 40) | NEW.id, NEW.title,
-            coalesce(json_extract(NEW.raw, '$.goal_text'), '') || ' ' ||
-            coalesce(json_extract(NEW.raw, '$.instructions_text'), ''),
-            'test', NEW.product_id);
-END;
-CREATE TRIGGER IF NOT EXISTS tests_fts_upd AFTER UPDATE OF title, raw ON tests BEGIN
-    DELETE FROM search_fts WHERE rowid = (3 << 40) | OLD.id;
-    INSERT INTO search_fts(rowid, title, body, entity, product_id)
-    VALUES ((3 << 40) | NEW.id, NEW.title,
-            coalesce(json_extract(NEW.raw, '$.goal_text'), '') || ' ' ||
-            coalesce(json_extract(NEW.raw, '$.instructions_text'), ''),
-            'test', NEW.product_id);
-END;
 CREATE TRIGGER IF NOT EXISTS tests_fts_del AFTER DELETE ON tests BEGIN
     DELETE FROM search_fts WHERE rowid = (3 << 40) | OLD.id;
 END;
 
-CREATE TRIGGER IF NOT EXISTS bugs_fts_ins AFTER INSERT ON bugs BEGIN
-    INSERT INTO search_fts(rowid, title, body, entity, product_id)
-    VALUES ((4 << 40) | NEW.id, NEW.title,
-            coalesce(json_extract(NEW.raw, '$.actual_result'), '') || ' ' ||
-            coalesce(json_extract(NEW.raw, '$.expected_result'), '') || ' ' ||
-            coalesce((SELECT group_concat(value, ' ') FROM json_each(NEW.raw, '$.steps')), ''),
-            'bug', NEW.product_id);
-END;
-CREATE TRIGGER IF NOT EXISTS bugs_fts_upd AFTER UPDATE OF title, raw ON bugs BEGIN
-    DELETE FROM search_fts WHERE rowid = (4 << 40) | OLD.id;
-    INSERT INTO search_fts(rowid, title, body, entity, product_id)
-    VALUES ((4 << 40) | NEW.id, NEW.title,
-            coalesce(json_extract(NEW.raw, '$.actual_result'), '') || ' ' ||
-            coalesce(json_extract(NEW.raw, '$.expected_result'), '') || ' ' ||
-            coalesce((SELECT group_concat(value, ' ') FROM json_each(NEW.raw, '$.steps')), ''),
-            'bug', NEW.product_id);
-END;
 CREATE TRIGGER IF NOT EXISTS bugs_fts_del AFTER DELETE ON bugs BEGIN
     DELETE FROM search_fts WHERE rowid = (4 << 40) | OLD.id;
 END;

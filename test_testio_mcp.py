@@ -1342,7 +1342,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 2
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 3
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -1352,6 +1352,28 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
                    (tm.fts_query(title),))
     assert (test_id,) in hits
     assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_covering_indexes(
+        env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    conn = sqlite3.connect(env)  # what version 2 had: per-row FTS triggers on tests and bugs, narrow indexes
+    conn.executescript("""
+        CREATE TRIGGER bugs_fts_ins AFTER INSERT ON bugs BEGIN SELECT 1; END;
+        CREATE TRIGGER tests_fts_upd AFTER UPDATE OF title, raw ON tests BEGIN SELECT 1; END;
+        CREATE INDEX bugs_test ON bugs(test_id, reported_at);
+        DROP INDEX bugs_test_summary;
+        PRAGMA user_version = 2;""")
+    conn.close()
+    assert cli(capsys, "sync", "--status")[0] == 0
+    names = {name for (name,) in db_rows(env, "SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")}
+    assert {"bugs_fts_ins", "tests_fts_upd", "bugs_test"} & names == set()
+    assert {"bugs_test_summary", "bugs_feature_status", "bugs_fts_del", "tests_fts_del"} <= names
+    assert db_rows(env, "PRAGMA user_version") == [(3,)]
+    lean_account.add_tests(lean_account.product_ids()[0], 1)
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    assert_matches_truth(env, lean_account)
+    assert db_rows(env, "SELECT count(*) FROM search_fts WHERE entity = 'bug'") == db_rows(env, "SELECT count(*) FROM bugs")
 
 
 ###############################################################################

@@ -67,7 +67,7 @@ DEMO_BASE_URL = "https://demo.testio-mcp.invalid/customer/v2"
 DEMO_TOKEN = "demo-token"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -363,7 +363,7 @@ def test_row(test: dict, product_id: int, synced_at: str) -> dict:
         "testing_type": testing_type(test.get("testing_type")),
         "start_at": to_utc(test.get("start_at")),
         "end_at": to_utc(test.get("end_at")),
-        "raw": json.dumps(clean, separators=(",", ":"), ensure_ascii=False, sort_keys=True),
+        "raw": json.dumps(clean, separators=(",", ":"), ensure_ascii=False),
         "synced_at": synced_at,
     }
 
@@ -402,7 +402,7 @@ def bug_row(bug: dict, product_id: int, synced_at: str) -> dict:
         "tester": (bug.get("author") or {}).get("name") if isinstance(bug.get("author"), dict) else None,
         "platform": os_name,
         "exported_at": to_utc(bug.get("exported_at")),
-        "raw": json.dumps(bug, separators=(",", ":"), ensure_ascii=False, sort_keys=True),
+        "raw": json.dumps(bug, separators=(",", ":"), ensure_ascii=False),
         "synced_at": synced_at,
     }
 
@@ -500,12 +500,24 @@ def _schema_sql() -> str:
     raise SchemaError(f"schema.sql is missing beside {__file__}; reinstall testio-mcp")
 
 
+# search_fts rows of tests and bugs, written in bulk by the statements that store them
+FTS_INSERT_SQL = "INSERT INTO search_fts (rowid, title, body, entity, product_id) "
+FTS_TESTS_SELECT = """SELECT (3 << 40) | id, title, coalesce(json_extract(raw, '$.goal_text'), '') || ' ' ||
+    coalesce(json_extract(raw, '$.instructions_text'), ''), 'test', product_id FROM tests"""
+FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$.actual_result'), '') || ' ' ||
+    coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
+    coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
+
 # Each step upgrades a database from the version before it; schema.sql (idempotent) runs first.
 MIGRATIONS = {
     1: "",  # the first schema
-    # 2: full-text search; the UPDATEs fire the triggers that fill search_fts from existing rows
-    2: "UPDATE products SET name = name; UPDATE features SET title = title;"
-       " UPDATE tests SET title = title; UPDATE bugs SET title = title;",
+    # 2: full-text search over what is already stored (the product/feature UPDATEs fire their triggers)
+    2: "UPDATE products SET name = name; UPDATE features SET title = title; "
+       f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};",
+    # 3: tests and bugs indexed in bulk instead of by per-row triggers; covering bug indexes
+    3: "DROP TRIGGER IF EXISTS tests_fts_ins; DROP TRIGGER IF EXISTS tests_fts_upd; "
+       "DROP TRIGGER IF EXISTS bugs_fts_ins; DROP TRIGGER IF EXISTS bugs_fts_upd; "
+       "DROP INDEX IF EXISTS bugs_test; DROP INDEX IF EXISTS bugs_feature;",
 }
 
 
@@ -659,6 +671,7 @@ ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, section_id = exc
     raw = excluded.raw, synced_at = excluded.synced_at,
     bugs_synced_at = CASE WHEN tests.status = excluded.status THEN tests.bugs_synced_at
                           ELSE excluded.bugs_synced_at END
+WHERE tests.raw IS NOT excluded.raw OR tests.product_id IS NOT excluded.product_id
 """
 
 UPSERT_BUG_SQL = """
@@ -741,6 +754,7 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
             "INSERT OR REPLACE INTO test_features (test_id, test_feature_id, feature_id, title) "
             "VALUES (:test_id, :test_feature_id, :feature_id, :title)",
             [fr for r in changed for fr in test_feature_rows(by_id[r["id"]])])
+        reindex(conn, 3, FTS_TESTS_SELECT, changed_ids)
     if checkpoint is not None:
         set_checkpoint(conn, product_id, *checkpoint)
     due = [row[0] for row in conn.execute(
@@ -748,6 +762,15 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
         ids)] if ids else []
     new = sum(1 for r in rows if r["id"] not in before)
     return PageWrite(new=new, updated=len(changed) - new, bugs_due=due)
+
+
+def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int]) -> None:
+    """Replace the search_fts rows of these tests (code 3) or bugs (code 4) in two statements."""
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start:start + 500])
+        conn.execute(f"DELETE FROM search_fts WHERE rowid IN ({_placeholders(len(chunk))})",
+                     [(code << 40) | i for i in chunk])
+        conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})", chunk)
 
 
 def set_checkpoint(conn: sqlite3.Connection, product_id: int, mode: str, next_page: int,
@@ -797,11 +820,21 @@ def tests_due_for_bugs(conn: sqlite3.Connection, product_id: int) -> list[int]:
         "SELECT id FROM tests WHERE product_id = ? AND bugs_synced_at IS NULL ORDER BY id", (product_id,))]
 
 
-def non_final_test_ids(conn: sqlite3.Connection, product_id: int) -> list[int]:
-    """Tests of a product that can still change (every status but archived and cancelled)."""
-    return [r[0] for r in conn.execute(
-        "SELECT id FROM tests WHERE product_id = ? AND status NOT IN ('archived', 'cancelled') ORDER BY id",
-        (product_id,))]
+def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
+    """What --refresh re-reads: the tests that can still change (`ids`), those of them that can have
+    bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of margin)."""
+    rows = conn.execute("SELECT id, status, end_at FROM tests WHERE product_id = ? "
+                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id", (product_id,)).fetchall()
+    ends = [r["end_at"] for r in rows]
+    pages = 0
+    if rows and None not in ends:
+        position = conn.execute("SELECT count(*) FROM tests WHERE product_id = ? AND end_at >= ?",
+                                (product_id, min(ends))).fetchone()[0]
+        pages = math.ceil(position / PAGE_SIZE) + 1
+    elif rows:
+        pages = sys.maxsize  # a test without end_at has no known position: fetch by id
+    return {"ids": [r["id"] for r in rows], "pages": pages,
+            "bug_ids": [r["id"] for r in rows if r["status"] not in PRE_RUN_STATUSES]}
 
 
 def test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int, int]:
@@ -817,8 +850,11 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
     owners = test_product(conn, test_ids)
     rows = [bug_row(b, owners[b["test"]["id"]], synced_at) for b in bugs
             if isinstance(b.get("test"), dict) and b["test"].get("id") in owners]
-    conn.executemany(UPSERT_BUG_SQL, rows)
     ids = list(owners)
+    before = dict(conn.execute(f"SELECT id, raw FROM bugs WHERE test_id IN ({_placeholders(len(ids))})",
+                               ids).fetchall()) if ids else {}
+    conn.executemany(UPSERT_BUG_SQL, rows)
+    reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]])
     keep = [r["id"] for r in rows]
     conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) "
                  f"AND id NOT IN ({_placeholders(len(keep))})", (*ids, *keep))
@@ -1050,8 +1086,8 @@ def _test_filters(alias: str, product_ids: Sequence[int], statuses: Sequence[str
 def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[str] | None,
                 testing_type: str | None, start: date | None, end: date | None, sort_by: str,
                 sort_order: str, page: int, per_page: int) -> dict:
-    """One page of a product's tests with their bug counts, and the total."""
-    _require_products(conn, [product_id])
+    """One page of a product's tests with their bug counts, the total, and the product."""
+    names = _require_products(conn, [product_id])
     where, args = _test_filters("t", [product_id], statuses, testing_type, start, end)
     total = conn.execute(f"SELECT count(*) FROM tests t WHERE {where}", args).fetchone()[0]
     order = f"{TEST_SORTS[sort_by]} {'DESC' if sort_order == 'desc' else 'ASC'}, id {sort_order.upper()}"
@@ -1062,7 +1098,7 @@ def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[st
     counts = _bug_counts(conn, [r["id"] for r in rows])
     for row in rows:
         row["bugs"] = counts.get(row["id"], _bug_counts_empty())
-    return {"total": total, "tests": rows}
+    return {"product": {"id": product_id, "name": names[product_id]}, "total": total, "tests": rows}
 
 
 def _bug_counts_empty() -> dict:
@@ -1807,12 +1843,15 @@ class SyncEngine:
             if mode != "incremental" or await self.db.read(features_due, pid):
                 features = asyncio.create_task(self._sync_features(product, result))
             full = mode in ("force", "nuke") or not known
-            seen = await self._walk(product, result, bugs, full=full, known=known, since=since,
-                                    resume=await self._resume_point(pid, state))
-            if mode in ("force", "nuke") and result.problems == 0 and seen is not None:
+            plan = await self.db.read(refresh_plan, pid) if mode == "refresh" else None
+            # --refresh reads the top pages when they hold every non-final test for fewer requests
+            depth = plan["pages"] if plan and plan["pages"] < len(plan["ids"]) else 0
+            seen, complete = await self._walk(product, result, bugs, full=full, known=known, since=since,
+                                              resume=await self._resume_point(pid, state), min_pages=depth)
+            if mode in ("force", "nuke") and result.problems == 0 and complete:
                 await self._verify_unseen(product, result, bugs, known - seen)
-            if mode == "refresh":
-                await self._refresh_non_final(product, result, bugs, seen or set())
+            if plan:
+                await self._refresh_non_final(product, result, bugs, seen, plan)
             bugs.add(await self.db.read(tests_due_for_bugs, pid))
             if features is None and await self.db.read(features_due, pid):
                 features = asyncio.create_task(self._sync_features(product, result))
@@ -1842,15 +1881,15 @@ class SyncEngine:
         return state["walk_next_page"], state.get("walk_mode") == "full", before
 
     async def _walk(self, product: dict, result: ProductResult, bugs: "_BugFetcher", *, full: bool,
-                    known: set[int], since: date | None,
-                    resume: tuple[int, bool, set[int]] | None) -> set[int] | None:
+                    known: set[int], since: date | None, resume: tuple[int, bool, set[int]] | None,
+                    min_pages: int = 0) -> tuple[set[int], bool]:
         """Read pages newest-first, storing each with its checkpoint.
 
         Incremental: stop after the first page holding a known test plus SAFETY_PAGES. An interrupted
         walk is then continued from its checkpoint (one page of overlap absorbs drift): a full one to
         the end, an incremental one until the tests known before it began (the pages it stored hold
-        tests that only look known). Returns the ids seen, or None when the walk did not read the
-        whole list."""
+        tests that only look known). Reads at least `min_pages`. Returns the ids seen and whether the
+        walk read the whole list."""
         pid = product["id"]
         mode = "full" if full else "incremental"
         since_text = iso(datetime.combine(since, datetime.min.time(), timezone.utc)) if since else None
@@ -1875,7 +1914,7 @@ class SyncEngine:
             if not full:
                 if boundary is None and any(t["id"] in known for t in tests):
                     boundary = page
-                if boundary is not None and page >= boundary + SAFETY_PAGES:
+                if boundary is not None and page >= max(boundary + SAFETY_PAGES, min_pages):
                     if resume:
                         page, full, known = max(page + 1, resume[0] - 1), resume[1], resume[2]
                         mode, boundary, resume = "full" if full else "incremental", None, None
@@ -1883,7 +1922,7 @@ class SyncEngine:
                     complete = False
                     break
             page += 1
-        return seen if complete else None
+        return seen, complete
 
     async def _read_page(self, pid: int, page: int, result: ProductResult,
                          before: dict | None) -> tuple[list[dict], bool]:
@@ -1950,11 +1989,12 @@ class SyncEngine:
             await self._refetch_test(product["id"], test_id, result, bugs)
 
     async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
-                                 seen: set[int]) -> None:
-        """--refresh: re-read every test that can still change, and its bugs."""
-        ids = await self.db.read(non_final_test_ids, product["id"])
-        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs) for t in ids if t not in seen))
-        bugs.add(ids)
+                                 seen: set[int], plan: dict) -> None:
+        """--refresh: re-read every test that can still change (by id unless a page showed it), and
+        the bugs of those that have started."""
+        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs)
+                               for t in plan["ids"] if t not in seen))
+        bugs.add(plan["bug_ids"])
 
     async def _refetch_test(self, pid: int, test_id: int, result: ProductResult, bugs: "_BugFetcher") -> None:
         try:
@@ -3004,7 +3044,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
 
     from mcp.server.mcpserver import Context, MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
-    from mcp.types import ToolAnnotations
+    from mcp.types import CallToolResult, TextContent, ToolAnnotations
     from pydantic import Field
 
     state = AppState(runtime)
@@ -3042,7 +3082,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
     def tool(read: bool = True, title: str | None = None, open_world: bool = False):
-        """Register a tool: metrics, and our errors turned into messages the model can act on."""
+        """Register a tool: metrics, our errors turned into messages the model can act on, and the
+        result as structured content plus the same JSON, compact, as text (the SDK would indent it)."""
         def register(fn):
             name = fn.__name__
 
@@ -3051,7 +3092,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 started = time.perf_counter()
                 state.tool_counts[name] += 1
                 try:
-                    return await fn(*args, **kwargs)
+                    data = dataclasses.asdict(await fn(*args, **kwargs))
+                    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+                    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
                 except ToolError:
                     state.tool_errors[name] += 1
                     raise
@@ -3071,11 +3114,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             return fn
         return register
 
-    async def read(fn: Callable, *args: Any) -> Any:
-        return await state.db.read(fn, *args)
-
-    async def as_of() -> str | None:
-        return await read(data_as_of)
+    async def read(fn: Callable, *args: Any) -> tuple[Any, str | None]:
+        """fn(conn, *args) and the data's freshness, from one snapshot in one trip to a reader thread."""
+        return await state.db.read(lambda conn: (fn(conn, *args), data_as_of(conn)))
 
     Status = Literal["initialized", "customer_finalized", "waiting", "running", "locked", "archived",
                      "cancelled"]
@@ -3108,8 +3149,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             token["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         else:
             token["error"] = f"{ENV_TOKEN} is not set; only the local data can be queried"
-        status = await read(db_status)
-        version = await read(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
+        (status, version), _ = await read(lambda conn: (db_status(conn),
+                                                        conn.execute("PRAGMA user_version").fetchone()[0]))
         return HealthResult(
             data_as_of=status["last_successful_sync"], token=token,
             database={"ok": version == SCHEMA_VERSION, "path": str(state.settings.db_path),
@@ -3131,8 +3172,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     ) -> ProductsResult:
         """The products in the local data: id, name, type, number of tests, tests ended in the last 30
         days, the newest test end and when each product was last synced. Start here to find product ids."""
-        products = await read(query_products, search, product_type)
-        return ProductsResult(data_as_of=await as_of(), total=len(products), products=products)
+        products, as_of = await read(query_products, search, product_type)
+        return ProductsResult(data_as_of=as_of, total=len(products), products=products)
 
     @tool(title="List tests of a product")
     async def list_tests(
@@ -3151,10 +3192,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         test's end (UTC). Example: "which tests of product 123 ended last month?"."""
         status_list = _arg_list(statuses, "statuses", TEST_STATUSES)
         lo, hi = _arg_dates(start_date, end_date)
-        found = await read(query_tests, product_id, status_list, testing_type, lo, hi, sort_by, sort_order,
+        found, as_of = await read(query_tests, product_id, status_list, testing_type, lo, hi, sort_by, sort_order,
                            page, per_page)
-        names = await read(_require_products, [product_id])
-        return TestsResult(data_as_of=await as_of(), product={"id": product_id, "name": names[product_id]},
+        return TestsResult(data_as_of=as_of, product=found["product"],
                            pagination=Pagination(page, per_page, found["total"], page * per_page < found["total"]),
                            tests=found["tests"])
 
@@ -3166,7 +3206,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         summary: totals by severity, type and status, known bugs, the five acceptance rates (null when
         there are no bugs), top rejection reasons and the most recent bugs. A test missing locally is
         fetched from the API; a running one is refreshed when stale."""
-        found = await read(query_test, test_id)
+        found, as_of = await read(query_test, test_id)
         warning = None
         if found is None:
             client = state.require_client(f"test {test_id} is not in the local data; fetching it")
@@ -3178,17 +3218,17 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             except (ApiError, asyncio.TimeoutError) as exc:
                 raise ToolError(f"test {test_id} is not in the local data and the API could not be read "
                                 f"({exc or 'timeout'}); try again later") from None
-            found = await read(query_test, test_id)
+            found, as_of = await read(query_test, test_id)
         elif found["test"]["status"] not in FINAL_STATUSES and state.client is not None:
             synced = parse_utc(found["test"]["bugs_synced_at"])
             if synced is None or (utc_now() - synced).total_seconds() >= state.stale_after:
                 try:
                     await asyncio.wait_for(fetch_test(state.db, state.client, test_id), READ_THROUGH_TIMEOUT)
-                    found = await read(query_test, test_id) or found
+                    found = (await read(query_test, test_id))[0] or found
                 except (ApiError, asyncio.TimeoutError) as exc:
                     warning = (f"could not refresh this running test from the API ({exc or 'timeout'}); "
                                f"answering from the local copy synced at {found['test']['synced_at']}")
-        return TestStatusResult(data_as_of=await as_of(), warning=warning, **found)
+        return TestStatusResult(data_as_of=as_of, warning=warning, **found)
 
     @tool(title="List bugs")
     async def list_bugs(
@@ -3222,8 +3262,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                    "bug_type": _arg_list(bug_type, "bug_type", BUG_TYPES),
                    "rejection_reason": _arg_list(rejection_reason, "rejection_reason", Reason.__args__),
                    "known": known, "tester": tester, "start_date": lo, "end_date": hi}
-        found = await read(query_bugs, filters, page, per_page, include_details)
-        return BugsResult(data_as_of=await as_of(),
+        found, as_of = await read(query_bugs, filters, page, per_page, include_details)
+        return BugsResult(data_as_of=as_of,
                           pagination=Pagination(page, per_page, found["total"], page * per_page < found["total"]),
                           bugs=found["bugs"], note=UNTRUSTED_NOTE)
 
@@ -3231,11 +3271,11 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     async def get_bug(bug_id: Annotated[int, Field(ge=1, le=MAX_ID, description="bug id")]) -> BugResult:
         """Everything about one bug: steps, expected and actual result, devices, comments, rejection
         reason, its test and feature, tester, reported_at, known, exported."""
-        bug = await read(query_bug, bug_id)
+        bug, as_of = await read(query_bug, bug_id)
         if bug is None:
             raise ToolError(f"bug {bug_id} is not in the local data; find bug ids with list_bugs, or run "
                             f"sync_data if it was reported recently")
-        return BugResult(data_as_of=await as_of(), bug=bug, note=UNTRUSTED_NOTE)
+        return BugResult(data_as_of=as_of, bug=bug, note=UNTRUSTED_NOTE)
 
     @tool(title="List features of a product")
     async def list_features(
@@ -3245,9 +3285,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     ) -> FeaturesResult:
         """Features of a product with their user stories and how to find them, and how many tests and
         bugs (and rejected bugs) touched each. Example: "which features collect the most rejected bugs?"."""
-        features = await read(query_features, product_id, search)
-        names = await read(_require_products, [product_id])
-        return FeaturesResult(data_as_of=await as_of(), product={"id": product_id, "name": names[product_id]},
+        (product, features), as_of = await read(
+            lambda conn: (_require_products(conn, [product_id]), query_features(conn, product_id, search)))
+        return FeaturesResult(data_as_of=as_of, product={"id": product_id, "name": product[product_id]},
                               total=len(features), features=features)
 
     @tool(title="Quality report")
@@ -3270,9 +3310,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             raise ToolError("product_ids is empty; pass at least one product id (see list_products)")
         scope_statuses = _arg_list(statuses, "statuses", TEST_STATUSES) or list(EXECUTED_STATUSES)
         lo, hi = _arg_dates(start_date, end_date)
-        report = await read(quality_report, ids, scope_statuses, testing_type, lo, hi)
+        report, as_of = await read(quality_report, ids, scope_statuses, testing_type, lo, hi)
         return QualityReport(
-            data_as_of=await as_of(),
+            data_as_of=as_of,
             scope={"product_ids": ids, "statuses": scope_statuses, "testing_type": testing_type,
                    "start_date": start_date, "end_date": end_date, "date_field": "test end_at (UTC)"},
             tests=report["tests"], bugs=report["bugs"],
@@ -3312,8 +3352,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                             f"{', '.join(metric_list + dims)}")
         clean = _metric_filters(filters or {})
         lo, hi = _arg_dates(start_date, end_date)
-        rows = await read(query_metrics_sql, metric_list, dims, clean, lo, hi, sort_by, sys.maxsize)
-        return MetricsResult(data_as_of=await as_of(), metrics=metric_list, dimensions=dims, rows=rows[:limit],
+        rows, as_of = await read(query_metrics_sql, metric_list, dims, clean, lo, hi, sort_by, sys.maxsize)
+        return MetricsResult(data_as_of=as_of, metrics=metric_list, dimensions=dims, rows=rows[:limit],
                              total_rows=len(rows))  # the whole pivot, so the model sees when rows were cut
 
     @tool(title="Full-text search")
@@ -3327,9 +3367,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         snippet per hit. Example: "find bugs about the checkout button"."""
         kinds = _arg_list(entities, "entities", SEARCH_ENTITIES)
         ids = _arg_ids(product_ids, "product_ids")
-        results = await read(search_index, query, kinds, ids, limit)
+        results, as_of = await read(search_index, query, kinds, ids, limit)
         note = None if fts_query(query) else "the query has no searchable words; try words from a title"
-        return SearchResult(data_as_of=await as_of(), query=query, results=results, note=note)
+        return SearchResult(data_as_of=as_of, query=query, results=results, note=note)
 
     @tool(read=False, title="Sync data now", open_world=True)
     async def sync_data(
@@ -3362,13 +3402,13 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 await ctx.report_progress(next(events), None, progress.get_nowait())
             reporter.cancel()
         note = "a sync was already running; this is its result" if waited else None
-        return SyncSummary(data_as_of=await as_of(), run=result.as_dict(), note=note)
+        return SyncSummary(data_as_of=(await read(data_as_of))[0], run=result.as_dict(), note=note)
 
     @tool(title="Database statistics")
     async def get_database_stats() -> DatabaseStats:
         """Size of the local database, row counts per table, oldest and newest test end, and per-product
         test counts and last sync time."""
-        status = await read(db_status)
+        status, _ = await read(db_status)
         return DatabaseStats(data_as_of=status["last_successful_sync"], path=str(state.settings.db_path),
                              size_bytes=_file_size(state.settings.db_path), counts=status["counts"],
                              oldest_test_end=status["oldest_test_end"], newest_test_end=status["newest_test_end"],
@@ -3379,7 +3419,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         limit: Annotated[int, Field(ge=1, le=50, description="runs, at most 50")] = 10,
     ) -> SyncHistory:
         """The most recent sync runs: mode, trigger, start/end, status, counts, API requests, errors."""
-        return SyncHistory(data_as_of=await as_of(), runs=await read(sync_history, limit))
+        runs, as_of = await read(sync_history, limit)
+        return SyncHistory(data_as_of=as_of, runs=runs)
 
     @tool(title="Problematic tests")
     async def get_problematic_tests(
@@ -3387,8 +3428,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     ) -> ProblematicResult:
         """Positions in a product's test list that the API could not serve even one by one (HTTP 500):
         product, page, offsets, the neighbouring tests, attempts, and any test ids mapped by hand."""
-        events = await read(problematic_events, product_id)
-        return ProblematicResult(data_as_of=await as_of(), events=events,
+        events, as_of = await read(problematic_events, product_id)
+        return ProblematicResult(data_as_of=as_of, events=events,
                                  note="map ids with `testio-mcp problematic map-tests EVENT TEST...`, then "
                                       "`testio-mcp problematic retry PRODUCT`")
 
