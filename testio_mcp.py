@@ -362,7 +362,7 @@ def test_row(test: dict, product_id: int, synced_at: str) -> dict:
         "testing_type": testing_type(test.get("testing_type")),
         "start_at": to_utc(test.get("start_at")),
         "end_at": to_utc(test.get("end_at")),
-        "raw": json.dumps(clean, separators=(",", ":"), ensure_ascii=False),
+        "raw": json.dumps(clean, separators=(",", ":"), ensure_ascii=False, check_circular=False),
         "synced_at": synced_at,
     }
 
@@ -401,7 +401,7 @@ def bug_row(bug: dict, product_id: int, synced_at: str) -> dict:
         "tester": (bug.get("author") or {}).get("name") if isinstance(bug.get("author"), dict) else None,
         "platform": os_name,
         "exported_at": to_utc(bug.get("exported_at")),
-        "raw": json.dumps(bug, separators=(",", ":"), ensure_ascii=False),
+        "raw": json.dumps(bug, separators=(",", ":"), ensure_ascii=False, check_circular=False),
         "synced_at": synced_at,
     }
 
