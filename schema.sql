@@ -90,6 +90,40 @@ CREATE INDEX IF NOT EXISTS bugs_feature_status ON bugs(feature_id, status);
 -- list_bugs(tester)
 CREATE INDEX IF NOT EXISTS bugs_tester ON bugs(tester);
 
+-- Row counts per product, kept exact by the triggers below, so stats and list_products stay flat
+-- as the database grows (count(*) over 750,000 bugs costs ~100 ms).
+CREATE TABLE IF NOT EXISTS counts (
+    product_id INTEGER PRIMARY KEY,
+    tests      INTEGER NOT NULL DEFAULT 0,
+    bugs       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS tests_count_ins AFTER INSERT ON tests BEGIN
+    INSERT INTO counts (product_id, tests) VALUES (NEW.product_id, 1)
+    ON CONFLICT(product_id) DO UPDATE SET tests = tests + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tests_count_del AFTER DELETE ON tests BEGIN
+    UPDATE counts SET tests = tests - 1 WHERE product_id = OLD.product_id;
+END;
+CREATE TRIGGER IF NOT EXISTS tests_count_move AFTER UPDATE OF product_id ON tests
+WHEN OLD.product_id IS NOT NEW.product_id BEGIN
+    UPDATE counts SET tests = tests - 1 WHERE product_id = OLD.product_id;
+    INSERT INTO counts (product_id, tests) VALUES (NEW.product_id, 1)
+    ON CONFLICT(product_id) DO UPDATE SET tests = tests + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_count_ins AFTER INSERT ON bugs BEGIN
+    INSERT INTO counts (product_id, bugs) VALUES (NEW.product_id, 1)
+    ON CONFLICT(product_id) DO UPDATE SET bugs = bugs + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_count_del AFTER DELETE ON bugs BEGIN
+    UPDATE counts SET bugs = bugs - 1 WHERE product_id = OLD.product_id;
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_count_move AFTER UPDATE OF product_id ON bugs
+WHEN OLD.product_id IS NOT NEW.product_id BEGIN
+    UPDATE counts SET bugs = bugs - 1 WHERE product_id = OLD.product_id;
+    INSERT INTO counts (product_id, bugs) VALUES (NEW.product_id, 1)
+    ON CONFLICT(product_id) DO UPDATE SET bugs = bugs + 1;
+END;
+
 CREATE TABLE IF NOT EXISTS sync_runs (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
     mode              TEXT NOT NULL,              -- incremental|refresh|force|nuke|retry

@@ -152,6 +152,9 @@ def assert_matches_truth(db_path, acc: tm.SimulatedAccount, product_ids=None):
         statuses = dict(db_rows(db_path, "SELECT id, status FROM tests WHERE product_id = ?", (pid,)))
         assert statuses == {t: acc.test_json(t)["status"] for t in acc.test_ids(pid)}
     assert db_rows(db_path, "SELECT count(*) FROM bugs WHERE test_id NOT IN (SELECT id FROM tests)")[0][0] == 0
+    assert db_rows(db_path, "SELECT product_id, tests, bugs FROM counts WHERE tests OR bugs ORDER BY 1") == db_rows(
+        db_path, "SELECT product_id, count(DISTINCT id), (SELECT count(*) FROM bugs b WHERE b.product_id = t.product_id) "
+                 "FROM tests t GROUP BY product_id ORDER BY 1"), "the per-product counts drifted from the rows"
     assert db_rows(db_path, "PRAGMA integrity_check")[0][0] == "ok"
 
 
@@ -1342,7 +1345,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 3
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 4
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -1369,7 +1372,7 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
     names = {name for (name,) in db_rows(env, "SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")}
     assert {"bugs_fts_ins", "tests_fts_upd", "bugs_test"} & names == set()
     assert {"bugs_test_summary", "bugs_feature_status", "bugs_fts_del", "tests_fts_del"} <= names
-    assert db_rows(env, "PRAGMA user_version") == [(3,)]
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
     lean_account.add_tests(lean_account.product_ids()[0], 1)
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
     assert_matches_truth(env, lean_account)
@@ -2984,6 +2987,21 @@ def _assert_every_line_is_json_rpc(lines: list[bytes]) -> None:
         assert ("id" in message and ("result" in message or "error" in message)) or "method" in message, message
 
 
+def _stopped_within(proc, stop, seconds=2.0):
+    """Run stop() (close stdin, send SIGTERM); the exit code, which must come within `seconds`."""
+    stop()
+    started = time.monotonic()
+    code = proc.wait(timeout=seconds)
+    assert time.monotonic() - started < seconds
+    return code
+
+
+def _reap(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_stdio_stdout_carries_only_json_rpc_and_stdin_eof_ends_the_server_cleanly(tmp_path, synced_template):
     proc = _raw_session(tmp_path, synced_template)
@@ -3000,14 +3018,9 @@ def test_stdio_stdout_carries_only_json_rpc_and_stdin_eof_ends_the_server_cleanl
               _call(9, "search", {"query": '" OR 1=1 --'}),
               _call(10, "list_bugs", {"test_ids": [T], "include_details": True, "per_page": 200}))
         replies = _replies(out, set(range(1, 11)))
-        proc.stdin.close()
-        started = time.monotonic()
-        code = proc.wait(timeout=2)
-        assert time.monotonic() - started < 2
+        code = _stopped_within(proc, proc.stdin.close)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert code == 0
     assert replies[1]["result"]["protocolVersion"] == "2025-06-18"
     assert replies[1]["result"]["serverInfo"]["name"] == "testio-mcp"
@@ -3037,14 +3050,9 @@ def test_stdio_server_exits_within_two_seconds_on_sigterm(tmp_path, synced_templ
         _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
               {"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
         assert len(_replies(out, {1, 2})[2]["result"]["tools"]) == 14
-        proc.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        code = proc.wait(timeout=2)
-        assert time.monotonic() - started < 2
+        code = _stopped_within(proc, lambda: proc.send_signal(signal.SIGTERM))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert code == 0
     _assert_every_line_is_json_rpc(out.lines)
 

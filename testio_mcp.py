@@ -67,7 +67,7 @@ DEMO_BASE_URL = "https://demo.testio-mcp.invalid/customer/v2"
 DEMO_TOKEN = "demo-token"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -517,6 +517,10 @@ MIGRATIONS = {
     3: "DROP TRIGGER IF EXISTS tests_fts_ins; DROP TRIGGER IF EXISTS tests_fts_upd; "
        "DROP TRIGGER IF EXISTS bugs_fts_ins; DROP TRIGGER IF EXISTS bugs_fts_upd; "
        "DROP INDEX IF EXISTS bugs_test; DROP INDEX IF EXISTS bugs_feature;",
+    # 4: per-product row counts (kept by triggers from now on): count what is already stored
+    4: "INSERT OR REPLACE INTO counts (product_id, tests, bugs) SELECT p.id, "
+       "(SELECT count(*) FROM tests t WHERE t.product_id = p.id), "
+       "(SELECT count(*) FROM bugs b WHERE b.product_id = p.id) FROM products p;",
 }
 
 
@@ -965,7 +969,7 @@ def clear_problems(conn: sqlite3.Connection) -> int:
 def wipe(conn: sqlite3.Connection) -> None:
     """Delete all synced data (the run history stays)."""
     for table in ("bugs", "test_features", "tests", "features", "products", "product_sync",
-                  "problematic_tests", "problematic_events"):
+                  "problematic_tests", "problematic_events", "counts"):
         conn.execute(f"DELETE FROM {table}")
 
 
@@ -982,14 +986,20 @@ def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
 
 def db_status(conn: sqlite3.Connection) -> dict:
     """Counts, oldest/newest test, per-product state and the last runs: `sync --status`."""
-    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("products", "features", "tests", "bugs", "sync_runs", "problematic_events")}
-    span = conn.execute("SELECT min(end_at), max(end_at) FROM tests").fetchone()
+    # every figure comes from an index or the counts table: flat however many bugs are stored
+    tests, bugs = conn.execute("SELECT coalesce(sum(tests), 0), coalesce(sum(bugs), 0) FROM counts").fetchone()
+    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("products", "features")}
+    counts.update(tests=tests, bugs=bugs)
+    counts.update({t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                   for t in ("sync_runs", "problematic_events")})
+    span = conn.execute(
+        "SELECT min(lo), max(hi) FROM (SELECT (SELECT min(end_at) FROM tests t WHERE t.product_id = p.id) AS lo, "
+        "(SELECT max(end_at) FROM tests t WHERE t.product_id = p.id) AS hi FROM products p)").fetchone()
     products = [dict(r) for r in conn.execute(
-        "SELECT p.id, p.name, p.type, (SELECT count(*) FROM tests t WHERE t.product_id = p.id) AS tests, "
-        "(SELECT count(*) FROM bugs b WHERE b.product_id = p.id) AS bugs, "
-        "s.last_synced_at, s.last_status, s.walk_next_page "
-        "FROM products p LEFT JOIN product_sync s ON s.product_id = p.id ORDER BY p.name, p.id")]
+        "SELECT p.id, p.name, p.type, coalesce(c.tests, 0) AS tests, coalesce(c.bugs, 0) AS bugs, "
+        "s.last_synced_at, s.last_status, s.walk_next_page FROM products p "
+        "LEFT JOIN counts c ON c.product_id = p.id LEFT JOIN product_sync s ON s.product_id = p.id "
+        "ORDER BY p.name, p.id")]
     runs = [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT 5")]
     last_ok = conn.execute("SELECT max(ended_at) FROM sync_runs WHERE status IN "
                            "('success', 'completed_with_problems')").fetchone()[0]
@@ -1045,7 +1055,7 @@ def query_products(conn: sqlite3.Connection, search: str | None, product_type: s
     since = iso(utc_now() - timedelta(days=30))
     rows = conn.execute(
         "SELECT p.id, p.name, p.type, p.description, "
-        " (SELECT count(*) FROM tests t WHERE t.product_id = p.id) AS test_count, "
+        " coalesce((SELECT c.tests FROM counts c WHERE c.product_id = p.id), 0) AS test_count, "
         " (SELECT count(*) FROM tests t WHERE t.product_id = p.id AND t.end_at >= :since "
         "  AND t.end_at <= :now) AS tests_last_30_days, "
         " (SELECT max(end_at) FROM tests t WHERE t.product_id = p.id AND t.end_at <= :now) AS newest_test_end, "
