@@ -67,22 +67,27 @@ def canary_sweep(tmp_path_factory):
     assert leaks == [], f"the canary token leaked into {leaks}"
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A clean environment: token, fake base URL, DB in tmp, no retry waits, no stray .env files."""
+def clean_environment(mp: pytest.MonkeyPatch, root: Path) -> Path:
+    """A clean environment under `root`: token, fake base URL, DB in root/data, no retry waits, DEBUG
+    logs, HOME and cwd in root (no stray .env files); returns the database path."""
     for name in list(os.environ):
         if name.startswith("TESTIO_") or name in ("MAX_CONCURRENT_API_REQUESTS", "LOG_LEVEL"):
-            monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TESTIO_CUSTOMER_API_TOKEN", TOKEN)
-    monkeypatch.setenv("TESTIO_CUSTOMER_API_BASE_URL", BASE_URL)
-    monkeypatch.setenv("TESTIO_DB_PATH", str(tmp_path / "data" / "cache.db"))
-    monkeypatch.setenv("TESTIO_RETRY_BASE_SECONDS", "0")
-    monkeypatch.setenv("LOG_LEVEL", "DEBUG")
-    return tmp_path / "data" / "cache.db"
+            mp.delenv(name)
+    (root / "home").mkdir(exist_ok=True)
+    mp.setenv("HOME", str(root / "home"))
+    mp.chdir(root)
+    mp.setenv("TESTIO_CUSTOMER_API_TOKEN", TOKEN)
+    mp.setenv("TESTIO_CUSTOMER_API_BASE_URL", BASE_URL)
+    mp.setenv("TESTIO_DB_PATH", str(root / "data" / "cache.db"))
+    mp.setenv("TESTIO_RETRY_BASE_SECONDS", "0")
+    mp.setenv("LOG_LEVEL", "DEBUG")
+    return root / "data" / "cache.db"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """clean_environment() for one test; the database path."""
+    return clean_environment(monkeypatch, tmp_path)
 
 
 def make_account(**kw) -> tm.SimulatedAccount:
@@ -1579,28 +1584,12 @@ SUBPROCESS_TIMEOUT = 30
 # Helpers: a synced database to copy, an in-memory client, truth from the fake
 ###############################################################################
 
-def _clean_environment(mp: pytest.MonkeyPatch, root: Path) -> Path:
-    """The same environment as the `env` fixture, for module-scoped fixtures."""
-    for name in list(os.environ):
-        if name.startswith("TESTIO_") or name in ("MAX_CONCURRENT_API_REQUESTS", "LOG_LEVEL"):
-            mp.delenv(name)
-    (root / "home").mkdir(exist_ok=True)
-    mp.setenv("HOME", str(root / "home"))
-    mp.chdir(root)
-    mp.setenv("TESTIO_CUSTOMER_API_TOKEN", TOKEN)
-    mp.setenv("TESTIO_CUSTOMER_API_BASE_URL", BASE_URL)
-    mp.setenv("TESTIO_DB_PATH", str(root / "data" / "cache.db"))
-    mp.setenv("TESTIO_RETRY_BASE_SECONDS", "0")
-    mp.setenv("LOG_LEVEL", "DEBUG")
-    return root / "data" / "cache.db"
-
-
 @pytest.fixture(scope="module")
 def synced_template(tmp_path_factory):
     """make_account() synced once through the CLI; tests work on copies (a sync costs ~1.5 s)."""
     root = tmp_path_factory.mktemp("synced")
     with pytest.MonkeyPatch.context() as mp:
-        path = _clean_environment(mp, root)
+        path = clean_environment(mp, root)
         with restored_logging():
             assert tm.main(["sync"], transport=transport_for(make_account().handler)) == 0
     assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
@@ -1612,7 +1601,7 @@ def demo_template(tmp_path_factory):
     """The --demo account's first product synced through the CLI, for the subprocess sessions."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
-        path = _clean_environment(mp, root)
+        path = clean_environment(mp, root)
         mp.delenv("TESTIO_CUSTOMER_API_BASE_URL")
         mp.setenv("LOG_LEVEL", "WARNING")
         first = tm.demo_account().product_ids()[0]
