@@ -631,6 +631,10 @@ class Database:
         """Run fn(conn, *args) on the writer thread outside a transaction (VACUUM, checks)."""
         return await self._run(self._writer, fn, *args, tx=False, immediate=False)
 
+    async def aclose(self) -> None:
+        """close() off the event loop (it waits for the DB threads)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
     def close(self) -> None:
         """Wait for running calls, then close every connection."""
         self._closed = True
@@ -1268,9 +1272,9 @@ def query_bug(conn: sqlite3.Connection, bug_id: int) -> dict | None:
     return shape_bug(row, True) if row else None
 
 
-def query_features(conn: sqlite3.Connection, product_id: int, search: str | None) -> list[dict]:
-    """A product's features with user stories and how many tests and bugs touched each."""
-    _require_products(conn, [product_id])
+def query_features(conn: sqlite3.Connection, product_id: int, search: str | None) -> dict:
+    """A product and its features with user stories and how many tests and bugs touched each."""
+    names = _require_products(conn, [product_id])
     literal = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None
     pattern = f"%{literal}%" if search else None  # % and _ in the search are text, not wildcards
     rows = conn.execute(
@@ -1280,9 +1284,10 @@ def query_features(conn: sqlite3.Connection, product_id: int, search: str | None
         "FROM features f WHERE f.product_id = ? AND (? IS NULL OR lower(f.title) LIKE ? ESCAPE '\\' "
         " OR EXISTS (SELECT 1 FROM json_each(f.user_stories) s WHERE lower(s.value) LIKE ? ESCAPE '\\')) "
         "ORDER BY f.title, f.id", (product_id, pattern, pattern, pattern))
-    return [{"id": r["id"], "title": r["title"], "description": r["description"], "howtofind": r["howtofind"],
-             "user_stories": json.loads(r["user_stories"]), "tests": r["tests"], "bugs": r["bugs"],
-             "rejected_bugs": r["rejected_bugs"], "synced_at": r["synced_at"]} for r in rows]
+    features = [{"id": r["id"], "title": r["title"], "description": r["description"], "howtofind": r["howtofind"],
+                 "user_stories": json.loads(r["user_stories"]), "tests": r["tests"], "bugs": r["bugs"],
+                 "rejected_bugs": r["rejected_bugs"], "synced_at": r["synced_at"]} for r in rows]
+    return {"product": {"id": product_id, "name": names[product_id]}, "features": features}
 
 
 def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuses: Sequence[str],
@@ -3085,7 +3090,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             await asyncio.wait(tasks, timeout=1.5) if tasks else None
             if state.client is not None:
                 await state.client.aclose()
-            await asyncio.get_running_loop().run_in_executor(None, state.db.close)
+            await state.db.aclose()
             log.info("server stopped")
             if stop["sigterm"]:
                 # the SDK's stdin reader thread would keep the process alive until stdin closes
@@ -3299,9 +3304,9 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     ) -> FeaturesResult:
         """Features of a product with their user stories and how to find them, and how many tests and
         bugs (and rejected bugs) touched each. Example: "which features collect the most rejected bugs?"."""
-        (product, features), as_of = await read(
-            lambda conn: (_require_products(conn, [product_id]), query_features(conn, product_id, search)))
-        return FeaturesResult(data_as_of=as_of, product={"id": product_id, "name": product[product_id]},
+        found, as_of = await read(query_features, product_id, search)
+        features = found["features"]
+        return FeaturesResult(data_as_of=as_of, product=found["product"],
                               total=len(features), features=features)
 
     @tool(title="Quality report")
@@ -3709,7 +3714,7 @@ async def _sync(runtime: Runtime, mode: str, product_ids: Sequence[int], since: 
                                        since=since, lock_timeout=lock_timeout, on_progress=_Progress())
     finally:
         await client.aclose()
-        db.close()
+        await db.aclose()
     _print_summary(result)
     failed = [p for p in result.products if p.status == "failed"]
     if result.status == "failed" or failed:
@@ -3726,7 +3731,7 @@ async def _status(runtime: Runtime) -> int:
     try:
         status = await db.read(db_status)
     finally:
-        db.close()
+        await db.aclose()
     counts = status["counts"]
     print(f"database   {runtime.settings.db_path} ({_file_size(runtime.settings.db_path) / 2**20:.1f} MiB)")
     print("contents   " + ", ".join(f"{n} {k}" for k, n in counts.items()))
@@ -3780,7 +3785,7 @@ async def _problematic(args: argparse.Namespace, runtime: Runtime) -> int:
             print(f"cleared {await db.write(clear_problems)} event(s)")
         return 0
     finally:
-        db.close()
+        await db.aclose()
 
 
 async def _retry_mapped(db: Database, runtime: Runtime, product_id: int) -> int:
