@@ -87,8 +87,6 @@ CREATE INDEX IF NOT EXISTS bugs_product_reported ON bugs(product_id, reported_at
 CREATE INDEX IF NOT EXISTS bugs_product_status ON bugs(product_id, status, severity);
 -- list_features: bugs and rejected bugs per feature (covering)
 CREATE INDEX IF NOT EXISTS bugs_feature_status ON bugs(feature_id, status);
--- list_bugs(tester)
-CREATE INDEX IF NOT EXISTS bugs_tester ON bugs(tester);
 
 -- Row counts per product, kept exact by the triggers below, so stats and list_products stay flat
 -- as the database grows (count(*) over 750,000 bugs costs ~100 ms).

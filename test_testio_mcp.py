@@ -1115,6 +1115,10 @@ MALFORMED = {  # (target, name) -> body answered with HTTP 200
     ("page", "string-id"): b'{"exploratory_tests": [{"id": "7"}]}',
     ("bug-batch", "string-id"): b'{"bugs": [{"id": "7"}]}',
     ("bug-batch", "bug-without-test"): b'{"bugs": [{"id": 7, "title": "orphan"}]}',
+    ("bug-batch", "truncated"): b'{"bugs": [{"id": 7, "test": {"id": 1}}',
+    ("bug-batch", "trailing-comma"): b'{"bugs": [{"id": 7, "test": {"id": 1}},]}',
+    ("bug-batch", "extra-data"): b'{"bugs": []} {"bugs": []}',
+    ("bug-batch", "not-utf8"): b'{"bugs": [{"id": 7, "title": "\xff", "test": {"id": 1}}]}',
 }
 
 
@@ -1158,6 +1162,26 @@ def test_a_malformed_page_or_bug_batch_fails_with_a_logged_error_and_keeps_store
     assert snapshot(env) == good
     assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
     assert_matches_truth(env, acc)
+
+
+def test_a_bug_is_stored_as_the_json_text_the_api_sent_not_a_second_encoding(env, capsys):
+    acc = make_account(products=1, tests_per_product=8, bugs_per_test=3)
+
+    def indented(request, n):  # the same bugs, laid out differently than json.dumps would
+        if request.url.path.endswith("/bugs"):
+            body = json.loads(acc.handler(request).content)
+            body["bugs"] = [{**b, "title": b["title"] + " ünïcødé ✓"} for b in body["bugs"]]
+            return httpx.Response(200, content=json.dumps({"meta": {"n": 1}, **body}, indent=1,
+                                                          ensure_ascii=False).encode())
+        return None
+
+    assert cli(capsys, "sync", transport=mock(Faults(acc.handler).add(indented)))[0] == 0
+    stored = db_rows(env, "SELECT id, test_id, title, raw FROM bugs ORDER BY id")
+    assert len(stored) == len(acc.bug_ids()) > 0
+    for bug_id, test_id, title, raw in stored:
+        served = next(b for b in acc.bugs_of(test_id) if b["id"] == bug_id)
+        assert json.loads(raw) == {**served, "title": served["title"] + " ünïcødé ✓"} and title.endswith("✓")
+        assert raw.startswith("{\n") and "ünïcødé ✓" in raw  # the served text itself
 
 
 ###############################################################################
@@ -1350,7 +1374,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 4
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 5
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -1370,12 +1394,13 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
         CREATE TRIGGER bugs_fts_ins AFTER INSERT ON bugs BEGIN SELECT 1; END;
         CREATE TRIGGER tests_fts_upd AFTER UPDATE OF title, raw ON tests BEGIN SELECT 1; END;
         CREATE INDEX bugs_test ON bugs(test_id, reported_at);
+        CREATE INDEX bugs_tester ON bugs(tester);
         DROP INDEX bugs_test_summary;
         PRAGMA user_version = 2;""")
     conn.close()
     assert cli(capsys, "sync", "--status")[0] == 0
     names = {name for (name,) in db_rows(env, "SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")}
-    assert {"bugs_fts_ins", "tests_fts_upd", "bugs_test"} & names == set()
+    assert {"bugs_fts_ins", "tests_fts_upd", "bugs_test", "bugs_tester"} & names == set()
     assert {"bugs_test_summary", "bugs_feature_status", "bugs_fts_del", "tests_fts_del"} <= names
     assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
     lean_account.add_tests(lean_account.product_ids()[0], 1)
@@ -2288,6 +2313,24 @@ async def test_search_finds_a_title_word_with_bm25_ranking_and_filters(db):
     assert quoted["results"] == tests["results"]
     scores = [r["score"] for r in bugs["results"]]
     assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+
+
+@pytest.mark.anyio
+async def test_search_ranks_the_newest_matches_of_a_kind_says_so_and_completes_a_partial_word(db, monkeypatch):
+    acc = make_account()
+    monkeypatch.setattr(tm, "SEARCH_CANDIDATES", 5)
+    async with mcp_client(acc.handler) as client:
+        capped = await ok(client, "search", {"query": "untranslated", "entities": ["bug"], "limit": 200})
+        partial = await ok(client, "search", {"query": "untransl", "entities": ["bug"], "product_ids": [P],
+                                              "limit": 3})
+    matching = sorted(b["id"] for pid in acc.product_ids() for b in bugs_of_product(pid)
+                      if "untranslated" in b["title"].lower())
+    assert len(matching) > 5
+    assert sorted(r["id"] for r in capped["results"]) == matching[-5:]
+    assert capped["note"] == ("more than 5 bug matches: the newest 5 of each were ranked; add words or "
+                              "product_ids to reach older ones")
+    in_product = {b["id"] for b in bugs_of_product(P) if "untranslated" in b["title"].lower()}
+    assert len(partial["results"]) == 3 and {r["id"] for r in partial["results"]} <= in_product
 
 
 @pytest.mark.parametrize("query", [
