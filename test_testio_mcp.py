@@ -1918,6 +1918,30 @@ async def test_list_tests_pages_newest_end_first_with_utc_dates_shown_types_and_
     assert {"custom", "test_case"} <= {r["testing_type"] for r in everything["tests"]}
 
 
+@pytest.mark.anyio
+async def test_list_tests_returns_titles_with_quotes_escapes_and_emoji_exactly(env, monkeypatch):
+    acc = make_account(products=1, tests_per_product=6, bugs_per_test=1)
+    pid = acc.product_ids()[0]
+    odd = ['He said "hi" \\ /path', "line\nbreak\ttab\u0001bell", "Ünïcødé 🐛 テスト", "'; DROP TABLE tests; --",
+           "\u2028\u2029 separators", "</script>&amp;"]
+    served: dict[int, str] = {}
+
+    def titled(request, n):
+        if request.url.path.endswith(f"/products/{pid}/exploratory_tests"):
+            body = json.loads(acc.handler(request).content)
+            for test, title in zip(body["exploratory_tests"], odd):
+                test["title"] = served[test["id"]] = title
+            return httpx.Response(200, json=body)
+        return None
+
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    async with mcp_client(Faults(acc.handler).add(titled)) as client:
+        await ok(client, "sync_data", {})
+        data = await ok(client, "list_tests", {"product_id": pid})
+    assert len(served) == 6
+    assert {r["id"]: r["title"] for r in data["tests"]} == served
+
+
 @pytest.mark.parametrize("sort_by", ["end_at", "start_at", "id", "title", "status"])
 @pytest.mark.parametrize("sort_order", ["asc", "desc"])
 @pytest.mark.anyio
