@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import email.utils
+import gc
 import hashlib
 import itertools
 import json
@@ -3613,13 +3614,22 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
             raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach it could read "
                               f"your TestIO data; add --allow-remote if that is intended")
         server = build_server(runtime)
+        _freeze_startup_objects()
         if not loopback:
             log.warning("serving on %s:%s: Host/Origin checks are off and there is no authentication; "
                         "put it behind an authenticating proxy", host, port)
         return asyncio.run(_serve_http(server, host, port))
     server = build_server(runtime, exit_on_sigterm=True)
+    _freeze_startup_objects()
     asyncio.run(server.run_stdio_async())
     return 0
+
+
+def _freeze_startup_objects() -> None:
+    """Keep what the imports and tool registration built (~90,000 objects) out of every later garbage
+    collection: a full collection over them took ~55 ms, an outlier in any tool call it landed in."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _serve_http(server: Any, host: str, port: int) -> int:
