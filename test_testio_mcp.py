@@ -1101,6 +1101,36 @@ def test_page_drift_while_paging_is_absorbed_by_the_next_sync(env, capsys, when)
     assert stored == {b["id"]: tm.bug_status(b) for b in acc.bugs_of(changed)}
 
 
+def test_a_sync_keeps_at_most_two_bug_batches_per_request_slot_waiting_to_be_stored(env, capsys, monkeypatch):
+    monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "2")
+    acc = make_account(products=1, tests_per_product=500, bugs_per_test=8)
+    recorded = {}
+
+    def record(request):
+        response = acc.handler(request)
+        recorded[str(request.url)] = response.content
+        return response
+
+    monkeypatch.setenv("TESTIO_DB_PATH", str(env.parent / "first.db"))
+    assert cli(capsys, "sync", transport=mock(record))[0] == 0
+    monkeypatch.setenv("TESTIO_DB_PATH", str(env))
+    pre_run = "','".join(tm.PRE_RUN_STATUSES)
+    ahead = []  # per bug request: batches requested (this one included) minus batches stored
+
+    def instant(request):  # answers at once (recorded), so storing is the slow side
+        if request.url.path.endswith("/bugs"):
+            stored = db_rows(env, "SELECT count(*) FROM tests WHERE bugs_synced_at IS NOT NULL "
+                                  f"AND status NOT IN ('{pre_run}')")[0][0]
+            ahead.append(len(ahead) + 1 - stored // tm.BUG_BATCH_TESTS)
+        content = recorded.get(str(request.url))
+        return httpx.Response(200, content=content) if content is not None else acc.handler(request)
+
+    assert cli(capsys, "sync", transport=mock(instant))[0] == 0
+    assert_matches_truth(env, acc)
+    assert len(ahead) >= 15
+    assert max(ahead) <= tm.UNSTORED_BATCHES_PER_SLOT * 2, ahead
+
+
 MALFORMED = {  # (target, name) -> body answered with HTTP 200
     **{(target, "not-json"): b"{not json" for target in ("page", "bug-batch")},
     **{(target, "html"): b"<html><body>maintenance</body></html>" for target in ("page", "bug-batch")},

@@ -75,6 +75,7 @@ PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
+UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
 MAX_RETRIES = 4                       # retries after the first attempt (5xx, 524, timeouts, resets)
 PAGE_RETRIES = 2                      # a poisoned page fails every time: split it sooner
 MAX_RATE_LIMITED = 6                  # 429 answers tolerated for one request
@@ -1875,6 +1876,8 @@ class SyncEngine:
         self.on_progress = on_progress or (lambda result, phase: None)
         self.recovery_attempts = 0
         self._run_id: int | None = None
+        # bug batches requested but not yet stored, across products: bounds the sync's memory
+        self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
 
     async def run(self, mode: str = "incremental", *, trigger: str = "cli",
                   product_ids: Sequence[int] = (), since: date | None = None) -> SyncResult:
@@ -2175,20 +2178,25 @@ class _BugFetcher:
 
     async def _fetch(self, batch: list[int]) -> None:
         client = self.engine.client
-        try:
-            bugs = await client.get_bugs(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
-        except (ServerError, MalformedResponseError) as exc:
-            if len(batch) == 1:
-                self.failed += 1
-                log.error("bugs of test %s could not be fetched: %s", batch[0], exc)
+        # a slot from request to stored: when the API answers faster than SQLite stores, the answers
+        # wait undecoded at the API instead of piling up decoded in memory
+        async with self.engine.unstored_batches:
+            try:
+                bugs = await client.get_bugs(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+            except (ServerError, MalformedResponseError) as exc:
+                failure = exc
+            else:
+                stored = await self.engine.db.write(replace_bugs, batch, bugs, iso(utc_now()))
+                self.result.bugs += stored
+                self.engine.on_progress(self.result, "bugs")
                 return
-            self.engine.recovery_attempts += 1
-            half = len(batch) // 2
-            await asyncio.gather(self._fetch(batch[:half]), self._fetch(batch[half:]))
+        if len(batch) == 1:  # the halves below take slots of their own, so this one is given back first
+            self.failed += 1
+            log.error("bugs of test %s could not be fetched: %s", batch[0], failure)
             return
-        stored = await self.engine.db.write(replace_bugs, batch, bugs, iso(utc_now()))
-        self.result.bugs += stored
-        self.engine.on_progress(self.result, "bugs")
+        self.engine.recovery_attempts += 1
+        half = len(batch) // 2
+        await asyncio.gather(self._fetch(batch[:half]), self._fetch(batch[half:]))
 
 
 async def fetch_test(db: Database, client: TestioClient, test_id: int) -> int:
