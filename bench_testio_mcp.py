@@ -13,7 +13,7 @@ What it measures (each target of the performance issue is shown with PASS/FAIL):
              on one product, and a `--refresh` sync. Wall time (process start included), the engine's
              own time, CPU, API requests by route, the lower bound ceil(requests / concurrency) x
              latency, and the request budget computed from the account's truth. The same process
-             reports whether the sync imported the MCP SDK. Beside it, the CPU time json.loads alone
+             reports whether the sync imported the MCP SDK, and its peak RSS. Beside it, the CPU time json.loads alone
              needs for the answers a cold sync reads, and the time to decode and store them on one
              thread with no network (through the sync's own store functions): what is left of the
              wall time once the network is hidden.
@@ -157,6 +157,11 @@ from testio_mcp import main
 code = main(sys.argv[1:])
 heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {set(HEAVY_MODULES)!r})
 print("BENCH-IMPORTS " + ",".join(heavy), file=sys.stderr)
+try:  # VmHWM: the peak RSS since exec (ru_maxrss would count the forked bench process before it)
+    with open("/proc/self/status") as status:
+        print("BENCH-MAXRSS", next(l.split()[1] for l in status if l.startswith("VmHWM:")), file=sys.stderr)
+except (OSError, StopIteration):
+    pass
 sys.exit(code)
 """
 
@@ -508,11 +513,13 @@ def run_sync(api: FakeApi, env: dict[str, str], cwd: Path, *flags: str) -> dict[
         raise RuntimeError(f"sync {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     marker = next((line for line in proc.stderr.splitlines() if line.startswith("BENCH-IMPORTS ")), None)
     imported = [m for m in (marker or "BENCH-IMPORTS ").split(" ", 1)[1].split(",") if m]
+    maxrss = re.search(r"^BENCH-MAXRSS (\d+)$", proc.stderr, re.MULTILINE)
     summary = re.search(r" sync (\S+) in ([\d.]+)s with (\d+) API requests", proc.stderr)
     return {"flags": list(flags), "wall_s": round(wall, 3), "cpu_s": round(cpu, 2),
             "engine_s": float(summary[2]) if summary else None,
             "status": summary[1] if summary else None,
             "engine_counted_requests": int(summary[3]) if summary else None,
+            "peak_rss_mib": round(int(maxrss[1]) / 1024) if maxrss else None,
             "sdk_modules_imported": imported, **api.delta(before)}
 
 
@@ -1005,6 +1012,8 @@ def render(report: dict[str, Any]) -> str:
                          f"{r['cold']['ratio']}x"))
     rows.append(per_size("cold sync: json.loads of its answers alone (CPU)",
                          lambda r: _fmt(r["cold"].get("json_decode_floor_s"), "s", 2)))
+    rows.append(per_size("cold sync: peak RSS of the sync process",
+                         lambda r: _fmt(r["cold"].get("peak_rss_mib"), " MiB")))
     rows.append(per_size("cold sync: decode + store its answers, one thread, no network",
                          lambda r: _fmt(r["cold"].get("store_floor_s"), "s", 2)))
     rows.append(per_size("cold sync: fake API time (answers live / pre-rendered)",
@@ -1107,6 +1116,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             _fmt(r["cold"].get("json_decode_floor_s"), " s", 2)),
         row("cold sync: decode + store its answers on one thread, no network", "", lambda n, r:
             _fmt(r["cold"].get("store_floor_s"), " s", 1)),
+        row("cold sync: peak RSS of the sync process", "", lambda n, r: _fmt(r["cold"].get("peak_rss_mib"), " MiB")),
         row("cold sync: API requests (budget)", "≤ budget", lambda n, r: f"{r['cold']['requests']} "
             f"({r['dataset']['budget']}){ok(n, 'cold sync requests')}"),
         row("incremental, nothing new: requests, wall", "≤ 4 per product + 1", lambda n, r:
