@@ -774,18 +774,10 @@ async def tool_session(env: dict[str, str], cwd: Path, arguments: dict[str, list
                 server = metrics.get(name, {})
                 row["server_p50_ms"], row["server_p99_ms"] = server.get("p50_ms"), server.get("p99_ms")
 
-            runs = []
             product_args = arguments["list_tests"]
             cpu_before = cpu()
-            for _ in range(CONCURRENT_RUNS):
-                started = time.perf_counter()
-                results = await asyncio.gather(*(session.call_tool("list_tests", product_args[i % len(product_args)])
-                                                 for i in range(CONCURRENT_CALLS)))
-                runs.append(time.perf_counter() - started)
-                if any(r.is_error for r in results):
-                    raise RuntimeError("a concurrent list_tests call failed")
-            out["concurrent_list_tests"] = {"calls": CONCURRENT_CALLS, "runs_s": [round(r, 3) for r in runs],
-                                            "median_s": round(statistics.median(runs), 3),
+            out["concurrent_list_tests"] = {"calls": CONCURRENT_CALLS,
+                                            **await _concurrent_list_tests(session, product_args),
                                             **_cpu_per_call(cpu_before, cpu(), CONCURRENT_RUNS * CONCURRENT_CALLS)}
             recorded = {}
             for args in product_args:
@@ -821,14 +813,19 @@ async def replay_floor(env: dict[str, str], cwd: Path, answers: Path, product_ar
             await session.initialize()
             for i in range(20):  # warm-up, as the real server had the timed tool loop before
                 await session.call_tool("list_tests", product_args[i % len(product_args)])
-            runs = []
-            for _ in range(CONCURRENT_RUNS):
-                started = time.perf_counter()
-                results = await asyncio.gather(*(session.call_tool("list_tests", product_args[i % len(product_args)])
-                                                 for i in range(CONCURRENT_CALLS)))
-                runs.append(time.perf_counter() - started)
-                if any(r.is_error for r in results):
-                    raise RuntimeError("a concurrent list_tests call to the replay server failed")
+            return await _concurrent_list_tests(session, product_args)
+
+
+async def _concurrent_list_tests(session: Any, product_args: list[dict]) -> dict[str, Any]:
+    """CONCURRENT_RUNS rounds of CONCURRENT_CALLS list_tests sent at once: each round's time, the median."""
+    runs = []
+    for _ in range(CONCURRENT_RUNS):
+        started = time.perf_counter()
+        results = await asyncio.gather(*(session.call_tool("list_tests", product_args[i % len(product_args)])
+                                         for i in range(CONCURRENT_CALLS)))
+        runs.append(time.perf_counter() - started)
+        if any(r.is_error for r in results):
+            raise RuntimeError("a concurrent list_tests call failed")
     return {"runs_s": [round(r, 3) for r in runs], "median_s": round(statistics.median(runs), 3)}
 
 
