@@ -3168,6 +3168,56 @@ def _arg_ids(value: Any, name: str) -> list[int]:
     return list(parse_id_list(value, name))
 
 
+def _accepted(schema: dict) -> str:
+    """What a tool's JSON schema accepts for one argument, in words."""
+    words = []
+    for option in schema.get("anyOf", [schema]):
+        kind = option.get("type")
+        if "enum" in option:
+            words.append("one of " + ", ".join(map(str, option["enum"])))
+        elif kind == "integer":
+            lo, hi = option.get("minimum"), option.get("maximum")
+            words.append("a whole number" + (f" from {lo} to {hi}" if hi is not None else
+                                             f" of at least {lo}" if lo is not None else ""))
+        elif kind == "boolean":
+            words.append("true or false")
+        elif kind == "array":
+            items = option.get("items", {})
+            words.append("a JSON list (each "
+                         + ("one of " + ", ".join(items["enum"]) if "enum" in items else _accepted(items)) + ")")
+        elif kind == "string":
+            if words and words[-1].startswith("a JSON list"):
+                words.append("a comma string like " + ('"1,2"' if "whole number" in words[-1] else '"a,b"'))
+            else:
+                words.append("text" + (f" of at most {option['maxLength']} characters" if "maxLength" in option
+                                       else ""))
+        elif kind == "object":
+            words.append(f"an object ({schema.get('description', 'JSON')})")
+    return " or ".join(dict.fromkeys(words)) or "a JSON value"
+
+
+def argument_error(errors: Sequence[dict], arguments: dict, schema: dict) -> str:
+    """One sentence for the first bad argument of a pydantic ValidationError.errors(): its name, the
+    value given and what the tool's input schema accepts (the SDK would send pydantic's dump)."""
+    name = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else "arguments"
+    mine = [e for e in errors if e["loc"] and str(e["loc"][0]) == name]
+    prop = schema.get("properties", {}).get(name, {})
+    path, value = name, arguments.get(name)
+    if any(e["type"] == "missing" for e in mine):
+        return f"{name} is required: give {_accepted(prop)}"
+    # a union reports one error per alternative: the one inside a list names the bad item itself
+    worst = max(mine, key=lambda e: any(isinstance(part, int) for part in e["loc"]), default=None)
+    if worst is not None:
+        value = worst["input"]
+        if prop.get("anyOf", [{}])[0].get("type") == "object" and len(worst["loc"]) > 1:
+            path = f"{name}.{worst['loc'][1]}"
+            prop = prop["anyOf"][0].get("additionalProperties", {})
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    others = sorted({str(e["loc"][0]) for e in errors if e["loc"]} - {name})
+    also = f" (also check {', '.join(others)})" if others else ""
+    return f"{path}: {shown} is not accepted; use {_accepted(prop)}{also}"
+
+
 def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     """The MCP server (MCPServer) with its lifespan and the 14 tools."""
     import functools
@@ -3177,7 +3227,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     from mcp.server.mcpserver import Context, MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
     from mcp.types import CallToolResult, TextContent, ToolAnnotations
-    from pydantic import Field
+    from pydantic import Field, ValidationError
 
     state = AppState(runtime)
 
@@ -3210,7 +3260,19 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 logging.shutdown()
                 os._exit(0)
 
-    server = MCPServer("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS, lifespan=lifespan)
+    class Server(MCPServer):
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            """The SDK's call, with a bad argument answered in our words instead of pydantic's dump."""
+            try:
+                return await super().call_tool(name, arguments, context)
+            except ToolError as exc:
+                if not isinstance(exc.__cause__, ValidationError):
+                    raise
+                schema = next(t.input_schema for t in await self.list_tools() if t.name == name)
+                raise ToolError(f"Error executing tool {name}: "
+                                f"{argument_error(exc.__cause__.errors(), arguments, schema)}") from exc.__cause__
+
+    server = Server("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS, lifespan=lifespan)
     read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
     def tool(read: bool = True, title: str | None = None, open_world: bool = False):
