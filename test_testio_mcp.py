@@ -1062,10 +1062,12 @@ def test_a_hung_api_fails_each_request_within_its_timeout_and_the_sync_ends_with
     code, _, err = cli(capsys, "sync")
     elapsed = time.monotonic() - started
     assert code == 1
-    assert "testio-mcp: sync failed: GET products: timeout after 5 attempts" in err
+    reason = (f"GET products: timeout after 5 attempts from {url}; check the network, or "
+              f"TESTIO_CUSTOMER_API_BASE_URL if that is not the API's address")
+    assert f"testio-mcp: sync failed: {reason}" in err
     assert 5 * 0.5 <= elapsed < 5 * 0.5 + 5.0
     assert len(accepted) >= 1
-    assert db_rows(env, "SELECT status, error FROM sync_runs") == [("failed", "GET products: timeout after 5 attempts")]
+    assert db_rows(env, "SELECT status, error FROM sync_runs") == [("failed", reason)]
 
 
 def assert_end_at_matches(db_path, acc):

@@ -1700,7 +1700,10 @@ class TestioClient:
                 status = None
                 self.metrics.errors["timeout" if failure == "timeout" else "connection"] += 1
             if attempt >= (retries_500 if status == 500 and retries_500 is not None else retries):
-                raise ServerError(f"{where}: {failure} after {attempt + 1} attempts", status)
+                base = re.sub(r"//[^/@]*@", "//", self.settings.base_url)  # never a user:password@ in it
+                unreachable = "" if status else (f" from {base}; check the network, or "
+                                                 f"{ENV_BASE_URL} if that is not the API's address")
+                raise ServerError(f"{where}: {failure} after {attempt + 1} attempts{unreachable}", status)
             self.metrics.retries += 1
             await self._sleep(backoff_delay(attempt, self.settings.retry_base, self._rand()))
             attempt += 1
@@ -3068,6 +3071,9 @@ class AppState:
         self.db: Database | None = None
         self.client: TestioClient | None = None
         self.current_sync: asyncio.Task | None = None
+        self.running: dict[str, Any] | None = None  # mode, trigger, start of current_sync while it runs
+        self.progress: dict[int, ProductResult] = {}  # its products so far
+        self.has_data = False                       # a sync has completed on this database
         self.background: dict[str, Any] = {"state": "starting", "last_error": None, "last_run_id": None}
         self.tool_calls: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=5000))
@@ -3087,34 +3093,81 @@ class AppState:
                               f"still be queried.")
         return self.client
 
+    def notes(self) -> dict[str, Any]:
+        """What every answer adds while it holds, so a model never reads a partial or empty cache as
+        the whole truth: `sync` (the running sync) and `notes` (one line each, with the fix)."""
+        lines: list[str] = []
+        extra: dict[str, Any] = {}
+        if self.running is not None:
+            done = list(self.progress.values())
+            extra["sync"] = {"running": True, **self.running,
+                             "tests_so_far": sum(r.new_tests + r.updated_tests for r in done),
+                             "bugs_so_far": sum(r.bugs for r in done)}
+            lines.append("the first sync is still running; counts will grow until it ends" if not self.has_data
+                         else f"a {self.running['mode']} sync is running; recent changes may be missing")
+        elif self.client is None:
+            lines.append(f"{ENV_TOKEN} is not set, so " + ("this is the local data, never refreshed"
+                         if self.has_data else "there is no local data yet") +
+                         "; set it in the MCP server's env (or ~/.testio-mcp.env) and restart, or try --demo")
+        elif self.background.get("last_status") == "failed":
+            lines.append(f"the last sync failed ({self.background['last_error']}); " +
+                         ("this is the local data from before" if self.has_data else "there is no local data yet"))
+        if lines:
+            extra["notes"] = lines
+        return extra
+
     async def sync(self, mode: str, trigger: str, product_ids: Sequence[int] = (),
                    on_progress: ProgressFn | None = None, lock_timeout: float = 0.0) -> tuple[SyncResult, bool]:
         """Run a sync, or wait (bounded) for the one this process already runs; (result, waited)."""
         client = self.require_client("sync_data")
         if self.current_sync is not None and not self.current_sync.done():
             return await asyncio.wait_for(asyncio.shield(self.current_sync), SYNC_WAIT_TIMEOUT), True
-        self.current_sync = asyncio.create_task(run_locked_sync(
-            self.runtime, self.db, client, mode, trigger=trigger, product_ids=product_ids,
-            lock_timeout=lock_timeout, on_progress=on_progress))
+        progress = self.progress = {}
+
+        def track(result: ProductResult, phase: str) -> None:
+            progress[result.product_id] = result
+            if on_progress is not None:
+                on_progress(result, phase)
+
+        async def run() -> SyncResult:
+            try:
+                result = await run_locked_sync(self.runtime, self.db, client, mode, trigger=trigger,
+                                               product_ids=product_ids, lock_timeout=lock_timeout,
+                                               on_progress=track)
+                self.has_data = self.has_data or result.status in ("success", "completed_with_problems")
+                return result
+            finally:
+                self.running = None
+
+        self.running = {"mode": mode, "trigger": trigger, "started_at": iso(utc_now())}
+        self.current_sync = asyncio.create_task(run())
         # shielded: a client that gives up does not cut a sync short (it finishes and is recorded)
         return await asyncio.shield(self.current_sync), False
 
     async def background_sync(self, mode: str, trigger: str) -> None:
-        """One background cycle; skipped (never blocked on) when any sync is running."""
+        """One background cycle; skipped (never blocked on) when any sync is running. Logs its start,
+        its end (counts, duration) and, as a warning, why it failed."""
         if self.current_sync is not None and not self.current_sync.done():
             return
         self.background["state"] = "syncing"
+        log.info("background %s sync started (%s)", mode, trigger)
         try:
             result, _ = await self.sync(mode, trigger)
             self.background.update(state="idle", last_run_id=result.run_id, last_status=result.status,
                                    last_error=result.error)
+            log.info("background %s sync %s in %.1fs: %d products, %d new tests, %d updated, %d bugs, "
+                     "%d API requests", mode, result.status, result.seconds, len(result.products),
+                     result.total("new_tests"), result.total("updated_tests"), result.total("bugs"),
+                     result.api_requests)
+            if result.error:
+                log.warning("background %s sync %s: %s", mode, result.status, result.error)
         except SyncBusyError:
             self.background.update(state="idle", last_status="skipped",
                                    last_error="another process was syncing this database")
             log.info("background sync skipped: another process holds the sync lock")
         except TestioError as exc:
             self.background.update(state="idle", last_status="failed", last_error=str(exc))
-            log.warning("background sync failed: %s", exc)
+            log.warning("background %s sync failed: %s", mode, exc)
 
     async def freshness_loop(self) -> None:
         """Sync at start when the data is empty or stale, then every refresh interval."""
@@ -3234,6 +3287,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     @contextlib.asynccontextmanager
     async def lifespan(server: Any):
         state.db = await runtime.database()
+        state.has_data = await state.db.read(data_as_of) is not None
         state.client = runtime.client() if runtime.settings.token else None
         stop = {"sigterm": False}
         main_task = asyncio.current_task()
@@ -3286,8 +3340,12 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 started = time.perf_counter()
                 state.tool_counts[name] += 1
                 try:
-                    data, text = _render(await fn(*args, **kwargs))
+                    data, text = _render(await fn(*args, **kwargs), state.notes())
                     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
+                except NotInCacheError as exc:  # during a first sync, or without a token, say why
+                    state.tool_errors[name] += 1
+                    notes = state.notes().get("notes")
+                    raise ToolError(f"{exc} ({'; '.join(notes)})" if notes else str(exc)) from None
                 except ToolError:
                     state.tool_errors[name] += 1
                     raise
@@ -3466,7 +3524,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         reason, its test and feature, tester, reported_at, known, exported."""
         bug, as_of = await read(query_bug, bug_id)
         if bug is None:
-            raise ToolError(f"bug {bug_id} is not in the local data; find bug ids with list_bugs, or run "
+            raise NotInCacheError(f"bug {bug_id} is not in the local data; find bug ids with list_bugs, or run "
                             f"sync_data if it was reported recently")
         return BugResult(data_as_of=as_of, bug=bug, note=UNTRUSTED_NOTE)
 
@@ -3644,10 +3702,11 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def _render(result: Any) -> tuple[Any, str]:
-    """A tool result as (structured data, the same as compact JSON text). A top-level JsonList field
-    brings its text along, so a page of rows is serialised once (by SQLite), not twice."""
-    data = _plain(result)
+def _render(result: Any, notes: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """A tool result, `notes` first (AppState.notes), as (structured data, the same as compact JSON
+    text). A top-level JsonList field brings its text along, so a page of rows is serialised once (by
+    SQLite), not twice."""
+    data = {**notes, **_plain(result)} if notes else _plain(result)
     if not (isinstance(data, dict) and any(type(v) is JsonList for v in data.values())):
         return data, _dumps(data)
     text = "{" + ",".join(f"{_dumps(k)}:{v.json if type(v) is JsonList else _dumps(v)}"
