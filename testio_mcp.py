@@ -3986,7 +3986,21 @@ async def _sync(runtime: Runtime, mode: str, product_ids: Sequence[int], since: 
     return 0
 
 
+def _no_local_data(runtime: Runtime) -> bool:
+    """True (and says so, with the next step) when there is no database yet: a read-only command then
+    creates no file."""
+    path = runtime.settings.db_path
+    if path.exists():
+        return False
+    demo = " --demo" if runtime.settings.demo else ""
+    print(f"no local data yet: {path} does not exist; fetch it with `testio-mcp{demo} sync`"
+          + ("" if runtime.settings.token else f" once {ENV_TOKEN} is set (or try `testio-mcp --demo sync`)"))
+    return True
+
+
 async def _status(runtime: Runtime) -> int:
+    if _no_local_data(runtime):
+        return 0
     db = await runtime.database()
     try:
         status = await db.read(db_status)
@@ -4022,6 +4036,8 @@ def cmd_problematic(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 async def _problematic(args: argparse.Namespace, runtime: Runtime) -> int:
+    if _no_local_data(runtime):  # nothing recorded, nothing to map or clear
+        return 0 if args.action in ("list", "clear") else 1
     db = await runtime.database()
     try:
         if args.action == "list":
