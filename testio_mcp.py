@@ -1359,6 +1359,9 @@ def query_features(conn: sqlite3.Connection, product_id: int, search: str | None
     return {"product": {"id": product_id, "name": names[product_id]}, "features": features}
 
 
+TOP_TESTS = 20  # tests a quality report lists by bugs: its totals cover every test, the list stays small
+
+
 def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuses: Sequence[str],
                    testing_type: str | None, start: date | None, end: date | None) -> dict:
     """The executive report over the tests in scope: tests, bugs, rates, health, per product/test."""
@@ -1389,7 +1392,7 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
         f" sum(b.status = 'auto_accepted') AS auto_accepted, sum(b.status = 'rejected') AS rejected, "
         f" sum(b.severity = 'critical') AS critical "
         f"FROM tests t LEFT JOIN bugs b ON b.test_id = t.id WHERE {where} GROUP BY t.id "
-        f"ORDER BY bugs DESC, t.end_at DESC LIMIT 50", args)
+        f"ORDER BY bugs DESC, t.end_at DESC LIMIT {TOP_TESTS}", args)
     report["top_tests"] = []
     for r in rows:
         row = dict(r)
@@ -3340,7 +3343,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 started = time.perf_counter()
                 state.tool_counts[name] += 1
                 try:
-                    data, text = _render(await fn(*args, **kwargs), state.notes())
+                    result = await fn(*args, **kwargs)
+                    data, text = _render(result, _with_cut_note(state.notes(), name, result))
                     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
                 except NotInCacheError as exc:  # during a first sync, or without a token, say why
                     state.tool_errors[name] += 1
@@ -3437,7 +3441,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                            Field(description="sort key (ties broken by id)")] = "end_at",
         sort_order: Annotated[Literal["asc", "desc"], Field(description="asc or desc")] = "desc",
         page: Page = 1,
-        per_page: Annotated[int, Field(ge=1, le=200, description="tests per page, at most 200")] = 100,
+        per_page: Annotated[int, Field(ge=1, le=200, description="tests per page, at most 200")] = 50,
     ) -> TestsResult:
         """Test cycles of one product, newest end first, with bug counts per test. Dates filter on the
         test's end (UTC). Example: "which tests of product 123 ended last month?"."""
@@ -3496,7 +3500,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         start_date: DateArg = None,
         end_date: DateArg = None,
         page: Page = 1,
-        per_page: Annotated[int, Field(ge=1, le=200, description="bugs per page, at most 200")] = 100,
+        per_page: Annotated[int, Field(ge=1, le=200, description="bugs per page, at most 200")] = 50,
         include_details: Annotated[bool, Field(description="add steps, results, devices and comments")] = False,
     ) -> BugsResult:
         """Bugs of some tests or some products (give exactly one of test_ids / product_ids), newest
@@ -3554,7 +3558,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     ) -> QualityReport:
         """The executive bug report for products over a period (by test end): tests by status and type,
         bugs by status, severity and type, the five acceptance rates with health (thresholds included),
-        rejection reasons, a block per product when several, and the top 50 tests by bugs (totals always
+        rejection reasons, a block per product when several, and the top 20 tests by bugs (totals always
         cover every test). Example: "how did last month's tests go for product X?"."""
         ids = _arg_ids(product_ids, "product_ids")
         if not ids:
@@ -3587,7 +3591,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         end_date: DateArg = None,
         sort_by: Annotated[str | None, Field(description="a requested metric (largest first) or dimension",
                                              max_length=40)] = None,
-        limit: Annotated[int, Field(ge=1, le=1000, description="rows, at most 1000")] = 100,
+        limit: Annotated[int, Field(ge=1, le=1000, description="rows, at most 1000")] = 50,
     ) -> MetricsResult:
         """A pivot table: metrics grouped by 1-2 dimensions (product, feature, month, week, quarter,
         test_status, testing_type, severity, bug_type, bug_status, tester, platform, rejection_reason,
@@ -3700,6 +3704,21 @@ def _plain(value: Any) -> Any:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _with_cut_note(notes: dict[str, Any], tool: str, result: Any) -> dict[str, Any]:
+    """`notes` plus, when the answer holds only part of a list, a line naming the call for the rest."""
+    page, line = getattr(result, "pagination", None), None
+    if page is not None and page.has_more:
+        first = (page.page - 1) * page.per_page + 1
+        line = (f"{first}-{first + page.per_page - 1} of {page.total} shown; call {tool} again with "
+                f"page={page.page + 1} and the same other arguments for more")
+    elif isinstance(result, MetricsResult) and result.total_rows > len(result.rows):
+        line = (f"{len(result.rows)} of {result.total_rows} rows; raise limit (at most 1000), add filters "
+                f"or sort_by to see others")
+    if line is None:
+        return notes
+    return {**notes, "notes": [*notes.get("notes", ()), line]}
 
 
 def _render(result: Any, notes: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -3986,15 +4005,16 @@ async def _sync(runtime: Runtime, mode: str, product_ids: Sequence[int], since: 
     return 0
 
 
-def _no_local_data(runtime: Runtime) -> bool:
-    """True (and says so, with the next step) when there is no database yet: a read-only command then
-    creates no file."""
+def _no_local_data(runtime: Runtime, stream: Any = None) -> bool:
+    """True (and says so, with the next step) when there is no database yet: a command that only
+    reads it then creates no file."""
     path = runtime.settings.db_path
     if path.exists():
         return False
     demo = " --demo" if runtime.settings.demo else ""
     print(f"no local data yet: {path} does not exist; fetch it with `testio-mcp{demo} sync`"
-          + ("" if runtime.settings.token else f" once {ENV_TOKEN} is set (or try `testio-mcp --demo sync`)"))
+          + ("" if runtime.settings.token else f" once {ENV_TOKEN} is set (or try `testio-mcp --demo sync`)"),
+          file=stream or sys.stdout)
     return True
 
 
@@ -4036,8 +4056,9 @@ def cmd_problematic(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 async def _problematic(args: argparse.Namespace, runtime: Runtime) -> int:
-    if _no_local_data(runtime):  # nothing recorded, nothing to map or clear
-        return 0 if args.action in ("list", "clear") else 1
+    reading = args.action in ("list", "clear")
+    if _no_local_data(runtime, None if reading else sys.stderr):  # nothing recorded, nothing to map
+        return 0 if reading else 1
     db = await runtime.database()
     try:
         if args.action == "list":
