@@ -2670,6 +2670,9 @@ async def test_without_a_token_the_server_answers_from_the_database_and_sync_dat
         sync = await err(client, "sync_data", {})
         missing = await err(client, "get_test_status", {"test_id": 5})
     assert [p["id"] for p in products["products"]] == sorted(PIDS, key=lambda p: NAMES[p])
+    assert products["notes"] == ["TESTIO_CUSTOMER_API_TOKEN is not set, so this is the local data, never "
+                                 "refreshed; set it in the MCP server's env (or ~/.testio-mcp.env) and restart, "
+                                 "or try --demo"]
     assert (running["test"]["status"], running["warning"]) == ("running", None)
     assert bugs["pagination"]["total"] == len(served_bugs(T))
     assert health["token"] == {"configured": False, "accepted": None,
@@ -2680,6 +2683,100 @@ async def test_without_a_token_the_server_answers_from_the_database_and_sync_dat
                     "can still be queried.")
     assert "TESTIO_CUSTOMER_API_TOKEN is not set" in missing and "test 5 is not in the local data" in missing
     assert faults.calls == 0
+
+
+###############################################################################
+# It says what it is doing: the running sync, no token, an API it cannot reach
+###############################################################################
+
+class GatedBugs:
+    """An async handler holding every bug batch until released (a first sync part way through)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/bugs"):
+            self.entered.set()
+            await self.release.wait()
+        return self.handler(request)
+
+
+async def background_sync_ended(client) -> dict:
+    """health_check, polled until the server's background sync has ended (bounded by the caller)."""
+    while True:
+        health = await ok(client, "health_check")
+        if health["background_sync"]["state"] != "syncing" and not health["background_sync"]["running_now"]:
+            return health
+
+
+FIRST_SYNC_NOTE = "the first sync is still running; counts will grow until it ends"
+
+
+@pytest.mark.anyio
+async def test_while_the_first_sync_runs_every_answer_says_so_and_the_log_has_its_start_and_end(
+        env, monkeypatch, caplog):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    caplog.set_level(logging.INFO, logger="testio_mcp")
+    acc = make_account()
+    gate = GatedBugs(acc.handler)
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            await gate.entered.wait()
+            while (during := await ok(client, "list_products"))["sync"]["tests_so_far"] == 0:
+                pass  # the first page of tests is stored right after its bugs were asked for
+            missing = await err(client, "get_bug", {"bug_id": 5})
+            gate.release.set()
+            await background_sync_ended(client)
+            after = await ok(client, "list_products")
+    assert during["sync"] == {"running": True, "mode": "incremental", "trigger": "server_start",
+                              "started_at": during["sync"]["started_at"],
+                              "tests_so_far": during["sync"]["tests_so_far"], "bugs_so_far": 0}
+    assert during["notes"] == [FIRST_SYNC_NOTE]
+    assert list(during)[:2] == ["sync", "notes"]  # read first
+    assert missing.endswith(f"is not in the local data; find bug ids with list_bugs, or run sync_data if it "
+                            f"was reported recently ({FIRST_SYNC_NOTE})")
+    assert "sync" not in after and "notes" not in after
+    assert after["total"] == len(PIDS)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "testio_mcp"]
+    bugs = sum(len(acc.bug_ids(product_id=p)) for p in PIDS)
+    assert lines[0] == ("INFO", "background incremental sync started (server_start)")
+    assert re.fullmatch(rf"background incremental sync success in \d+\.\ds: 3 products, 360 new tests, "
+                        rf"0 updated, {bugs} bugs, \d+ API requests", lines[1][1]), lines
+    assert [level for level, _ in lines] == ["INFO", "INFO", "INFO"]  # and "server stopped"
+
+
+@pytest.mark.anyio
+async def test_a_failed_background_sync_is_a_warning_and_every_answer_says_why_naming_the_base_url(
+        env, monkeypatch, caplog):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    caplog.set_level(logging.INFO, logger="testio_mcp")
+    unreachable = Faults(make_account().handler).add(lambda r, n: httpx.ConnectError("refused", request=r))
+    with anyio.fail_after(WAIT):
+        async with mcp_client(unreachable) as client:
+            await background_sync_ended(client)
+            products = await ok(client, "list_products")
+    reason = (f"GET products: connection error (ConnectError) after 5 attempts from {BASE_URL}; check the "
+              f"network, or TESTIO_CUSTOMER_API_BASE_URL if that is not the API's address")
+    assert (products["total"], products["notes"]) == (0, [f"the last sync failed ({reason}); there is no "
+                                                          f"local data yet"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "testio_mcp"]
+    assert warnings == [f"background incremental sync failed: {reason}"]
+
+
+@pytest.mark.anyio
+async def test_without_a_token_an_empty_database_is_answered_as_no_data_yet_with_the_fix(env, monkeypatch):
+    monkeypatch.delenv("TESTIO_CUSTOMER_API_TOKEN")
+    async with mcp_client(make_account().handler) as client:
+        products = await ok(client, "list_products")
+        tests = await err(client, "list_tests", {"product_id": P})
+    fix = ("TESTIO_CUSTOMER_API_TOKEN is not set, so there is no local data yet; set it in the MCP server's env "
+           "(or ~/.testio-mcp.env) and restart, or try --demo")
+    assert (products["total"], products["notes"]) == (0, [fix])
+    assert tests.endswith(f"is not in the local data; call list_products to see the known ids, or sync_data if "
+                          f"the product is new ({fix})")
 
 
 ###############################################################################
@@ -2774,6 +2871,8 @@ async def test_a_second_sync_data_waits_for_the_running_sync_instead_of_starting
                     if health["tool_metrics"].get("sync_data", {}).get("calls") == 2:
                         break
                 assert health["background_sync"]["running_now"] is True
+                assert (health["sync"]["trigger"], health["notes"]) == (
+                    "tool", ["a sync (incremental) is running; recent changes may be missing"])
                 gate.release.set()
         history = (await ok(client, "get_sync_history"))["runs"]
     assert gate.products == 1 + health_checks  # one sync read the product list; health_check the rest

@@ -3107,7 +3107,7 @@ class AppState:
                              "tests_so_far": sum(r.new_tests + r.updated_tests for r in done),
                              "bugs_so_far": sum(r.bugs for r in done)}
             lines.append("the first sync is still running; counts will grow until it ends" if not self.has_data
-                         else f"a {self.running['mode']} sync is running; recent changes may be missing")
+                         else f"a sync ({self.running['mode']}) is running; recent changes may be missing")
         elif self.client is None:
             lines.append(f"{ENV_TOKEN} is not set, so " + ("this is the local data, never refreshed"
                          if self.has_data else "there is no local data yet") +
