@@ -1676,7 +1676,8 @@ def synced_template(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_template(tmp_path_factory):
-    """The --demo account's first product synced through the CLI, for the subprocess sessions."""
+    """The whole --demo account (4 products, 3,000 tests, ~23,000 bugs) synced through the CLI; its first
+    product id."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         path = clean_environment(mp, root)
@@ -1684,7 +1685,7 @@ def demo_template(tmp_path_factory):
         mp.setenv("LOG_LEVEL", "WARNING")
         first = tm.demo_account().product_ids()[0]
         with restored_logging():
-            assert tm.main(["--demo", "sync", "--product-ids", str(first)]) == 0
+            assert tm.main(["--demo", "sync"]) == 0
     return path.with_name("demo.db"), first
 
 
@@ -2485,6 +2486,57 @@ async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_no
 
 
 ###############################################################################
+# Answer sizes: what a chat model must read whole stays small by default
+###############################################################################
+
+DEFAULT_ANSWER_MAX = 20_000  # bytes of one answer's text with default arguments
+
+
+@pytest.mark.anyio
+async def test_every_tool_answers_the_demo_account_in_at_most_20_kb_with_default_arguments(
+        env, monkeypatch, demo_template):
+    env.parent.mkdir(parents=True)
+    shutil.copyfile(demo_template[0], env.with_name("demo.db"))
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    demo = tm.demo_account()
+    pids = demo.product_ids()
+    busiest = max(demo.test_ids(pids[0]), key=lambda t: len(demo.bug_ids(t)))
+    every_metric = list(tm.METRICS)
+    calls = [("health_check", {}), ("list_products", {}), ("list_tests", {"product_id": pids[0]}),
+             ("get_test_status", {"test_id": busiest}), ("list_bugs", {"product_ids": pids}),
+             ("list_bugs", {"test_ids": [busiest]}), ("get_bug", {"bug_id": demo.bug_ids(busiest)[0]}),
+             ("list_features", {"product_id": pids[1]}), ("get_quality_report", {"product_ids": pids}),
+             ("query_metrics", {"metrics": every_metric, "dimensions": ["tester", "feature"]}),
+             ("search", {"query": "login"}), ("sync_data", {}), ("get_database_stats", {}),
+             ("get_sync_history", {}), ("get_problematic_tests", {})]
+    sizes = {}
+    runtime = tm.Runtime(tm.Settings.from_env(demo=True), transport_for(demo.handler))
+    async with Client(tm.build_server(runtime), mode="legacy") as client:
+        for tool, args in calls:
+            result = await client.call_tool(tool, args)
+            assert result.is_error is False, result.content[0].text
+            assert json.loads(result.content[0].text) == result.structured_content
+            sizes[f"{tool} {json.dumps(args)[:40]}"] = len(result.content[0].text.encode())
+    assert {tool for tool, _ in calls} == set(TOOLS)
+    assert {call: size for call, size in sizes.items() if size > DEFAULT_ANSWER_MAX} == {}, sizes
+
+
+@pytest.mark.anyio
+async def test_a_cut_list_names_the_call_for_the_rest(db):
+    async with mcp_client(make_account().handler) as client:
+        tests = await ok(client, "list_tests", {"product_id": P, "per_page": 50, "page": 2})
+        last = await ok(client, "list_tests", {"product_id": P, "per_page": 50, "page": 3})
+        bugs = await ok(client, "list_bugs", {"product_ids": [P]})
+        pivot = await ok(client, "query_metrics", {"metrics": "bug_count", "dimensions": "tester", "limit": 2})
+    assert tests["notes"] == ["51-100 of 120 shown; call list_tests again with page=3 and the same other "
+                              "arguments for more"]
+    assert "notes" not in last
+    assert bugs["pagination"]["per_page"] == 50 and bugs["notes"][0].startswith("1-50 of ")
+    assert pivot["notes"] == [f"2 of {pivot['total_rows']} rows; raise limit (at most 1000), add filters or "
+                              f"sort_by to see others"]
+
+
+###############################################################################
 # Bad input: an error result naming the argument, the bad value and what is accepted
 ###############################################################################
 
@@ -3154,7 +3206,8 @@ async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_dem
             tests = await ok(client, "list_tests", {"product_id": pid, "per_page": 5})
     demo = tm.demo_account()
     assert sorted(t.name for t in tools) == sorted(TOOLS)
-    assert [(p["id"], p["name"]) for p in products["products"]] == [(pid, demo.products_json()[0]["name"])]
+    assert [(p["id"], p["name"]) for p in products["products"]] == sorted(
+        ((p["id"], p["name"]) for p in demo.products_json()), key=lambda p: p[1])
     assert products["products"][0]["name"].startswith("Demo · ")
     assert [t["id"] for t in tests["tests"]] == demo.test_ids(pid)[:5]
 
@@ -3315,7 +3368,8 @@ async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_forei
             proc.kill()
             proc.wait()
     assert sorted(t.name for t in tools) == sorted(TOOLS)
-    assert [p["id"] for p in products["products"]] == [pid]
+    assert pid in [p["id"] for p in products["products"]]
+    assert len(products["products"]) == len(tm.demo_account().product_ids())
     assert (foreign_origin.status_code, foreign_host.status_code, not_json.status_code) == (403, 421, 400)
     assert local_origin.status_code == 200
     assert "Traceback" not in b"".join(err_lines.lines).decode()
