@@ -208,6 +208,10 @@ class SchemaError(TestioError):
     """The database was written by a newer testio-mcp, or cannot be migrated."""
 
 
+class CacheRebuiltError(TestioError):
+    """The cache file turned out damaged and was replaced by a fresh one: the call can be made again."""
+
+
 class SyncBusyError(TestioError):
     """Another sync holds the lock on this database."""
 
@@ -571,7 +575,8 @@ FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$
     coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
     coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
 
-# Each step upgrades a database from the version before it; schema.sql (idempotent) runs first.
+# Each step upgrades a database from the version before it. They run after schema.sql's tables and
+# triggers and before its indexes (idempotent, all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
     # 2: full-text search over what is already stored (the product/feature UPDATEs fire their triggers)
@@ -595,10 +600,14 @@ def connect(path: Path) -> sqlite3.Connection:
     """A connection with the per-connection pragmas: WAL, busy_timeout, NORMAL sync, foreign keys."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # the first read of the file: "not a database" shows here
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -612,6 +621,19 @@ def prepare_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+def _schema_parts() -> tuple[str, str]:
+    """schema.sql split in two: its tables and triggers, then its indexes."""
+    parts: tuple[list[str], list[str]] = ([], [])
+    statement = ""
+    for line in _schema_sql().splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            code = re.sub(r"--[^\n]*", "", statement).split()
+            parts[code[1:2] == ["INDEX"] or code[1:3] == ["UNIQUE", "INDEX"]].append(statement)
+            statement = ""
+    return "".join(parts[0]) + statement, "".join(parts[1])
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -621,8 +643,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     if version == SCHEMA_VERSION:
         return version
     steps = "".join(MIGRATIONS[v] + "\n" for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
+    tables, indexes = _schema_parts()
     try:
-        conn.executescript(f"BEGIN IMMEDIATE;\n{_schema_sql()}\n{steps}\n"
+        conn.executescript(f"BEGIN IMMEDIATE;\n{tables}\n{steps}\n{indexes}\n"
                            f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
     except sqlite3.Error:
         if conn.in_transaction:
@@ -633,14 +656,74 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection, immediate: bool = True):
-    """BEGIN (IMMEDIATE for writers) ... COMMIT, ROLLBACK on any error."""
+    """BEGIN (IMMEDIATE for writers) ... COMMIT; on any error, COMMIT's included, ROLLBACK and re-raise
+    that error. SQLite may have rolled back already (SQLITE_FULL, IOERR): then there is nothing to undo,
+    and a failing ROLLBACK is logged, never raised in place of the error that caused it."""
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("ROLLBACK failed after an error: %s", exc)
         raise
-    conn.execute("COMMIT")
+
+
+DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """A SQLite error that means the file itself is damaged ("file is not a database", "database disk
+    image is malformed"). "database is locked", a full disk or an I/O error are not: the file is sound."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+
+
+SALVAGED_TABLES = ("problematic_events", "problematic_tests")  # the only data typed in by a person
+
+
+def salvage(path: Path) -> dict[str, list[dict]]:
+    """The rows of SALVAGED_TABLES still readable in a damaged file (none when unreadable)."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return {}
+    conn.row_factory = sqlite3.Row
+    try:
+        return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")] for table in SALVAGED_TABLES}
+    except sqlite3.Error as exc:
+        log.warning("the problematic-test mappings of the damaged cache could not be read: %s", exc)
+        return {}
+    finally:
+        conn.close()
+
+
+def restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
+    """Put salvaged rows into a fresh database (the columns both schemas have)."""
+    for table, rows in salvaged.items():
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if rows and r[1] in rows[0]]
+        if columns:
+            conn.executemany(f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
+                             f"VALUES ({', '.join(':' + c for c in columns)})", rows)
+
+
+@dataclasses.dataclass
+class Healed:
+    """A damaged cache file that was moved aside for a fresh one."""
+
+    moved_to: str
+    at: str
+    reason: str
+    refilled: bool = False  # a sync has filled the fresh cache since
+
+    def note(self) -> str:
+        """One line for the user: what happened and where the old file is."""
+        return (f"the local cache was damaged ({self.reason}) and was replaced by a fresh one at "
+                f"{self.at}, {'now filled again' if self.refilled else 'which a sync fills from the TestIO API'}; "
+                f"the damaged file is kept at {self.moved_to}")
 
 
 class Database:
@@ -654,17 +737,74 @@ class Database:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="testio-db-write")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="testio-db-read")
         self._closed = False
+        self._generation = 0  # bumped when a damaged file is replaced: each thread reconnects
+        self.healed: Healed | None = None
+        self.on_heal: Callable[[], None] | None = None  # called (on a DB thread) after a replacement
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.generation != self._generation:
+            self._drop(conn)
+            conn = None
         if conn is None:
-            conn = self._local.conn = connect(self.path)
-            with self._lock:
+            with self._lock:  # never half way through a replacement
+                conn = connect(self.path)
+                self._local.conn, self._local.generation = conn, self._generation
                 self._conns.append(conn)
         return conn
 
+    def _drop(self, conn: sqlite3.Connection) -> None:
+        """Close this thread's connection (it is on an old file, or stuck in a transaction)."""
+        self._local.conn = None
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def _replace(self, generation: int, damage: sqlite3.Error) -> None:
+        """Move the damaged file (with its -wal/-shm) aside under a dated name and start a fresh,
+        migrated one holding what could be salvaged; a no-op when another call already did."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            salvaged = salvage(self.path)
+            stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+            for n in itertools.count(2):
+                if not any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
+                    break
+                aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(f"{self.path}{suffix}").exists():
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+                prepare_file(self.path)
+                conn = connect(self.path)
+                try:
+                    migrate(conn)
+                    with transaction(conn):
+                        restore(conn, salvaged)
+                finally:
+                    conn.close()
+            except (OSError, sqlite3.Error) as exc:
+                raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could not be "
+                                  f"replaced ({exc}); move it away and start again") from None
+            self.healed = Healed(str(aside), iso(utc_now()), str(damage))
+            self._generation += 1
+        log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, which "
+                    "the next sync fills from the TestIO API", self.path, damage, aside)
+        if self.on_heal is not None:
+            self.on_heal()
+
     def _open(self) -> int:
         prepare_file(self.path)
+        try:
+            return migrate(self._conn())
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            self._replace(self._generation, exc)
         return migrate(self._conn())
 
     async def open(self) -> "Database":
@@ -678,11 +818,22 @@ class Database:
             raise TestioError("the database is closed")
 
         def call() -> Any:
-            conn = self._conn()
-            if not tx:
-                return fn(conn, *args)
-            with transaction(conn, immediate):
-                return fn(conn, *args)
+            generation, conn = self._generation, None
+            try:
+                conn = self._conn()
+                generation = self._local.generation
+                if not tx:
+                    return fn(conn, *args)
+                with transaction(conn, immediate):
+                    return fn(conn, *args)
+            except sqlite3.DatabaseError as exc:
+                if not is_damage(exc):
+                    raise
+                self._replace(generation, exc)
+                raise CacheRebuiltError(self.healed.note() if self.healed else str(exc)) from None
+            finally:
+                if conn is not None and conn.in_transaction:  # a failed COMMIT and ROLLBACK
+                    self._drop(conn)
 
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 
@@ -767,6 +918,16 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
+INLINE_IN_VALUES = 100  # longer IN lists bind one JSON array: some SQLite builds allow 999 variables
+
+
+def _in(expr: str, values: Sequence[Any], op: str = "IN") -> tuple[str, list]:
+    """`expr IN (...)` (or NOT IN) and its arguments, binding at most INLINE_IN_VALUES variables."""
+    if len(values) <= INLINE_IN_VALUES:
+        return f"{expr} {op} ({_placeholders(len(values))})", list(values)
+    return f"{expr} {op} (SELECT value FROM json_each(?))", [json.dumps(list(values))]
+
+
 def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
     """Store products; returns how many."""
     rows = []
@@ -791,9 +952,8 @@ def replace_features(conn: sqlite3.Connection, product_id: int, features: list[d
              "section_ids": json.dumps(f.get("_section_ids", [])), "synced_at": synced_at}
             for f in features]
     conn.executemany(UPSERT_FEATURE_SQL, rows)
-    keep = [r["id"] for r in rows]
-    conn.execute(f"DELETE FROM features WHERE product_id = ? AND id NOT IN ({_placeholders(len(keep))})",
-                 (product_id, *keep))
+    gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
+    conn.execute(f"DELETE FROM features WHERE product_id = ? AND {gone}", (product_id, *args))
     return len(rows)
 
 
@@ -929,9 +1089,8 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
                                ids).fetchall()) if ids else {}
     conn.executemany(UPSERT_BUG_SQL, rows)
     reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]])
-    keep = [r["id"] for r in rows]
-    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) "
-                 f"AND id NOT IN ({_placeholders(len(keep))})", (*ids, *keep))
+    gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
+    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) AND {gone}", (*ids, *args))
     conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({_placeholders(len(ids))})",
                  (synced_at, *ids))
     return len(rows)
@@ -939,10 +1098,10 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
 
 def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
     """Remove tests the API no longer has (their bugs and feature links go with them)."""
-    ids = list(test_ids)
-    if not ids:
+    if not test_ids:
         return 0
-    return conn.execute(f"DELETE FROM tests WHERE id IN ({_placeholders(len(ids))})", ids).rowcount
+    where, args = _in("id", test_ids)
+    return conn.execute(f"DELETE FROM tests WHERE {where}", args).rowcount
 
 
 def start_run(conn: sqlite3.Connection, mode: str, trigger: str, status: str = "running",
@@ -1023,13 +1182,13 @@ def mapped_tests(conn: sqlite3.Connection, product_id: int) -> list[int]:
 
 def unmap_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> None:
     """Drop the mapping of tests that are now stored; events left with no open position go too."""
-    ids = list(test_ids)
-    if ids:
-        events = [r[0] for r in conn.execute(
-            f"SELECT DISTINCT event_id FROM problematic_tests WHERE test_id IN ({_placeholders(len(ids))})", ids)]
-        conn.execute(f"DELETE FROM problematic_tests WHERE test_id IN ({_placeholders(len(ids))})", ids)
-        conn.execute(f"DELETE FROM problematic_events WHERE event_id IN ({_placeholders(len(events))}) "
-                     "AND event_id NOT IN (SELECT event_id FROM problematic_tests)", events)
+    if test_ids:
+        tests, args = _in("test_id", test_ids)
+        events, event_args = _in("event_id", [r[0] for r in conn.execute(
+            f"SELECT DISTINCT event_id FROM problematic_tests WHERE {tests}", args)])
+        conn.execute(f"DELETE FROM problematic_tests WHERE {tests}", args)
+        conn.execute(f"DELETE FROM problematic_events WHERE {events} "
+                     "AND event_id NOT IN (SELECT event_id FROM problematic_tests)", event_args)
 
 
 def clear_problems(conn: sqlite3.Connection) -> int:
@@ -1104,8 +1263,8 @@ def data_as_of(conn: sqlite3.Connection) -> str | None:
 
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
     ids = list(product_ids)
-    names = dict(conn.execute(f"SELECT id, name FROM products WHERE id IN ({_placeholders(len(ids))})",
-                              ids).fetchall())
+    where, args = _in("id", ids)
+    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", args).fetchall())
     missing = [p for p in ids if p not in names]
     if missing:
         raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; call "
@@ -1138,8 +1297,8 @@ TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id", "title": "
 def _test_filters(alias: str, product_ids: Sequence[int], statuses: Sequence[str] | None,
                   testing_type: str | None, start: date | None, end: date | None) -> tuple[str, list]:
     lo, hi = day_bounds(start, end)
-    where = [f"{alias}.product_id IN ({_placeholders(len(product_ids))})"]
-    args: list[Any] = list(product_ids)
+    products, args = _in(f"{alias}.product_id", product_ids)
+    where = [products]
     if statuses:
         where.append(f"{alias}.status IN ({_placeholders(len(statuses))})")
         args += statuses
@@ -1266,17 +1425,20 @@ def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, deta
     where, args = ["1 = 1"], []
     if f.get("test_ids"):
         ids = f["test_ids"]
-        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE id IN ({_placeholders(len(ids))})", ids)}
+        tests, test_args = _in("id", ids)
+        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {tests}", test_args)}
         missing = [t for t in ids if t not in found]
         if missing:
             raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; call "
                                   f"get_test_status(test_id) to fetch it, or list_tests to find ids")
-        where.append(f"b.test_id IN ({_placeholders(len(ids))})")
-        args += ids
+        clause, test_args = _in("b.test_id", ids)
+        where.append(clause)
+        args += test_args
     else:
         _require_products(conn, f["product_ids"])
-        where.append(f"b.product_id IN ({_placeholders(len(f['product_ids']))})")
-        args += f["product_ids"]
+        products, product_args = _in("b.product_id", f["product_ids"])
+        where.append(products)
+        args += product_args
     for key, column in (("status", "b.status"), ("severity", "b.severity"), ("bug_type", "b.bug_type"),
                         ("rejection_reason", "b.rejection_reason")):
         if f.get(key):
@@ -1452,8 +1614,9 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
                         ("platforms", "b.platform"), ("rejection_reasons", "b.rejection_reason")):
         values = filters.get(key)
         if values:
-            where.append(f"{column} IN ({_placeholders(len(values))})")
-            args += list(values)
+            clause, values = _in(column, values)
+            where.append(clause)
+            args += values
     lo, hi = day_bounds(start, end)
     if lo:
         where.append("t.end_at >= ?")
@@ -1490,8 +1653,8 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Se
         if dim in dimensions:
             ids = sorted({r[dim] for r in rows if r[dim] is not None})
             col = "name" if table == "products" else "title"
-            names = dict(conn.execute(f"SELECT id, {col} FROM {table} WHERE id IN ({_placeholders(len(ids))})",
-                                      ids).fetchall()) if ids else {}
+            where, args = _in("id", ids)
+            names = dict(conn.execute(f"SELECT id, {col} FROM {table} WHERE {where}", args).fetchall())
             for r in rows:
                 r[f"{dim}_name"] = names.get(r[dim])
     if "known" in dimensions:
@@ -1538,14 +1701,14 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
             product_ids: Sequence[int], limit: int) -> dict:
     if match is None:
         return {"results": [], "capped": []}
-    scope = f" AND product_id IN ({_placeholders(len(product_ids))})" if product_ids else ""
+    scope, scope_args = _in(" AND product_id", product_ids) if product_ids else ("", [])
     candidates, capped = [], []
     for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range scan
         code = SEARCH_ENTITIES.index(kind) + 1
         rows = conn.execute(
             f"SELECT rowid, bm25(search_fts, 10.0, 1.0) FROM search_fts WHERE search_fts MATCH ? "
             f"AND rowid BETWEEN ? AND ?{scope} ORDER BY rowid DESC LIMIT ?",
-            [match, code << 40, (code << 40) | FTS_ID_MASK, *product_ids, SEARCH_CANDIDATES]).fetchall()
+            [match, code << 40, (code << 40) | FTS_ID_MASK, *scope_args, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
             capped.append(kind)
