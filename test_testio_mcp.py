@@ -1062,10 +1062,10 @@ def test_a_hung_api_fails_each_request_within_its_timeout_and_the_sync_ends_with
     code, _, err = cli(capsys, "sync")
     elapsed = time.monotonic() - started
     assert code == 1
-    assert "testio-mcp: sync failed: GET products: timeout after 5 attempts" in err
+    assert "testio-mcp: sync failed: GET products: read timeout (0.5s) after 5 attempts" in err
     assert 5 * 0.5 <= elapsed < 5 * 0.5 + 5.0
     assert len(accepted) >= 1
-    assert db_rows(env, "SELECT status, error FROM sync_runs") == [("failed", "GET products: timeout after 5 attempts")]
+    assert db_rows(env, "SELECT status, error FROM sync_runs") == [("failed", "GET products: read timeout (0.5s) after 5 attempts")]
 
 
 def assert_end_at_matches(db_path, acc):
@@ -2785,7 +2785,7 @@ async def test_health_check_reports_an_accepted_token_its_latency_and_api_and_to
     (lambda request, n: httpx.Response(500), None,
      ["the API could not be reached to check the token", "HTTP 500 after 5 attempts"], {"500": 5}),
     (lambda request, n: httpx.ReadTimeout("timed out", request=request), None,
-     ["the API could not be reached to check the token", "timeout after 5 attempts"], {"timeout": 5}),
+     ["the API could not be reached to check the token", "read timeout (30s) after 5 attempts"], {"timeout": 5}),
 ], ids=["401", "500", "timeout"])
 @pytest.mark.anyio
 async def test_health_check_reports_a_rejected_token_or_an_unreachable_api(db, outcome, accepted, fragments, errors):
@@ -2845,7 +2845,7 @@ async def test_the_token_reaches_no_tool_result_log_output_or_database_file(db, 
     files.append(_db_bytes(db))
     assert authorizations == {f"Token {TOKEN}"}  # the token really was in use on every request
     for fragment in ("HTTP 401 on GET products", "HTTP 401 on GET exploratory_tests", "HTTP 500 after 5 attempts",
-                     "timeout after 5 attempts", "could not refresh this running test"):
+                     "read timeout (30s) after 5 attempts", "could not refresh this running test"):
         assert any(fragment in t for t in texts), fragment
     assert code == 1 and "HTTP 401" in err_text
     leaks = [where for where, blob in [("results", "\n".join(texts + RESULT_TEXTS)), ("log", log_text),

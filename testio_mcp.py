@@ -22,6 +22,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import email.utils
 import gc
@@ -109,7 +110,7 @@ class Settings:
     base_url: str = DEFAULT_BASE_URL
     db_path: Path = Path(DEFAULT_DB_PATH).expanduser()
     product_ids: tuple[int, ...] = ()
-    refresh_interval: int = 300
+    refresh_interval: float = 300
     max_concurrency: int = 10
     http_timeout: float = 30.0
     log_level: str = "INFO"
@@ -143,7 +144,7 @@ class Settings:
             base_url=base_url,
             db_path=db_path,
             product_ids=parse_id_list(get(ENV_PRODUCT_IDS, ""), ENV_PRODUCT_IDS),
-            refresh_interval=int(_number(env, ENV_REFRESH, "300", integer=True, minimum=0)),
+            refresh_interval=_number(env, ENV_REFRESH, "300", minimum=0),
             max_concurrency=int(_number(env, ENV_CONCURRENCY, "10", integer=True, minimum=1)),
             http_timeout=_number(env, ENV_TIMEOUT, "30", minimum=0.001),
             log_level=level,
@@ -1203,6 +1204,12 @@ def wipe(conn: sqlite3.Connection) -> None:
         conn.execute(f"DELETE FROM {table}")
 
 
+def wipe_and_store_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
+    """wipe() and upsert_products() in the caller's one transaction (--nuke)."""
+    wipe(conn)
+    return upsert_products(conn, products, synced_at)
+
+
 def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
     """VACUUM when it pays: after a wipe, or when over half the file (and 8 MiB) is free pages."""
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -1741,6 +1748,9 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 ###############################################################################
 
 RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
+# the request counter of the sync run the current task belongs to (its tasks inherit it): a run counts
+# its own requests, not those a tool makes meanwhile on the same client
+RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests", default=None)
 
 
 class ApiMetrics:
@@ -1761,6 +1771,14 @@ class ApiMetrics:
                 "latency_ms": {"p50": ms(percentile(lat, 0.5)), "p95": ms(percentile(lat, 0.95)),
                                "p99": ms(percentile(lat, 0.99))},
                 "semaphore_wait_p95_ms": ms(percentile(list(self.waits), 0.95))}
+
+
+def _timeout_text(exc: httpx.TimeoutException, seconds: float) -> str:
+    """'connect timeout (10s)' / 'read timeout (30s)': which wait ran out, and its length."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"connect timeout ({min(10.0, seconds):g}s)"
+    kind = {httpx.ReadTimeout: "read", httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}.get(type(exc), "")
+    return f"{kind + ' ' if kind else ''}timeout ({seconds:g}s)"
 
 
 class TestioClient:
@@ -1816,11 +1834,13 @@ class TestioClient:
                 started = time.monotonic()
                 self.metrics.waits.append(started - queued)
                 self.metrics.requests += 1
+                if (run := RUN_REQUESTS.get()) is not None:
+                    run[0] += 1
                 try:
                     response = await self._connection_pool().get(path, params=params)
                     failure = None
-                except httpx.TimeoutException:
-                    failure = "timeout"
+                except httpx.TimeoutException as exc:
+                    failure = _timeout_text(exc, self.settings.http_timeout)
                 except httpx.TransportError as exc:
                     failure = f"connection error ({type(exc).__name__})"
                 self.metrics.latencies.append(time.monotonic() - started)
@@ -1861,7 +1881,7 @@ class TestioClient:
                 failure = f"HTTP {status}"
             else:
                 status = None
-                self.metrics.errors["timeout" if failure == "timeout" else "connection"] += 1
+                self.metrics.errors["timeout" if "timeout" in failure else "connection"] += 1
             if attempt >= (retries_500 if status == 500 and retries_500 is not None else retries):
                 raise ServerError(f"{where}: {failure} after {attempt + 1} attempts", status)
             self.metrics.retries += 1
@@ -2047,17 +2067,15 @@ class SyncEngine:
         """One sync under the caller-held lock; records the run and returns its summary."""
         if mode not in SYNC_MODES:
             raise ConfigError(f"mode={mode!r} is not one of {', '.join(SYNC_MODES)}")
-        requests_before = self.client.metrics.requests
+        requests = [0]
+        RUN_REQUESTS.set(requests)  # run() is a task of its own (or the CLI's only one)
         self.recovery_attempts = 0
-        run_id = self._run_id = await self.db.write(start_run, mode, trigger)
+        self._run_id = None
         started = time.monotonic()
-        result = SyncResult(run_id=run_id, mode=mode, trigger=trigger, status="running",
-                            started_at=iso(utc_now()))
+        result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running", started_at=iso(utc_now()))
         try:
-            if mode == "nuke":
-                await self.db.write(wipe)
-                await self.db.run(maybe_compact, True)
-            products = await self._sync_products(product_ids)
+            result.run_id = self._run_id = await self.db.write(start_run, mode, trigger)
+            products = await self._sync_products(product_ids, nuke=mode == "nuke")
             result.products = [ProductResult(p["id"], str(p.get("name") or p["id"])) for p in products]
             outcomes = await asyncio.gather(
                 *(self._guarded(p, r, mode, since) for p, r in zip(products, result.products)),
@@ -2074,6 +2092,9 @@ class SyncEngine:
                                          if r.error) or None
             else:
                 result.status = "success"
+        except CacheRebuiltError as exc:
+            result.status, result.error = "failed", str(exc)
+            raise  # the run's rows went with the damaged file: the caller starts over on the fresh one
         except (TestioError, OSError, sqlite3.Error) as exc:
             result.status, result.error = "failed", str(exc)
         except asyncio.CancelledError:
@@ -2082,10 +2103,11 @@ class SyncEngine:
         finally:
             result.seconds = round(time.monotonic() - started, 3)
             result.ended_at = iso(utc_now())
-            result.api_requests = self.client.metrics.requests - requests_before
+            result.api_requests = requests[0]
             result.recovery_attempts = self.recovery_attempts
             with contextlib.suppress(sqlite3.Error, TestioError, RuntimeError):
-                await asyncio.shield(self.db.write(finish_run, run_id, {
+                if result.run_id:
+                    await asyncio.shield(self.db.write(finish_run, result.run_id, {
                     "status": result.status, "products": len(result.products),
                     "new_tests": result.total("new_tests"), "updated_tests": result.total("updated_tests"),
                     "bugs": result.total("bugs"), "features": result.total("features"),
@@ -2093,7 +2115,9 @@ class SyncEngine:
                     "problems": result.total("problems"), "error": result.error}))
         return result
 
-    async def _sync_products(self, wanted: Sequence[int]) -> list[dict]:
+    async def _sync_products(self, wanted: Sequence[int], nuke: bool = False) -> list[dict]:
+        """Read and store the product list; --nuke wipes the old data in the same transaction, so a
+        rejected token or an unreachable API leaves it as it was."""
         products = await self.client.get_products()
         limit = set(wanted) or set(self.settings.product_ids)
         if limit:
@@ -2103,13 +2127,15 @@ class SyncEngine:
                 raise ConfigError(f"product id(s) {', '.join(map(str, missing))} are not visible to this "
                                   f"token; visible: {', '.join(map(str, sorted(visible))) or 'none'}")
             products = [p for p in products if p["id"] in limit]
-        await self.db.write(upsert_products, products, iso(utc_now()))
+        await self.db.write(wipe_and_store_products if nuke else upsert_products, products, iso(utc_now()))
+        if nuke:
+            await self.db.run(maybe_compact, True)
         return products
 
     async def _guarded(self, product: dict, result: ProductResult, mode: str, since: date | None) -> None:
         try:
             await self._sync_product(product, result, mode, since)
-        except (AuthError, RateLimitedError):
+        except (AuthError, RateLimitedError, CacheRebuiltError):
             result.status = "failed"
             raise
         except (TestioError, sqlite3.Error, OSError) as exc:
@@ -3058,6 +3084,7 @@ def demo_account() -> SimulatedAccount:
 
 READ_THROUGH_TIMEOUT = 15.0   # seconds a tool waits for the API before answering from the cache
 SYNC_WAIT_TIMEOUT = 600.0     # seconds sync_data waits for a sync that is already running
+BACKGROUND_BACKOFF_CAP = 3600.0  # the longest wait between background syncs while they keep failing
 SERVER_INSTRUCTIONS = """TestIO crowd-testing data (products, test cycles, bugs, features, acceptance rates)
 answered from a local copy that a background sync keeps fresh; every answer says how fresh (data_as_of).
 Start with list_products, then list_tests / get_test_status / list_bugs for details, get_quality_report
@@ -3231,7 +3258,10 @@ class AppState:
         self.db: Database | None = None
         self.client: TestioClient | None = None
         self.current_sync: asyncio.Task | None = None
-        self.background: dict[str, Any] = {"state": "starting", "last_error": None, "last_run_id": None}
+        self.background: dict[str, Any] = {
+            "state": "starting", "last_run_id": None, "last_status": None, "last_error": None,
+            "last_error_at": None, "consecutive_failures": 0, "next_run_at": None}
+        self.wake = asyncio.Event()  # set when the cache file was replaced: refill it now
         self.tool_calls: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=5000))
         self.tool_counts: collections.Counter[str] = collections.Counter()
@@ -3255,47 +3285,78 @@ class AppState:
         """Run a sync, or wait (bounded) for the one this process already runs; (result, waited)."""
         client = self.require_client("sync_data")
         if self.current_sync is not None and not self.current_sync.done():
-            return await asyncio.wait_for(asyncio.shield(self.current_sync), SYNC_WAIT_TIMEOUT), True
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.current_sync), SYNC_WAIT_TIMEOUT), True
+            except asyncio.TimeoutError:
+                raise SyncBusyError(f"a sync was already running and has not ended after waiting "
+                                    f"{SYNC_WAIT_TIMEOUT:g}s for it; it goes on in the background: see "
+                                    f"get_sync_history for its result later") from None
         self.current_sync = asyncio.create_task(run_locked_sync(
             self.runtime, self.db, client, mode, trigger=trigger, product_ids=product_ids,
             lock_timeout=lock_timeout, on_progress=on_progress))
         # shielded: a client that gives up does not cut a sync short (it finishes and is recorded)
-        return await asyncio.shield(self.current_sync), False
+        result = await asyncio.shield(self.current_sync)
+        healed = self.db.healed
+        if healed and result.status != "failed" and result.started_at >= healed.at:
+            healed.refilled = True
+        return result, False
 
-    async def background_sync(self, mode: str, trigger: str) -> None:
-        """One background cycle; skipped (never blocked on) when any sync is running."""
+    async def background_sync(self, mode: str, trigger: str, if_stale: bool = False) -> bool:
+        """One background cycle (with `if_stale`, only when the data is empty or older than the refresh
+        interval); skipped when a sync is running. False when it failed; never raises (but cancelled)."""
         if self.current_sync is not None and not self.current_sync.done():
-            return
-        self.background["state"] = "syncing"
+            return True
         try:
+            if if_stale:
+                last = parse_utc(await self.db.read(data_as_of))
+                interval = self.settings.refresh_interval
+                if last and not (interval and (utc_now() - last).total_seconds() >= interval):
+                    return True
+            self.background["state"] = "syncing"
             result, _ = await self.sync(mode, trigger)
-            self.background.update(state="idle", last_run_id=result.run_id, last_status=result.status,
-                                   last_error=result.error)
+            self.background.update(last_run_id=result.run_id, last_status=result.status)
+            if result.status == "failed":
+                raise TestioError(result.error or "the sync failed")
+            self.background["last_error"] = result.error
+            return True
         except SyncBusyError:
-            self.background.update(state="idle", last_status="skipped",
-                                   last_error="another process was syncing this database")
+            self.background.update(last_status="skipped", last_error="another process was syncing this database")
             log.info("background sync skipped: another process holds the sync lock")
-        except TestioError as exc:
-            self.background.update(state="idle", last_status="failed", last_error=str(exc))
-            log.warning("background sync failed: %s", exc)
+            return True
+        except Exception as exc:  # the background task's boundary: log, record, and try again later
+            known = isinstance(exc, (TestioError, sqlite3.Error, OSError))
+            reason = str(exc) if known and str(exc) else f"{type(exc).__name__}: {exc}"
+            self.background.update(last_status="failed", last_error=reason, last_error_at=iso(utc_now()))
+            log.error("background sync failed: %s", reason, exc_info=not known)
+            return False
+        finally:
+            self.background["state"] = "idle"
 
     async def freshness_loop(self) -> None:
-        """Sync at start when the data is empty or stale, then every refresh interval."""
-        interval = self.settings.refresh_interval
+        """Until the server stops: sync at start when the data is empty or stale, then every refresh
+        interval. A failed cycle, whatever failed, is retried at the next interval, then at doubling
+        ones; a replaced (damaged) cache file is refilled at once, even with the refresh interval 0."""
         if self.client is None:
             self.background["state"] = f"off: {ENV_TOKEN} is not set"
             return
-        last = parse_utc(await self.db.read(data_as_of))
-        age = (utc_now() - last).total_seconds() if last else None
-        if age is None or (interval and age >= interval):
-            await self.background_sync("incremental", "server_start")
-        if not interval:
-            self.background["state"] = f"off: {ENV_REFRESH}=0"
-            return
+        interval = self.settings.refresh_interval
+        failures, first = 0, True
         while True:
-            self.background["next_run_in_seconds"] = interval
-            await asyncio.sleep(interval)
-            await self.background_sync("refresh", "background")
+            self.wake.clear()
+            if first:
+                ok = await self.background_sync("incremental", "server_start", if_stale=True)
+            else:
+                ok = await self.background_sync("refresh", "background")
+            failures, first = 0 if ok else failures + 1, False
+            if self.wake.is_set() and failures <= 1:
+                continue
+            delay = min(interval * 2 ** max(failures - 1, 0), max(interval, BACKGROUND_BACKOFF_CAP))
+            self.background.update(
+                consecutive_failures=failures,
+                state="idle" if interval else f"off: {ENV_REFRESH}=0",
+                next_run_at=iso(utc_now() + timedelta(seconds=delay)) if interval else None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay or None)
 
     def tool_metrics(self) -> dict[str, Any]:
         """Calls, errors and latency p50/p99 (ms) per tool."""
@@ -3306,6 +3367,13 @@ class AppState:
                          "p50_ms": round(percentile(samples, 0.5) * 1000, 2) if samples else None,
                          "p99_ms": round(percentile(samples, 0.99) * 1000, 2) if samples else None}
         return out
+
+
+def _api_failure(exc: BaseException) -> str:
+    """Why a tool's bounded API call failed, in words (a timeout says how long it waited)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"the API did not answer within {READ_THROUGH_TIMEOUT:g}s"
+    return str(exc) or type(exc).__name__
 
 
 def _arg_list(value: Any, name: str, allowed: Sequence[str]) -> list[str]:
@@ -3347,6 +3415,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     @contextlib.asynccontextmanager
     async def lifespan(server: Any):
         state.db = await runtime.database()
+        loop = asyncio.get_running_loop()
+        state.db.on_heal = lambda: loop.call_soon_threadsafe(state.wake.set)
         state.client = runtime.client() if runtime.settings.token else None
         stop = {"sigterm": False}
         main_task = asyncio.current_task()
@@ -3387,7 +3457,14 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 started = time.perf_counter()
                 state.tool_counts[name] += 1
                 try:
-                    data, text = _render(await fn(*args, **kwargs))
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except CacheRebuiltError:  # the damaged cache file was replaced: ask the fresh one
+                        result = await fn(*args, **kwargs)
+                    data, text = _render(result)
+                    if (healed := state.db.healed) is not None and not healed.refilled:
+                        notice = healed.note()  # until a sync has filled the fresh cache
+                        data, text = {**data, "notice": notice}, f'{text[:-1]},"notice":{_dumps(notice)}}}'
                     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
                 except ToolError:
                     state.tool_errors[name] += 1
@@ -3439,7 +3516,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             except AuthError as exc:
                 token.update(accepted=False, error=str(exc))
             except (ApiError, asyncio.TimeoutError) as exc:
-                token["error"] = f"the API could not be reached to check the token: {exc or 'timeout'}"
+                token["error"] = f"the API could not be reached to check the token: {_api_failure(exc)}"
             token["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         else:
             token["error"] = f"{ENV_TOKEN} is not set; only the local data can be queried"
@@ -3449,7 +3526,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             data_as_of=status["last_successful_sync"], token=token,
             database={"ok": version == SCHEMA_VERSION, "path": str(state.settings.db_path),
                       "schema_version": version, "size_bytes": _file_size(state.settings.db_path),
-                      "counts": status["counts"]},
+                      "counts": status["counts"],
+                      "replaced_damaged_file": dataclasses.asdict(state.db.healed) if state.db.healed else None},
             last_successful_sync=status["last_successful_sync"],
             background_sync={**state.background, "refresh_interval_seconds": state.settings.refresh_interval,
                              "running_now": state.current_sync is not None and not state.current_sync.done()},
@@ -3511,7 +3589,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                                 f"check the id with list_tests") from None
             except (ApiError, asyncio.TimeoutError) as exc:
                 raise ToolError(f"test {test_id} is not in the local data and the API could not be read "
-                                f"({exc or 'timeout'}); try again later") from None
+                                f"({_api_failure(exc)}); try again later") from None
             found, as_of = await read(query_test, test_id)
         elif found["test"]["status"] not in FINAL_STATUSES and state.client is not None:
             synced = parse_utc(found["test"]["bugs_synced_at"])
@@ -3520,7 +3598,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                     await asyncio.wait_for(fetch_test(state.db, state.client, test_id), READ_THROUGH_TIMEOUT)
                     found = (await read(query_test, test_id))[0] or found
                 except (ApiError, asyncio.TimeoutError) as exc:
-                    warning = (f"could not refresh this running test from the API ({exc or 'timeout'}); "
+                    warning = (f"could not refresh this running test from the API ({_api_failure(exc)}); "
                                f"answering from the local copy synced at {found['test']['synced_at']}")
         return TestStatusResult(data_as_of=as_of, warning=warning, **found)
 
@@ -4135,7 +4213,10 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTranspo
     runtime = Runtime(settings, transport)
     command = COMMANDS.get(args.command, cmd_serve)
     try:
-        return command(args, runtime)
+        try:
+            return command(args, runtime)
+        except CacheRebuiltError:  # the damaged cache file was replaced (and said so): run on the fresh one
+            return command(args, runtime)
     except (TestioError, sqlite3.Error, OSError) as exc:
         print(f"testio-mcp: {exc}", file=sys.stderr)
         return 1
