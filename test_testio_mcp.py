@@ -508,6 +508,37 @@ def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_accou
     assert runs(env) == [("incremental", "success"), ("nuke", "success")]
 
 
+DATA_TABLES = ("products", "features", "tests", "test_features", "bugs", "counts", "product_sync",
+               "problematic_events", "problematic_tests")
+
+
+def every_row(db_path):
+    """Every row of the synced data (the run history aside)."""
+    return {t: db_rows(db_path, f"SELECT * FROM {t} ORDER BY 1, 2") for t in DATA_TABLES}
+
+
+@pytest.mark.parametrize("answer, shown", [(401, "the TestIO API rejected the token (HTTP 401 on GET products)"),
+                                           (503, "GET products: HTTP 503 after 5 attempts")],
+                         ids=["rejected-token", "api-down"])
+def test_nuke_that_cannot_read_the_product_list_leaves_the_old_data_exactly_as_it_was(
+        env, capsys, lean_account, answer, shown):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    conn = sqlite3.connect(env)
+    with conn:  # a hand-entered mapping too: --nuke would have dropped it
+        conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+                     "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 1, 100, 0, 1, 1, "
+                     "'2020-01-01T00:00:00Z', '2020-01-01T00:00:00Z')", (lean_account.product_ids()[0],))
+        conn.execute("INSERT INTO problematic_tests VALUES ('e1', 4242, '2020-01-01T00:00:00Z')")
+    conn.close()
+    before = every_row(env)
+    failing = mock(Faults(lean_account.handler).add(lambda request, n: httpx.Response(answer)))
+    code, _, err = cli(capsys, "sync", "--nuke", "--yes", transport=failing)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(f"testio-mcp: sync failed: {shown}"), err
+    assert every_row(env) == before and len(before["tests"]) == 360
+    assert runs(env) == [("incremental", "success"), ("nuke", "failed")]
+
+
 @pytest.mark.parametrize("how", ["flag", "environ"])
 def test_product_ids_limit_the_sync_to_those_products(env, capsys, monkeypatch, lean_account, how):
     a, _, c = lean_account.product_ids()
@@ -892,6 +923,31 @@ def test_bugs_of_a_test_that_always_fails_are_retried_by_the_next_sync(env, caps
     assert code == 0, err
     assert_matches_truth(env, acc)
     assert runs(env)[-1] == ("incremental", "success")
+
+
+def test_a_bug_batch_of_more_than_999_bugs_is_stored_by_a_sqlite_that_binds_at_most_999_variables(
+        env, capsys, monkeypatch):
+    """Older SQLite builds allow 999 variables a statement: no statement binds one per bug or feature."""
+    connect = tm.connect
+
+    def limited(path):
+        conn = connect(path)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        return conn
+
+    monkeypatch.setattr(tm, "connect", limited)
+    acc = make_account(products=1, tests_per_product=30, bugs_per_test=60)
+    faults = Faults(acc.handler)
+    assert cli(capsys, "sync", transport=mock(faults))[0] == 0
+    batches = [[int(t) for t in entry.split("filter_test_cycle_ids=")[1].replace("%2C", ",").split(",")]
+               for entry in faults.log if "filter_test_cycle_ids=" in entry]
+    assert max(sum(len(acc.bug_ids(t)) for t in batch) for batch in batches) > 999
+    assert_matches_truth(env, acc)
+    pid = acc.product_ids()[0]
+    acc.set_test_status(acc.test_ids(pid)[0], "locked")  # its bugs are replaced: the delete of vanished ones
+    code, _, err = cli(capsys, "sync", "--force", transport=mock(acc.handler))
+    assert code == 0, err
+    assert_matches_truth(env, acc)
 
 
 ###############################################################################
@@ -1359,6 +1415,151 @@ def test_disk_full_mid_sync_fails_with_one_readable_line_and_the_next_sync_conve
     assert_matches_truth(env, acc)
 
 
+def test_an_error_sqlite_already_rolled_back_is_reported_as_itself_not_as_a_failed_rollback(
+        env, capsys, lean_account):
+    """SQLITE_FULL and IOERR can roll the transaction back inside SQLite; a trigger's RAISE(ROLLBACK)
+    does the same on demand."""
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    conn = sqlite3.connect(env)
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON products BEGIN SELECT RAISE(ROLLBACK, 'disk says no'); END")
+    conn.close()
+    code, _, err = cli(capsys, "sync", transport=transport)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == "testio-mcp: sync failed: disk says no", err
+    assert db_rows(env, "SELECT status, error FROM sync_runs ORDER BY id DESC LIMIT 1") == [("failed", "disk says no")]
+
+
+def test_a_failed_commit_leaves_the_writer_outside_any_transaction(env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    conn = sqlite3.connect(env)  # a deferred foreign key is checked by COMMIT: a COMMIT that fails on demand
+    conn.execute("CREATE TABLE notes (test_id INTEGER REFERENCES tests(id) DEFERRABLE INITIALLY DEFERRED)")
+    conn.close()
+
+    async def writes():
+        db = await tm.Database(env).open()
+        try:
+            with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY constraint failed"):
+                await db.write(lambda conn: conn.execute("INSERT INTO notes VALUES (-1)"))
+            assert await db.write(tm.clear_problems) == 0  # the one writer connection still writes
+        finally:
+            await db.aclose()
+
+    asyncio.run(writes())
+    assert db_rows(env, "SELECT count(*) FROM notes") == [(0,)]
+
+
+###############################################################################
+# Damaged cache files: moved aside, replaced by a fresh one the sync fills, the user told once
+###############################################################################
+
+DAMAGE = ("header", "schema-page", "data-pages", "truncated", "not-sqlite")
+DAMAGE_REASON = r"(file is not a database|database disk image is malformed)"
+
+
+def damage(path: Path, where: str) -> None:
+    """Spoil a (checkpointed) database file the way disks, copies and people do."""
+    roots = [r for (r,) in db_rows(path, "SELECT rootpage FROM sqlite_master WHERE rootpage > 1")]
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    if where == "header":
+        data[:16] = b"Not SQLite, sorry"[:16]
+    elif where == "schema-page":
+        data[100:page] = b"\xff" * (page - 100)
+    elif where == "data-pages":  # the root page of every table and index: the schema still reads
+        for root in roots:
+            data[(root - 1) * page:root * page] = b"\xff" * page
+    elif where == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data = bytearray(b"my notes, not a database\n" * 400)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def small_synced(tmp_path_factory):
+    """A small account synced once: (its database, the account)."""
+    root = tmp_path_factory.mktemp("small")
+    acc = make_account(products=2, tests_per_product=40, bugs_per_test=2)
+    with pytest.MonkeyPatch.context() as mp:
+        path = clean_environment(mp, root)
+        with restored_logging():
+            assert tm.main(["sync"], transport=transport_for(acc.handler)) == 0
+    return path, acc
+
+
+def damaged_copy(small_synced, env, where):
+    env.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(small_synced[0], env)
+    damage(env, where)
+
+
+def assert_told_once(err, env):
+    """One WARNING naming the damage, the file and where it went; returns the moved-aside file."""
+    [aside] = env.parent.glob(f"{env.name}.damaged-*[0-9]Z")
+    assert "Traceback" not in err
+    told = re.findall(rf"WARNING testio_mcp: the local cache {re.escape(str(env))} was damaged \({DAMAGE_REASON}\): "
+                      rf"moved it to {re.escape(str(aside))} and started a fresh one", err)
+    assert len(told) == 1, err
+    return aside
+
+
+@pytest.mark.parametrize("where", DAMAGE)
+def test_sync_on_a_damaged_cache_moves_it_aside_and_fills_a_fresh_one(env, capsys, small_synced, where):
+    damaged_copy(small_synced, env, where)
+    spoiled = len(env.read_bytes())
+    code, _, err = cli(capsys, "sync", transport=mock(small_synced[1].handler))
+    assert code == 0, err
+    aside = assert_told_once(err, env)
+    assert aside.stat().st_size >= spoiled * 0.5
+    assert_matches_truth(env, small_synced[1])
+    assert runs(env) == [("incremental", "success")]
+
+
+@pytest.mark.parametrize("where", DAMAGE)
+@pytest.mark.parametrize("argv, shown", [(["sync", "--status"], "last good  never"),
+                                         (["problematic", "list"], "no problematic events recorded")],
+                         ids=["status", "problematic-list"])
+def test_every_command_on_a_damaged_cache_answers_from_a_fresh_one_and_says_where_the_old_one_is(
+        env, capsys, small_synced, where, argv, shown):
+    damaged_copy(small_synced, env, where)
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert_told_once(err, env)
+    assert shown in out
+    assert db_rows(env, "SELECT count(*) FROM tests") == [(0,)]
+    assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_hand_entered_problematic_mappings_outlive_a_damaged_cache_when_still_readable(env, capsys, small_synced):
+    env.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(small_synced[0], env)
+    pid = small_synced[1].product_ids()[0]
+    conn = sqlite3.connect(env)
+    with conn:
+        conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+                     "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 3, 100, 250, 251, 5, "
+                     "'2020-01-01T00:00:00Z', '2020-01-02T00:00:00Z')", (pid,))
+        conn.execute("INSERT INTO problematic_tests VALUES ('e1', 4242, '2020-01-03T00:00:00Z')")
+        tests_root, bugs_root = (r for (r,) in conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') ORDER BY name DESC"))
+    conn.close()
+    mapped = every_row(env)
+    data = bytearray(env.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    for root in (tests_root, bugs_root):
+        data[(root - 1) * page:root * page] = b"\xff" * page
+    env.write_bytes(bytes(data))
+    code, _, err = cli(capsys, "sync", transport=mock(small_synced[1].handler))
+    assert code == 0, err
+    assert_told_once(err, env)
+    assert_matches_truth(env, small_synced[1])
+    for table in ("problematic_events", "problematic_tests"):
+        assert every_row(env)[table] == mapped[table]
+    code, out, _ = cli(capsys, "problematic", "list")
+    assert code == 0 and re.search(r"e1 .* 4242", out), out
+
+
 ###############################################################################
 # Schema: idempotent DDL, newer databases refused, older ones migrated in place
 ###############################################################################
@@ -1437,6 +1638,31 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
     assert_matches_truth(env, lean_account)
     assert db_rows(env, "SELECT count(*) FROM search_fts WHERE entity = 'bug'") == db_rows(env, "SELECT count(*) FROM bugs")
+
+
+def test_a_migration_step_can_add_a_column_that_an_index_of_schema_sql_covers(env, capsys, lean_account,
+                                                                                monkeypatch):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    counts = every_row(env)
+    schema = (HERE / "schema.sql").read_text()
+    last = "    bugs_synced_at TEXT                           -- NULL: the bugs must be (re)fetched\n);\n"
+    assert last in schema
+    future = schema.replace(last, "    bugs_synced_at TEXT,\n    priority INTEGER\n);\n"
+                                  "CREATE INDEX IF NOT EXISTS tests_priority ON tests(priority);\n")
+    version = tm.SCHEMA_VERSION + 1
+    monkeypatch.setattr(tm, "_schema_sql", lambda: future)
+    monkeypatch.setattr(tm, "SCHEMA_VERSION", version)
+    monkeypatch.setitem(tm.MIGRATIONS, version, "ALTER TABLE tests ADD COLUMN priority INTEGER;")
+    for path in (env, env.with_name("fresh.db")):  # an upgrade, and a database made from scratch
+        monkeypatch.setenv("TESTIO_DB_PATH", str(path))
+        code, _, err = cli(capsys, "sync", "--status")
+        assert code == 0, err
+        assert db_rows(path, "PRAGMA user_version") == [(version,)]
+        assert "priority" in [r[1] for r in db_rows(path, "PRAGMA table_info(tests)")]
+        assert db_rows(path, "SELECT name FROM sqlite_master WHERE name = 'tests_priority'") == [("tests_priority",)]
+    assert {t: rows for t, rows in every_row(env).items() if t != "tests"} == {
+        t: rows for t, rows in counts.items() if t != "tests"}
+    assert [r[:-1] for r in every_row(env)["tests"]] == counts["tests"]
 
 
 ###############################################################################
