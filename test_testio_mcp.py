@@ -1498,7 +1498,7 @@ def assert_told_once(err, env):
     """One WARNING naming the damage, the file and where it went; returns the moved-aside file."""
     [aside] = env.parent.glob(f"{env.name}.damaged-*[0-9]Z")
     assert "Traceback" not in err
-    told = re.findall(rf"WARNING testio_mcp: the local cache {re.escape(str(env))} was damaged \({DAMAGE_REASON}\): "
+    told = re.findall(rf"WARNING +testio_mcp:(?:\S+)? the local cache {re.escape(str(env))} was damaged \({DAMAGE_REASON}\): "
                       rf"moved it to {re.escape(str(aside))} and started a fresh one", err)
     assert len(told) == 1, err
     return aside
@@ -3021,6 +3021,155 @@ async def test_health_check_reports_a_rejected_token_or_an_unreachable_api(db, o
     assert [f for f in fragments if f not in data["token"]["error"]] == [], data["token"]["error"]
     assert data["api_metrics"]["errors"] == errors
     assert data["database"]["ok"] is True
+
+
+###############################################################################
+# Weeks unattended: a damaged cache, the background refresh, timeouts, each run's own counts
+###############################################################################
+
+@pytest.mark.parametrize("where", DAMAGE)
+@pytest.mark.anyio
+async def test_a_server_on_a_damaged_cache_answers_says_where_the_old_file_is_and_refills_a_fresh_one(
+        db, where, caplog):
+    damage(db, where)
+    acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
+    gate = GatedProducts(acc.handler)  # the refill waits at the product list until released
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            first = await ok(client, "list_products")
+            [aside] = db.parent.glob(f"{db.name}.damaged-*[0-9]Z")
+            assert first["products"] == []
+            assert re.fullmatch(rf"the local cache was damaged \({DAMAGE_REASON}\) and was replaced by a fresh one "
+                                rf"at \S+, which a sync fills from the TestIO API; the damaged file is kept at "
+                                rf"{re.escape(str(aside))}", first["notice"])
+            assert (await ok(client, "get_database_stats"))["notice"] == first["notice"]
+            await gate.entered.wait()
+            gate.release.set()
+            while not any(r["status"] == "success" for r in (await ok(client, "get_sync_history"))["runs"]):
+                pass
+            after = await ok(client, "list_products")
+            health = await ok(client, "health_check")
+    assert "notice" not in after and len(after["products"]) == 2
+    replaced = health["database"]["replaced_damaged_file"]
+    assert (replaced["moved_to"], replaced["refilled"]) == (str(aside), True)
+    assert re.fullmatch(DAMAGE_REASON, replaced["reason"])
+    assert health["background_sync"]["last_status"] == "success"
+    assert_told_once(caplog.text, db)
+
+
+@pytest.mark.anyio
+async def test_a_cache_damaged_while_the_server_runs_is_replaced_on_the_next_tool_call(db, caplog):
+    acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
+    gate = GatedProducts(acc.handler)  # the refill waits at the product list until released
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            assert "notice" not in await ok(client, "get_sync_history")
+            damage(db, "data-pages")  # pages no connection has read yet
+            answer = await ok(client, "list_products")
+            assert answer["products"] == [] and "the damaged file is kept at" in answer["notice"]
+            text = await err(client, "list_bugs", {"product_ids": [P]})
+            assert text.endswith(f"sync_data if the product is new (note: {answer['notice']})")
+            await gate.entered.wait()  # the background refill started at once (the refresh interval is 0)
+            gate.release.set()
+            while not any(r["status"] == "success" for r in (await ok(client, "get_sync_history"))["runs"]):
+                pass
+            data = await ok(client, "list_products")
+    assert "notice" not in data and len(data["products"]) == 2
+    assert_told_once(caplog.text, db)
+
+
+@pytest.mark.anyio
+async def test_the_background_refresh_survives_a_sqlite_error_and_succeeds_at_a_later_interval(db, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0.05")
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TRIGGER no_runs BEFORE INSERT ON sync_runs BEGIN SELECT RAISE(ABORT, 'database is locked'); END")
+    conn.close()
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)
+    with anyio.fail_after(WAIT):
+        async with mcp_client(acc.handler) as client:
+            while (failed := (await ok(client, "health_check"))["background_sync"])["last_error"] is None:
+                pass
+            conn = sqlite3.connect(db)
+            conn.execute("DROP TRIGGER no_runs")
+            conn.close()
+            while (done := (await ok(client, "health_check"))["background_sync"])["last_status"] != "success":
+                pass
+            found = await ok(client, "list_tests", {"product_id": P, "sort_by": "id", "per_page": 1})
+    assert (failed["last_status"], failed["last_error"], failed["running_now"]) == ("failed", "database is locked", False)
+    assert failed["state"] in ("idle", "syncing") and failed["last_error_at"] is not None
+    assert done["consecutive_failures"] == 0 or done["state"] == "syncing"
+    assert done["next_run_at"] is not None
+    assert found["tests"][0]["id"] == new
+
+
+class Hung:
+    """An async handler that never answers (every wait on it must be bounded by the code under test)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def __call__(self, request):
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+@pytest.mark.anyio
+async def test_a_tool_whose_api_call_runs_out_of_time_says_what_timed_out_and_after_how_long(db, monkeypatch):
+    monkeypatch.setattr(tm, "READ_THROUGH_TIMEOUT", 0.05)
+    hung = Hung()
+    with anyio.fail_after(WAIT):
+        async with mcp_client(hung) as client:
+            text = await err(client, "get_test_status", {"test_id": 999999})
+            health = await ok(client, "health_check")
+    assert text == ("Error executing tool get_test_status: test 999999 is not in the local data and the API could "
+                    "not be read (the API did not answer within 0.05s); try again later")
+    assert health["token"]["error"] == ("the API could not be reached to check the token: the API did not answer "
+                                        "within 0.05s")
+    assert hung.calls == 2
+
+
+@pytest.mark.anyio
+async def test_sync_data_waiting_past_its_limit_for_the_running_sync_says_so_in_a_sentence(db, monkeypatch):
+    monkeypatch.setattr(tm, "SYNC_WAIT_TIMEOUT", 0.05)
+    acc = make_account()
+    gate = GatedProducts(acc.handler)
+    results = {}
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            async def first():
+                results["first"] = await ok(client, "sync_data", {})
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(first)
+                await gate.entered.wait()
+                results["second"] = await err(client, "sync_data", {})
+                gate.release.set()
+    assert results["second"] == ("Error executing tool sync_data: a sync was already running and has not ended "
+                                 "after waiting 0.05s for it; it goes on in the background: see get_sync_history "
+                                 "for its result later")
+    assert results["first"]["run"]["status"] == "success"
+
+
+@pytest.mark.anyio
+async def test_a_runs_api_request_count_leaves_out_the_requests_a_tool_made_meanwhile(db):
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)
+    faults = Faults(acc.handler)
+    gate = GatedProducts(faults)
+    results = {}
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            async def sync():
+                results["sync"] = await ok(client, "sync_data", {})
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(sync)
+                await gate.entered.wait()
+                await ok(client, "get_test_status", {"test_id": new})  # a read-through: two requests
+                gate.release.set()
+            history = (await ok(client, "get_sync_history"))["runs"]
+    assert results["sync"]["run"]["api_requests"] == faults.calls - 2 == history[0]["api_requests"]
 
 
 ###############################################################################

@@ -696,7 +696,7 @@ def salvage(path: Path) -> dict[str, list[dict]]:
     try:
         return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")] for table in SALVAGED_TABLES}
     except sqlite3.Error as exc:
-        log.warning("the problematic-test mappings of the damaged cache could not be read: %s", exc)
+        log.info("no problematic-test mappings could be read from the damaged cache: %s", exc)
         return {}
     finally:
         conn.close()
@@ -3358,6 +3358,11 @@ class AppState:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay or None)
 
+    def notice(self) -> str | None:
+        """What every answer notes until a sync has filled a cache that replaced a damaged file."""
+        healed = self.db.healed if self.db else None
+        return healed.note() if healed is not None and not healed.refilled else None
+
     def tool_metrics(self) -> dict[str, Any]:
         """Calls, errors and latency p50/p99 (ms) per tool."""
         out = {}
@@ -3462,8 +3467,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                     except CacheRebuiltError:  # the damaged cache file was replaced: ask the fresh one
                         result = await fn(*args, **kwargs)
                     data, text = _render(result)
-                    if (healed := state.db.healed) is not None and not healed.refilled:
-                        notice = healed.note()  # until a sync has filled the fresh cache
+                    if notice := state.notice():
                         data, text = {**data, "notice": notice}, f'{text[:-1]},"notice":{_dumps(notice)}}}'
                     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
                 except ToolError:
@@ -3471,7 +3475,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                     raise
                 except TestioError as exc:
                     state.tool_errors[name] += 1
-                    raise ToolError(str(exc)) from None
+                    notice = state.notice()
+                    raise ToolError(f"{exc} (note: {notice})" if notice else str(exc)) from None
                 except Exception:
                     state.tool_errors[name] += 1
                     log.exception("tool %s failed", name)
