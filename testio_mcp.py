@@ -919,7 +919,7 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
-INLINE_IN_VALUES = 100  # longer IN lists bind one JSON array: some SQLite builds allow 999 variables
+INLINE_IN_VALUES = 250  # longer IN lists bind one JSON array: some SQLite builds allow 999 variables
 
 
 def _in(expr: str, values: Sequence[Any], op: str = "IN") -> tuple[str, list]:
