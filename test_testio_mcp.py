@@ -1518,8 +1518,9 @@ def test_sync_on_a_damaged_cache_moves_it_aside_and_fills_a_fresh_one(env, capsy
 
 @pytest.mark.parametrize("where", DAMAGE)
 @pytest.mark.parametrize("argv, shown", [(["sync", "--status"], "last good  never"),
-                                         (["problematic", "list"], "no problematic events recorded")],
-                         ids=["status", "problematic-list"])
+                                         (["problematic", "list"], "no problematic events recorded"),
+                                         (["problematic", "clear", "--yes"], "cleared 0 event(s)")],
+                         ids=["status", "problematic-list", "problematic-clear"])
 def test_every_command_on_a_damaged_cache_answers_from_a_fresh_one_and_says_where_the_old_one_is(
         env, capsys, small_synced, where, argv, shown):
     damaged_copy(small_synced, env, where)
@@ -3403,10 +3404,13 @@ async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_dem
     assert [t["id"] for t in tests["tests"]] == demo.test_ids(pid)[:5]
 
 
-def _raw_session(tmp_path: Path, synced_template: Path) -> subprocess.Popen:
-    """testio_mcp.py over stdio with the canary token, DEBUG logs, and an API port nobody listens on."""
+def _raw_session(tmp_path: Path, synced_template: Path, spoil: str | None = None) -> subprocess.Popen:
+    """testio_mcp.py over stdio with the canary token, DEBUG logs, and an API port nobody listens on;
+    `spoil`: damage the database first (see damage())."""
     (tmp_path / "data").mkdir(exist_ok=True)
     shutil.copyfile(synced_template, tmp_path / "data" / "cache.db")
+    if spoil:
+        damage(tmp_path / "data" / "cache.db", spoil)
     env = child_env(tmp_path, tmp_path / "data" / "cache.db", TESTIO_CUSTOMER_API_TOKEN=TOKEN, LOG_LEVEL="DEBUG",
                     TESTIO_CUSTOMER_API_BASE_URL=f"http://127.0.0.1:{free_port()}/customer/v2",
                     TESTIO_RETRY_BASE_SECONDS="0", TESTIO_HTTP_TIMEOUT_SECONDS="5")
@@ -3500,6 +3504,26 @@ def test_stdio_stdout_carries_only_json_rpc_and_stdin_eof_ends_the_server_cleanl
     stderr = b"".join(err_lines.lines).decode()
     assert " DEBUG " in stderr and "Traceback" not in stderr
     assert TOKEN not in stderr and TOKEN.encode() not in b"".join(out.lines)
+
+
+@pytest.mark.slow
+def test_stdio_server_on_a_damaged_cache_initializes_and_answers_with_the_note(tmp_path, synced_template):
+    proc = _raw_session(tmp_path, synced_template, spoil="header")
+    try:
+        out, err_lines = Lines(proc.stdout), Lines(proc.stderr)
+        _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+              _call(2, "get_database_stats", {}))
+        replies = _replies(out, {1, 2})
+        code = _stopped_within(proc, proc.stdin.close)
+    finally:
+        _reap(proc)
+    assert code == 0
+    assert replies[1]["result"]["serverInfo"]["name"] == "testio-mcp"
+    stats = replies[2]["result"]["structuredContent"]
+    assert stats["counts"]["tests"] == 0 and "the damaged file is kept at" in stats["notice"]
+    stderr = b"".join(err_lines.lines).decode()
+    assert "Traceback" not in stderr
+    assert_told_once(stderr, tmp_path / "data" / "cache.db")
 
 
 @pytest.mark.slow
