@@ -3079,6 +3079,52 @@ async def test_a_cache_damaged_while_the_server_runs_is_replaced_on_the_next_too
     assert_told_once(caplog.text, db)
 
 
+class GatedPage:
+    """An async handler holding the first request for a tests page until released."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.held = 0
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/exploratory_tests") and not self.held:
+            self.held += 1
+            self.entered.set()
+            await self.release.wait()
+        return self.handler(request)
+
+
+@pytest.mark.anyio
+async def test_a_sync_whose_cache_is_replaced_under_it_starts_over_on_the_fresh_one(db, caplog):
+    acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
+    gate = GatedPage(acc.handler)
+    bug_pages = {r for (r,) in db_rows(db, "SELECT rootpage FROM sqlite_master WHERE tbl_name = 'bugs' AND rootpage > 1")}
+    results = {}
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            async def sync():
+                results["sync"] = await ok(client, "sync_data", {})
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(sync)
+                await gate.entered.wait()  # the sync stored the product list and waits for a page
+                data = bytearray(db.read_bytes())
+                page = int.from_bytes(data[16:18], "big")
+                for root in bug_pages:  # pages nothing has read yet: the bugs
+                    data[(root - 1) * page:root * page] = b"\xff" * page
+                db.write_bytes(bytes(data))
+                answer = await err(client, "list_bugs", {"test_ids": [T]})  # not in the fresh cache
+                gate.release.set()
+            health = await ok(client, "health_check")
+    assert "(note: the local cache was damaged (database disk image is malformed)" in answer
+    assert (results["sync"]["run"]["status"], results["sync"]["run"]["error"]) == ("success", None)
+    assert "notice" not in results["sync"] and health["database"]["replaced_damaged_file"]["refilled"] is True
+    assert "FOREIGN KEY" not in caplog.text
+    assert_told_once(caplog.text, db)
+
+
 @pytest.mark.anyio
 async def test_the_background_refresh_survives_a_sqlite_error_and_succeeds_at_a_later_interval(db, monkeypatch):
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0.05")

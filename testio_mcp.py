@@ -738,19 +738,19 @@ class Database:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="testio-db-write")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="testio-db-read")
         self._closed = False
-        self._generation = 0  # bumped when a damaged file is replaced: each thread reconnects
+        self.generation = 0  # bumped when a damaged file is replaced: each thread reconnects
         self.healed: Healed | None = None
         self.on_heal: Callable[[], None] | None = None  # called (on a DB thread) after a replacement
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.generation != self._generation:
+        if conn is not None and self._local.generation != self.generation:
             self._drop(conn)
             conn = None
         if conn is None:
             with self._lock:  # never half way through a replacement
                 conn = connect(self.path)
-                self._local.conn, self._local.generation = conn, self._generation
+                self._local.conn, self._local.generation = conn, self.generation
                 self._conns.append(conn)
         return conn
 
@@ -767,7 +767,7 @@ class Database:
         """Move the damaged file (with its -wal/-shm) aside under a dated name and start a fresh,
         migrated one holding what could be salvaged; a no-op when another call already did."""
         with self._lock:
-            if generation != self._generation:
+            if generation != self.generation:
                 return
             salvaged = salvage(self.path)
             stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
@@ -792,7 +792,7 @@ class Database:
                 raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could not be "
                                   f"replaced ({exc}); move it away and start again") from None
             self.healed = Healed(str(aside), iso(utc_now()), str(damage))
-            self._generation += 1
+            self.generation += 1
         log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, which "
                     "the next sync fills from the TestIO API", self.path, damage, aside)
         if self.on_heal is not None:
@@ -805,7 +805,7 @@ class Database:
         except sqlite3.DatabaseError as exc:
             if not is_damage(exc):
                 raise
-            self._replace(self._generation, exc)
+            self._replace(self.generation, exc)
         return migrate(self._conn())
 
     async def open(self) -> "Database":
@@ -819,7 +819,7 @@ class Database:
             raise TestioError("the database is closed")
 
         def call() -> Any:
-            generation, conn = self._generation, None
+            generation, conn = self.generation, None
             try:
                 conn = self._conn()
                 generation = self._local.generation
@@ -2059,6 +2059,7 @@ class SyncEngine:
         self.on_progress = on_progress or (lambda result, phase: None)
         self.recovery_attempts = 0
         self._run_id: int | None = None
+        self._generation = db.generation
         # bug batches requested but not yet stored, across products: bounds the sync's memory
         self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
 
@@ -2071,6 +2072,7 @@ class SyncEngine:
         RUN_REQUESTS.set(requests)  # run() is a task of its own (or the CLI's only one)
         self.recovery_attempts = 0
         self._run_id = None
+        self._generation = self.db.generation
         started = time.monotonic()
         result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running", started_at=iso(utc_now()))
         try:
@@ -2083,6 +2085,7 @@ class SyncEngine:
             fatal = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if fatal is not None:
                 raise fatal
+            self._same_cache()
             failed = [r for r in result.products if r.status == "failed"]
             if result.products and len(failed) == len(result.products):
                 result.status, result.error = "failed", failed[0].error
@@ -2139,6 +2142,7 @@ class SyncEngine:
             result.status = "failed"
             raise
         except (TestioError, sqlite3.Error, OSError) as exc:
+            self._same_cache()
             result.status, result.error = "failed", str(exc)
             log.error("sync of product %s failed: %s", product["id"], exc)
         except Exception as exc:  # the per-product guard: one product's bug must not stop the others
@@ -2146,6 +2150,12 @@ class SyncEngine:
             log.exception("sync of product %s failed", product["id"])
         finally:
             self.on_progress(result, "done")
+
+    def _same_cache(self) -> None:
+        """CacheRebuiltError when the cache file was replaced (found damaged) during the run: what the
+        run read and wrote went partly to the old file."""
+        if self.db.generation != self._generation:
+            raise CacheRebuiltError(self.db.healed.note() if self.db.healed else "the cache was replaced")
 
     async def _sync_product(self, product: dict, result: ProductResult, mode: str,
                             since: date | None) -> None:
