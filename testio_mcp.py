@@ -722,9 +722,9 @@ class Healed:
 
     def note(self) -> str:
         """One line for the user: what happened and where the old file is."""
+        state = "now filled again" if self.refilled else "which a sync fills from the TestIO API"
         return (f"the local cache was damaged ({self.reason}) and was replaced by a fresh one at "
-                f"{self.at}, {'now filled again' if self.refilled else 'which a sync fills from the TestIO API'}; "
-                f"the damaged file is kept at {self.moved_to}")
+                f"{self.at}, {state}; the damaged file is kept at {self.moved_to}")
 
 
 class Database:
@@ -1777,8 +1777,8 @@ def _timeout_text(exc: httpx.TimeoutException, seconds: float) -> str:
     """'connect timeout (10s)' / 'read timeout (30s)': which wait ran out, and its length."""
     if isinstance(exc, httpx.ConnectTimeout):
         return f"connect timeout ({min(10.0, seconds):g}s)"
-    kind = {httpx.ReadTimeout: "read", httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}.get(type(exc), "")
-    return f"{kind + ' ' if kind else ''}timeout ({seconds:g}s)"
+    kinds = {httpx.ReadTimeout: "read ", httpx.WriteTimeout: "write ", httpx.PoolTimeout: "pool "}
+    return f"{kinds.get(type(exc), '')}timeout ({seconds:g}s)"
 
 
 class TestioClient:
@@ -3330,7 +3330,8 @@ class AppState:
             self.background["last_error"] = result.error
             return True
         except SyncBusyError:
-            self.background.update(last_status="skipped", last_error="another process was syncing this database")
+            self.background.update(last_status="skipped",
+                                   last_error="another process was syncing this database")
             log.info("background sync skipped: another process holds the sync lock")
             return True
         except Exception as exc:  # the background task's boundary: log, record, and try again later
@@ -3542,7 +3543,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             database={"ok": version == SCHEMA_VERSION, "path": str(state.settings.db_path),
                       "schema_version": version, "size_bytes": _file_size(state.settings.db_path),
                       "counts": status["counts"],
-                      "replaced_damaged_file": dataclasses.asdict(state.db.healed) if state.db.healed else None},
+                      "replaced_damaged_file": state.db.healed and dataclasses.asdict(state.db.healed)},
             last_successful_sync=status["last_successful_sync"],
             background_sync={**state.background, "refresh_interval_seconds": state.settings.refresh_interval,
                              "running_now": state.current_sync is not None and not state.current_sync.done()},
