@@ -515,6 +515,37 @@ def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_accou
     assert runs(env) == [("incremental", "success"), ("nuke", "success")]
 
 
+DATA_TABLES = ("products", "features", "tests", "test_features", "bugs", "counts", "product_sync",
+               "problematic_events", "problematic_tests")
+
+
+def every_row(db_path):
+    """Every row of the synced data (the run history aside)."""
+    return {t: db_rows(db_path, f"SELECT * FROM {t} ORDER BY 1, 2") for t in DATA_TABLES}
+
+
+@pytest.mark.parametrize("answer, shown", [(401, "the TestIO API rejected the token (HTTP 401 on GET products)"),
+                                           (503, "GET products: HTTP 503 after 5 attempts")],
+                         ids=["rejected-token", "api-down"])
+def test_nuke_that_cannot_read_the_product_list_leaves_the_old_data_exactly_as_it_was(
+        env, capsys, lean_account, answer, shown):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    conn = sqlite3.connect(env)
+    with conn:  # a hand-entered mapping too: --nuke would have dropped it
+        conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+                     "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 1, 100, 0, 1, 1, "
+                     "'2020-01-01T00:00:00Z', '2020-01-01T00:00:00Z')", (lean_account.product_ids()[0],))
+        conn.execute("INSERT INTO problematic_tests VALUES ('e1', 4242, '2020-01-01T00:00:00Z')")
+    conn.close()
+    before = every_row(env)
+    failing = mock(Faults(lean_account.handler).add(lambda request, n: httpx.Response(answer)))
+    code, _, err = cli(capsys, "sync", "--nuke", "--yes", transport=failing)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(f"testio-mcp: sync failed: {shown}"), err
+    assert every_row(env) == before and len(before["tests"]) == 360
+    assert runs(env) == [("incremental", "success"), ("nuke", "failed")]
+
+
 @pytest.mark.parametrize("how", ["flag", "environ"])
 def test_product_ids_limit_the_sync_to_those_products(env, capsys, monkeypatch, lean_account, how):
     a, _, c = lean_account.product_ids()
@@ -914,6 +945,31 @@ def test_bugs_of_a_test_that_always_fails_are_retried_by_the_next_sync(env, caps
     assert runs(env)[-1] == ("incremental", "success")
 
 
+def test_a_bug_batch_of_more_than_999_bugs_is_stored_by_a_sqlite_that_binds_at_most_999_variables(
+        env, capsys, monkeypatch):
+    """Older SQLite builds allow 999 variables a statement: no statement binds one per bug or feature."""
+    connect = tm.connect
+
+    def limited(path):
+        conn = connect(path)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        return conn
+
+    monkeypatch.setattr(tm, "connect", limited)
+    acc = make_account(products=1, tests_per_product=30, bugs_per_test=60)
+    faults = Faults(acc.handler)
+    assert cli(capsys, "sync", transport=mock(faults))[0] == 0
+    batches = [[int(t) for t in entry.split("filter_test_cycle_ids=")[1].replace("%2C", ",").split(",")]
+               for entry in faults.log if "filter_test_cycle_ids=" in entry]
+    assert max(sum(len(acc.bug_ids(t)) for t in batch) for batch in batches) > 999
+    assert_matches_truth(env, acc)
+    pid = acc.product_ids()[0]
+    acc.set_test_status(acc.test_ids(pid)[0], "locked")  # its bugs are replaced: the delete of vanished ones
+    code, _, err = cli(capsys, "sync", "--force", transport=mock(acc.handler))
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+
+
 ###############################################################################
 # The token never leaks: outputs, log records, database files
 ###############################################################################
@@ -1082,7 +1138,7 @@ def test_a_hung_api_fails_each_request_within_its_timeout_and_the_sync_ends_with
     code, _, err = cli(capsys, "sync")
     elapsed = time.monotonic() - started
     assert code == 1
-    reason = (f"GET products: timeout after 5 attempts from {url}; check the network, or "
+    reason = (f"GET products: read timeout (0.5s) after 5 attempts from {url}; check the network, or "
               f"TESTIO_CUSTOMER_API_BASE_URL if that is not the API's address")
     assert f"testio-mcp: sync failed: {reason}" in err
     assert 5 * 0.5 <= elapsed < 5 * 0.5 + 5.0
@@ -1381,6 +1437,152 @@ def test_disk_full_mid_sync_fails_with_one_readable_line_and_the_next_sync_conve
     assert_matches_truth(env, acc)
 
 
+def test_an_error_sqlite_already_rolled_back_is_reported_as_itself_not_as_a_failed_rollback(
+        env, capsys, lean_account):
+    """SQLITE_FULL and IOERR can roll the transaction back inside SQLite; a trigger's RAISE(ROLLBACK)
+    does the same on demand."""
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    conn = sqlite3.connect(env)
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON products BEGIN SELECT RAISE(ROLLBACK, 'disk says no'); END")
+    conn.close()
+    code, _, err = cli(capsys, "sync", transport=transport)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == "testio-mcp: sync failed: disk says no", err
+    assert db_rows(env, "SELECT status, error FROM sync_runs ORDER BY id DESC LIMIT 1") == [("failed", "disk says no")]
+
+
+def test_a_failed_commit_leaves_the_writer_outside_any_transaction(env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    conn = sqlite3.connect(env)  # a deferred foreign key is checked by COMMIT: a COMMIT that fails on demand
+    conn.execute("CREATE TABLE notes (test_id INTEGER REFERENCES tests(id) DEFERRABLE INITIALLY DEFERRED)")
+    conn.close()
+
+    async def writes():
+        db = await tm.Database(env).open()
+        try:
+            with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY constraint failed"):
+                await db.write(lambda conn: conn.execute("INSERT INTO notes VALUES (-1)"))
+            assert await db.write(tm.clear_problems) == 0  # the one writer connection still writes
+        finally:
+            await db.aclose()
+
+    asyncio.run(writes())
+    assert db_rows(env, "SELECT count(*) FROM notes") == [(0,)]
+
+
+###############################################################################
+# Damaged cache files: moved aside, replaced by a fresh one the sync fills, the user told once
+###############################################################################
+
+DAMAGE = ("header", "schema-page", "data-pages", "truncated", "not-sqlite")
+DAMAGE_REASON = r"(file is not a database|database disk image is malformed)"
+
+
+def damage(path: Path, where: str) -> None:
+    """Spoil a (checkpointed) database file the way disks, copies and people do."""
+    roots = [r for (r,) in db_rows(path, "SELECT rootpage FROM sqlite_master WHERE rootpage > 1")]
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    if where == "header":
+        data[:16] = b"Not SQLite, sorry"[:16]
+    elif where == "schema-page":
+        data[100:page] = b"\xff" * (page - 100)
+    elif where == "data-pages":  # the root page of every table and index: the schema still reads
+        for root in roots:
+            data[(root - 1) * page:root * page] = b"\xff" * page
+    elif where == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data = bytearray(b"my notes, not a database\n" * 400)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def small_synced(tmp_path_factory):
+    """A small account synced once: (its database, the account)."""
+    root = tmp_path_factory.mktemp("small")
+    acc = make_account(products=2, tests_per_product=40, bugs_per_test=2)
+    with pytest.MonkeyPatch.context() as mp:
+        path = clean_environment(mp, root)
+        with restored_logging():
+            assert tm.main(["sync"], transport=transport_for(acc.handler)) == 0
+    return path, acc
+
+
+def damaged_copy(small_synced, env, where):
+    env.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(small_synced[0], env)
+    damage(env, where)
+
+
+def assert_told_once(err, env):
+    """One WARNING naming the damage, the file and where it went; returns the moved-aside file."""
+    [aside] = env.parent.glob(f"{env.name}.damaged-*[0-9]Z")
+    assert "Traceback" not in err
+    told = re.findall(rf"WARNING +testio_mcp:(?:\S+)? the local cache {re.escape(str(env))} was damaged "
+                      rf"\({DAMAGE_REASON}\): moved it to {re.escape(str(aside))} and started a fresh one", err)
+    assert len(told) == 1, err
+    return aside
+
+
+@pytest.mark.parametrize("where", DAMAGE)
+def test_sync_on_a_damaged_cache_moves_it_aside_and_fills_a_fresh_one(env, capsys, small_synced, where):
+    damaged_copy(small_synced, env, where)
+    spoiled = len(env.read_bytes())
+    code, _, err = cli(capsys, "sync", transport=mock(small_synced[1].handler))
+    assert code == 0, err
+    aside = assert_told_once(err, env)
+    assert aside.stat().st_size >= spoiled * 0.5
+    assert_matches_truth(env, small_synced[1])
+    assert runs(env) == [("incremental", "success")]
+
+
+@pytest.mark.parametrize("where", DAMAGE)
+@pytest.mark.parametrize("argv, shown", [(["sync", "--status"], "last good  never"),
+                                         (["problematic", "list"], "no problematic events recorded"),
+                                         (["problematic", "clear", "--yes"], "cleared 0 event(s)")],
+                         ids=["status", "problematic-list", "problematic-clear"])
+def test_every_command_on_a_damaged_cache_answers_from_a_fresh_one_and_says_where_the_old_one_is(
+        env, capsys, small_synced, where, argv, shown):
+    damaged_copy(small_synced, env, where)
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert_told_once(err, env)
+    assert shown in out
+    assert db_rows(env, "SELECT count(*) FROM tests") == [(0,)]
+    assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_hand_entered_problematic_mappings_outlive_a_damaged_cache_when_still_readable(env, capsys, small_synced):
+    env.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(small_synced[0], env)
+    pid = small_synced[1].product_ids()[0]
+    conn = sqlite3.connect(env)
+    with conn:
+        conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+                     "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 3, 100, 250, 251, 5, "
+                     "'2020-01-01T00:00:00Z', '2020-01-02T00:00:00Z')", (pid,))
+        conn.execute("INSERT INTO problematic_tests VALUES ('e1', 4242, '2020-01-03T00:00:00Z')")
+        tests_root, bugs_root = (r for (r,) in conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') ORDER BY name DESC"))
+    conn.close()
+    mapped = every_row(env)
+    data = bytearray(env.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    for root in (tests_root, bugs_root):
+        data[(root - 1) * page:root * page] = b"\xff" * page
+    env.write_bytes(bytes(data))
+    code, _, err = cli(capsys, "sync", transport=mock(small_synced[1].handler))
+    assert code == 0, err
+    assert_told_once(err, env)
+    assert_matches_truth(env, small_synced[1])
+    for table in ("problematic_events", "problematic_tests"):
+        assert every_row(env)[table] == mapped[table]
+    code, out, _ = cli(capsys, "problematic", "list")
+    assert code == 0 and re.search(r"e1 .* 4242", out), out
+
+
 ###############################################################################
 # Schema: idempotent DDL, newer databases refused, older ones migrated in place
 ###############################################################################
@@ -1459,6 +1661,32 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
     assert_matches_truth(env, lean_account)
     assert db_rows(env, "SELECT count(*) FROM search_fts WHERE entity = 'bug'") == db_rows(env, "SELECT count(*) FROM bugs")
+
+
+def test_a_migration_step_can_add_a_column_that_an_index_of_schema_sql_covers(env, capsys, lean_account,
+                                                                                monkeypatch):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    counts = every_row(env)
+    schema = (HERE / "schema.sql").read_text()
+    last = "    bugs_synced_at TEXT                           -- NULL: the bugs must be (re)fetched\n);\n"
+    assert last in schema
+    future = schema.replace(last, "    bugs_synced_at TEXT,\n    priority INTEGER\n);\n"
+                                  "CREATE INDEX IF NOT EXISTS tests_priority ON tests(priority);\n")
+    version = tm.SCHEMA_VERSION + 1
+    monkeypatch.setattr(tm, "_schema_sql", lambda: future)
+    monkeypatch.setattr(tm, "SCHEMA_VERSION", version)
+    monkeypatch.setitem(tm.MIGRATIONS, version, "ALTER TABLE tests ADD COLUMN priority INTEGER;")
+    # an upgrade (a read-only command), and a database made from scratch (a sync)
+    for path, args in ((env, ("sync", "--status")), (env.with_name("fresh.db"), ("sync",))):
+        monkeypatch.setenv("TESTIO_DB_PATH", str(path))
+        code, _, err = cli(capsys, *args, transport=mock(lean_account.handler))
+        assert code == 0, err
+        assert db_rows(path, "PRAGMA user_version") == [(version,)]
+        assert "priority" in [r[1] for r in db_rows(path, "PRAGMA table_info(tests)")]
+        assert db_rows(path, "SELECT name FROM sqlite_master WHERE name = 'tests_priority'") == [("tests_priority",)]
+    assert {t: rows for t, rows in every_row(env).items() if t != "tests"} == {
+        t: rows for t, rows in counts.items() if t != "tests"}
+    assert [r[:-1] for r in every_row(env)["tests"]] == counts["tests"]
 
 
 ###############################################################################
@@ -2968,7 +3196,7 @@ async def test_health_check_reports_an_accepted_token_its_latency_and_api_and_to
     (lambda request, n: httpx.Response(500), None,
      ["the API could not be reached to check the token", "HTTP 500 after 5 attempts"], {"500": 5}),
     (lambda request, n: httpx.ReadTimeout("timed out", request=request), None,
-     ["the API could not be reached to check the token", "timeout after 5 attempts"], {"timeout": 5}),
+     ["the API could not be reached to check the token", "read timeout (30s) after 5 attempts"], {"timeout": 5}),
 ], ids=["401", "500", "timeout"])
 @pytest.mark.anyio
 async def test_health_check_reports_a_rejected_token_or_an_unreachable_api(db, outcome, accepted, fragments, errors):
@@ -2978,6 +3206,207 @@ async def test_health_check_reports_a_rejected_token_or_an_unreachable_api(db, o
     assert [f for f in fragments if f not in data["token"]["error"]] == [], data["token"]["error"]
     assert data["api_metrics"]["errors"] == errors
     assert data["database"]["ok"] is True
+
+
+###############################################################################
+# Weeks unattended: a damaged cache, the background refresh, timeouts, each run's own counts
+###############################################################################
+
+def heal_note(answer: dict) -> str | None:
+    """The line of an answer's notes that tells of a damaged cache replaced by a fresh one."""
+    return next((n for n in answer.get("notes", ()) if n.startswith("the local cache was damaged")), None)
+
+
+@pytest.mark.parametrize("where", DAMAGE)
+@pytest.mark.anyio
+async def test_a_server_on_a_damaged_cache_answers_says_where_the_old_file_is_and_refills_a_fresh_one(
+        db, where, caplog):
+    damage(db, where)
+    acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
+    gate = GatedProducts(acc.handler)  # the refill waits at the product list until released
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            first = await ok(client, "list_products")
+            [aside] = db.parent.glob(f"{db.name}.damaged-*[0-9]Z")
+            assert first["products"] == []
+            assert re.fullmatch(rf"the local cache was damaged \({DAMAGE_REASON}\) and was replaced by a fresh one "
+                                rf"at \S+, which a sync fills from the TestIO API; the damaged file is kept at "
+                                rf"{re.escape(str(aside))}", heal_note(first))
+            assert heal_note(await ok(client, "get_database_stats")) == heal_note(first)
+            await gate.entered.wait()
+            gate.release.set()
+            while not any(r["status"] == "success" for r in (await ok(client, "get_sync_history"))["runs"]):
+                pass
+            after = await ok(client, "list_products")
+            health = await ok(client, "health_check")
+    assert heal_note(after) is None and len(after["products"]) == 2
+    replaced = health["database"]["replaced_damaged_file"]
+    assert (replaced["moved_to"], replaced["refilled"]) == (str(aside), True)
+    assert re.fullmatch(DAMAGE_REASON, replaced["reason"])
+    assert health["background_sync"]["last_status"] == "success"
+    assert_told_once(caplog.text, db)
+
+
+@pytest.mark.anyio
+async def test_a_cache_damaged_while_the_server_runs_is_replaced_on_the_next_tool_call(db, caplog):
+    acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
+    gate = GatedProducts(acc.handler)  # the refill waits at the product list until released
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            assert heal_note(await ok(client, "get_sync_history")) is None
+            damage(db, "data-pages")  # pages no connection has read yet
+            answer = await ok(client, "list_products")
+            assert answer["products"] == [] and "the damaged file is kept at" in heal_note(answer)
+            text = await err(client, "list_bugs", {"product_ids": [P]})
+            assert f"sync_data if the product is new ({heal_note(answer)}" in text
+            await gate.entered.wait()  # the background refill started at once (the refresh interval is 0)
+            gate.release.set()
+            while not any(r["status"] == "success" for r in (await ok(client, "get_sync_history"))["runs"]):
+                pass
+            data = await ok(client, "list_products")
+    assert heal_note(data) is None and len(data["products"]) == 2
+    assert_told_once(caplog.text, db)
+
+
+class GatedPage:
+    """An async handler holding the first request for a tests page until released."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.held = 0
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/exploratory_tests") and not self.held:
+            self.held += 1
+            self.entered.set()
+            await self.release.wait()
+        return self.handler(request)
+
+
+@pytest.mark.anyio
+async def test_a_sync_whose_cache_is_replaced_under_it_starts_over_on_the_fresh_one(db, caplog):
+    acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
+    gate = GatedPage(acc.handler)
+    bug_pages = [r for (r,) in db_rows(db, "SELECT rootpage FROM sqlite_master WHERE tbl_name = 'bugs'")]
+    results = {}
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            async def sync():
+                results["sync"] = await ok(client, "sync_data", {})
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(sync)
+                await gate.entered.wait()  # the sync stored the product list and waits for a page
+                data = bytearray(db.read_bytes())
+                page = int.from_bytes(data[16:18], "big")
+                for root in bug_pages:  # pages nothing has read yet: the bugs
+                    data[(root - 1) * page:root * page] = b"\xff" * page
+                db.write_bytes(bytes(data))
+                answer = await err(client, "list_bugs", {"test_ids": [T]})  # not in the fresh cache
+                gate.release.set()
+            health = await ok(client, "health_check")
+    assert "(the local cache was damaged (database disk image is malformed)" in answer
+    assert (results["sync"]["run"]["status"], results["sync"]["run"]["error"]) == ("success", None)
+    assert heal_note(results["sync"]) is None and health["database"]["replaced_damaged_file"]["refilled"] is True
+    assert "FOREIGN KEY" not in caplog.text
+    assert_told_once(caplog.text, db)
+
+
+@pytest.mark.anyio
+async def test_the_background_refresh_survives_a_sqlite_error_and_succeeds_at_a_later_interval(db, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0.05")
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TRIGGER no_runs BEFORE INSERT ON sync_runs "
+                 "BEGIN SELECT RAISE(ABORT, 'database is locked'); END")
+    conn.close()
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)
+    with anyio.fail_after(WAIT):
+        async with mcp_client(acc.handler) as client:
+            while (failed := (await ok(client, "health_check"))["background_sync"])["last_error"] is None:
+                pass
+            conn = sqlite3.connect(db)
+            conn.execute("DROP TRIGGER no_runs")
+            conn.close()
+            while (done := (await ok(client, "health_check"))["background_sync"])["last_status"] != "success":
+                pass
+            found = await ok(client, "list_tests", {"product_id": P, "sort_by": "id", "per_page": 1})
+    assert (failed["last_status"], failed["last_error"]) == ("failed", "database is locked")
+    assert failed["state"] in ("idle", "syncing") and failed["last_error_at"] is not None
+    assert done["consecutive_failures"] == 0 or done["state"] == "syncing"
+    assert done["next_run_at"] is not None
+    assert found["tests"][0]["id"] == new
+
+
+class Hung:
+    """An async handler that never answers (every wait on it must be bounded by the code under test)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def __call__(self, request):
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+@pytest.mark.anyio
+async def test_a_tool_whose_api_call_runs_out_of_time_says_what_timed_out_and_after_how_long(db, monkeypatch):
+    monkeypatch.setattr(tm, "READ_THROUGH_TIMEOUT", 0.05)
+    hung = Hung()
+    with anyio.fail_after(WAIT):
+        async with mcp_client(hung) as client:
+            text = await err(client, "get_test_status", {"test_id": 999999})
+            health = await ok(client, "health_check")
+    assert text == ("Error executing tool get_test_status: test 999999 is not in the local data and the API could "
+                    "not be read (the API did not answer within 0.05s); try again later")
+    assert health["token"]["error"] == ("the API could not be reached to check the token: the API did not answer "
+                                        "within 0.05s")
+    assert hung.calls == 2
+
+
+@pytest.mark.anyio
+async def test_sync_data_waiting_past_its_limit_for_the_running_sync_says_so_in_a_sentence(db, monkeypatch):
+    monkeypatch.setattr(tm, "SYNC_WAIT_TIMEOUT", 0.05)
+    acc = make_account()
+    gate = GatedProducts(acc.handler)
+    results = {}
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            async def first():
+                results["first"] = await ok(client, "sync_data", {})
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(first)
+                await gate.entered.wait()
+                results["second"] = await err(client, "sync_data", {})
+                gate.release.set()
+    assert results["second"] == ("Error executing tool sync_data: a sync was already running and has not ended "
+                                 "after waiting 0.05s for it; it goes on in the background: see get_sync_history "
+                                 "for its result later")
+    assert results["first"]["run"]["status"] == "success"
+
+
+@pytest.mark.anyio
+async def test_a_runs_api_request_count_leaves_out_the_requests_a_tool_made_meanwhile(db):
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)
+    faults = Faults(acc.handler)
+    gate = GatedProducts(faults)
+    results = {}
+    with anyio.fail_after(WAIT):
+        async with mcp_client(gate) as client:
+            async def sync():
+                results["sync"] = await ok(client, "sync_data", {})
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(sync)
+                await gate.entered.wait()
+                await ok(client, "get_test_status", {"test_id": new})  # a read-through: two requests
+                gate.release.set()
+            history = (await ok(client, "get_sync_history"))["runs"]
+    assert results["sync"]["run"]["api_requests"] == faults.calls - 2 == history[0]["api_requests"]
 
 
 ###############################################################################
@@ -3028,7 +3457,7 @@ async def test_the_token_reaches_no_tool_result_log_output_or_database_file(db, 
     files.append(_db_bytes(db))
     assert authorizations == {f"Token {TOKEN}"}  # the token really was in use on every request
     for fragment in ("HTTP 401 on GET products", "HTTP 401 on GET exploratory_tests", "HTTP 500 after 5 attempts",
-                     "timeout after 5 attempts", "could not refresh this running test"):
+                     "read timeout (30s) after 5 attempts", "could not refresh this running test"):
         assert any(fragment in t for t in texts), fragment
     assert code == 1 and "HTTP 401" in err_text
     leaks = [where for where, blob in [("results", "\n".join(texts + RESULT_TEXTS)), ("log", log_text),
@@ -3212,10 +3641,13 @@ async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_dem
     assert [t["id"] for t in tests["tests"]] == demo.test_ids(pid)[:5]
 
 
-def _raw_session(tmp_path: Path, synced_template: Path) -> subprocess.Popen:
-    """testio_mcp.py over stdio with the canary token, DEBUG logs, and an API port nobody listens on."""
+def _raw_session(tmp_path: Path, synced_template: Path, spoil: str | None = None) -> subprocess.Popen:
+    """testio_mcp.py over stdio with the canary token, DEBUG logs, and an API port nobody listens on;
+    `spoil`: damage the database first (see damage())."""
     (tmp_path / "data").mkdir(exist_ok=True)
     shutil.copyfile(synced_template, tmp_path / "data" / "cache.db")
+    if spoil:
+        damage(tmp_path / "data" / "cache.db", spoil)
     env = child_env(tmp_path, tmp_path / "data" / "cache.db", TESTIO_CUSTOMER_API_TOKEN=TOKEN, LOG_LEVEL="DEBUG",
                     TESTIO_CUSTOMER_API_BASE_URL=f"http://127.0.0.1:{free_port()}/customer/v2",
                     TESTIO_RETRY_BASE_SECONDS="0", TESTIO_HTTP_TIMEOUT_SECONDS="5")
@@ -3309,6 +3741,26 @@ def test_stdio_stdout_carries_only_json_rpc_and_stdin_eof_ends_the_server_cleanl
     stderr = b"".join(err_lines.lines).decode()
     assert " DEBUG " in stderr and "Traceback" not in stderr
     assert TOKEN not in stderr and TOKEN.encode() not in b"".join(out.lines)
+
+
+@pytest.mark.slow
+def test_stdio_server_on_a_damaged_cache_initializes_and_answers_with_the_note(tmp_path, synced_template):
+    proc = _raw_session(tmp_path, synced_template, spoil="header")
+    try:
+        out, err_lines = Lines(proc.stdout), Lines(proc.stderr)
+        _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+              _call(2, "get_database_stats", {}))
+        replies = _replies(out, {1, 2})
+        code = _stopped_within(proc, proc.stdin.close)
+    finally:
+        _reap(proc)
+    assert code == 0
+    assert replies[1]["result"]["serverInfo"]["name"] == "testio-mcp"
+    stats = replies[2]["result"]["structuredContent"]
+    assert stats["counts"]["tests"] == 0 and "the damaged file is kept at" in heal_note(stats)
+    stderr = b"".join(err_lines.lines).decode()
+    assert "Traceback" not in stderr
+    assert_told_once(stderr, tmp_path / "data" / "cache.db")
 
 
 @pytest.mark.slow

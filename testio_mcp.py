@@ -22,6 +22,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import email.utils
 import gc
@@ -109,7 +110,7 @@ class Settings:
     base_url: str = DEFAULT_BASE_URL
     db_path: Path = Path(DEFAULT_DB_PATH).expanduser()
     product_ids: tuple[int, ...] = ()
-    refresh_interval: int = 300
+    refresh_interval: float = 300
     max_concurrency: int = 10
     http_timeout: float = 30.0
     log_level: str = "INFO"
@@ -143,7 +144,7 @@ class Settings:
             base_url=base_url,
             db_path=db_path,
             product_ids=parse_id_list(get(ENV_PRODUCT_IDS, ""), ENV_PRODUCT_IDS),
-            refresh_interval=int(_number(env, ENV_REFRESH, "300", integer=True, minimum=0)),
+            refresh_interval=_number(env, ENV_REFRESH, "300", minimum=0),
             max_concurrency=int(_number(env, ENV_CONCURRENCY, "10", integer=True, minimum=1)),
             http_timeout=_number(env, ENV_TIMEOUT, "30", minimum=0.001),
             log_level=level,
@@ -206,6 +207,10 @@ class ConfigError(TestioError):
 
 class SchemaError(TestioError):
     """The database was written by a newer testio-mcp, or cannot be migrated."""
+
+
+class CacheRebuiltError(TestioError):
+    """The cache file turned out damaged and was replaced by a fresh one: the call can be made again."""
 
 
 class SyncBusyError(TestioError):
@@ -571,7 +576,8 @@ FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$
     coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
     coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
 
-# Each step upgrades a database from the version before it; schema.sql (idempotent) runs first.
+# Each step upgrades a database from the version before it. They run after schema.sql's tables and
+# triggers and before its indexes (idempotent, all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
     # 2: full-text search over what is already stored (the product/feature UPDATEs fire their triggers)
@@ -595,10 +601,14 @@ def connect(path: Path) -> sqlite3.Connection:
     """A connection with the per-connection pragmas: WAL, busy_timeout, NORMAL sync, foreign keys."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # the first read of the file: "not a database" shows here
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -612,6 +622,19 @@ def prepare_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+def _schema_parts() -> tuple[str, str]:
+    """schema.sql split in two: its tables and triggers, then its indexes."""
+    parts: tuple[list[str], list[str]] = ([], [])
+    statement = ""
+    for line in _schema_sql().splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            code = re.sub(r"--[^\n]*", "", statement).split()
+            parts[code[1:2] == ["INDEX"] or code[1:3] == ["UNIQUE", "INDEX"]].append(statement)
+            statement = ""
+    return "".join(parts[0]) + statement, "".join(parts[1])
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -621,8 +644,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     if version == SCHEMA_VERSION:
         return version
     steps = "".join(MIGRATIONS[v] + "\n" for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
+    tables, indexes = _schema_parts()
     try:
-        conn.executescript(f"BEGIN IMMEDIATE;\n{_schema_sql()}\n{steps}\n"
+        conn.executescript(f"BEGIN IMMEDIATE;\n{tables}\n{steps}\n{indexes}\n"
                            f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
     except sqlite3.Error:
         if conn.in_transaction:
@@ -633,14 +657,74 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection, immediate: bool = True):
-    """BEGIN (IMMEDIATE for writers) ... COMMIT, ROLLBACK on any error."""
+    """BEGIN (IMMEDIATE for writers) ... COMMIT; on any error, COMMIT's included, ROLLBACK and re-raise
+    that error. SQLite may have rolled back already (SQLITE_FULL, IOERR): then there is nothing to undo,
+    and a failing ROLLBACK is logged, never raised in place of the error that caused it."""
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("ROLLBACK failed after an error: %s", exc)
         raise
-    conn.execute("COMMIT")
+
+
+DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """A SQLite error that means the file itself is damaged ("file is not a database", "database disk
+    image is malformed"). "database is locked", a full disk or an I/O error are not: the file is sound."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+
+
+SALVAGED_TABLES = ("problematic_events", "problematic_tests")  # the only data typed in by a person
+
+
+def salvage(path: Path) -> dict[str, list[dict]]:
+    """The rows of SALVAGED_TABLES still readable in a damaged file (none when unreadable)."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return {}
+    conn.row_factory = sqlite3.Row
+    try:
+        return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")] for table in SALVAGED_TABLES}
+    except sqlite3.Error as exc:
+        log.info("no problematic-test mappings could be read from the damaged cache: %s", exc)
+        return {}
+    finally:
+        conn.close()
+
+
+def restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
+    """Put salvaged rows into a fresh database (the columns both schemas have)."""
+    for table, rows in salvaged.items():
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if rows and r[1] in rows[0]]
+        if columns:
+            conn.executemany(f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
+                             f"VALUES ({', '.join(':' + c for c in columns)})", rows)
+
+
+@dataclasses.dataclass
+class Healed:
+    """A damaged cache file that was moved aside for a fresh one."""
+
+    moved_to: str
+    at: str
+    reason: str
+    refilled: bool = False  # a sync has filled the fresh cache since
+
+    def note(self) -> str:
+        """One line for the user: what happened and where the old file is."""
+        state = "now filled again" if self.refilled else "which a sync fills from the TestIO API"
+        return (f"the local cache was damaged ({self.reason}) and was replaced by a fresh one at "
+                f"{self.at}, {state}; the damaged file is kept at {self.moved_to}")
 
 
 class Database:
@@ -654,17 +738,74 @@ class Database:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="testio-db-write")
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="testio-db-read")
         self._closed = False
+        self.generation = 0  # bumped when a damaged file is replaced: each thread reconnects
+        self.healed: Healed | None = None
+        self.on_heal: Callable[[], None] | None = None  # called (on a DB thread) after a replacement
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.generation != self.generation:
+            self._drop(conn)
+            conn = None
         if conn is None:
-            conn = self._local.conn = connect(self.path)
-            with self._lock:
+            with self._lock:  # never half way through a replacement
+                conn = connect(self.path)
+                self._local.conn, self._local.generation = conn, self.generation
                 self._conns.append(conn)
         return conn
 
+    def _drop(self, conn: sqlite3.Connection) -> None:
+        """Close this thread's connection (it is on an old file, or stuck in a transaction)."""
+        self._local.conn = None
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def _replace(self, generation: int, damage: sqlite3.Error) -> None:
+        """Move the damaged file (with its -wal/-shm) aside under a dated name and start a fresh,
+        migrated one holding what could be salvaged; a no-op when another call already did."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            salvaged = salvage(self.path)
+            stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+            for n in itertools.count(2):
+                if not any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
+                    break
+                aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(f"{self.path}{suffix}").exists():
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+                prepare_file(self.path)
+                conn = connect(self.path)
+                try:
+                    migrate(conn)
+                    with transaction(conn):
+                        restore(conn, salvaged)
+                finally:
+                    conn.close()
+            except (OSError, sqlite3.Error) as exc:
+                raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could not be "
+                                  f"replaced ({exc}); move it away and start again") from None
+            self.healed = Healed(str(aside), iso(utc_now()), str(damage))
+            self.generation += 1
+        log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, which "
+                    "the next sync fills from the TestIO API", self.path, damage, aside)
+        if self.on_heal is not None:
+            self.on_heal()
+
     def _open(self) -> int:
         prepare_file(self.path)
+        try:
+            return migrate(self._conn())
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            self._replace(self.generation, exc)
         return migrate(self._conn())
 
     async def open(self) -> "Database":
@@ -678,11 +819,22 @@ class Database:
             raise TestioError("the database is closed")
 
         def call() -> Any:
-            conn = self._conn()
-            if not tx:
-                return fn(conn, *args)
-            with transaction(conn, immediate):
-                return fn(conn, *args)
+            generation, conn = self.generation, None
+            try:
+                conn = self._conn()
+                generation = self._local.generation
+                if not tx:
+                    return fn(conn, *args)
+                with transaction(conn, immediate):
+                    return fn(conn, *args)
+            except sqlite3.DatabaseError as exc:
+                if not is_damage(exc):
+                    raise
+                self._replace(generation, exc)
+                raise CacheRebuiltError(self.healed.note() if self.healed else str(exc)) from None
+            finally:
+                if conn is not None and conn.in_transaction:  # a failed COMMIT and ROLLBACK
+                    self._drop(conn)
 
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 
@@ -767,6 +919,16 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
+INLINE_IN_VALUES = 250  # longer IN lists bind one JSON array: some SQLite builds allow 999 variables
+
+
+def _in(expr: str, values: Sequence[Any], op: str = "IN") -> tuple[str, list]:
+    """`expr IN (...)` (or NOT IN) and its arguments, binding at most INLINE_IN_VALUES variables."""
+    if len(values) <= INLINE_IN_VALUES:
+        return f"{expr} {op} ({_placeholders(len(values))})", list(values)
+    return f"{expr} {op} (SELECT value FROM json_each(?))", [json.dumps(list(values))]
+
+
 def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
     """Store products; returns how many."""
     rows = []
@@ -791,9 +953,8 @@ def replace_features(conn: sqlite3.Connection, product_id: int, features: list[d
              "section_ids": json.dumps(f.get("_section_ids", [])), "synced_at": synced_at}
             for f in features]
     conn.executemany(UPSERT_FEATURE_SQL, rows)
-    keep = [r["id"] for r in rows]
-    conn.execute(f"DELETE FROM features WHERE product_id = ? AND id NOT IN ({_placeholders(len(keep))})",
-                 (product_id, *keep))
+    gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
+    conn.execute(f"DELETE FROM features WHERE product_id = ? AND {gone}", (product_id, *args))
     return len(rows)
 
 
@@ -929,9 +1090,8 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
                                ids).fetchall()) if ids else {}
     conn.executemany(UPSERT_BUG_SQL, rows)
     reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]])
-    keep = [r["id"] for r in rows]
-    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) "
-                 f"AND id NOT IN ({_placeholders(len(keep))})", (*ids, *keep))
+    gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
+    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) AND {gone}", (*ids, *args))
     conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({_placeholders(len(ids))})",
                  (synced_at, *ids))
     return len(rows)
@@ -939,10 +1099,10 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
 
 def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
     """Remove tests the API no longer has (their bugs and feature links go with them)."""
-    ids = list(test_ids)
-    if not ids:
+    if not test_ids:
         return 0
-    return conn.execute(f"DELETE FROM tests WHERE id IN ({_placeholders(len(ids))})", ids).rowcount
+    where, args = _in("id", test_ids)
+    return conn.execute(f"DELETE FROM tests WHERE {where}", args).rowcount
 
 
 def start_run(conn: sqlite3.Connection, mode: str, trigger: str, status: str = "running",
@@ -1023,13 +1183,13 @@ def mapped_tests(conn: sqlite3.Connection, product_id: int) -> list[int]:
 
 def unmap_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> None:
     """Drop the mapping of tests that are now stored; events left with no open position go too."""
-    ids = list(test_ids)
-    if ids:
-        events = [r[0] for r in conn.execute(
-            f"SELECT DISTINCT event_id FROM problematic_tests WHERE test_id IN ({_placeholders(len(ids))})", ids)]
-        conn.execute(f"DELETE FROM problematic_tests WHERE test_id IN ({_placeholders(len(ids))})", ids)
-        conn.execute(f"DELETE FROM problematic_events WHERE event_id IN ({_placeholders(len(events))}) "
-                     "AND event_id NOT IN (SELECT event_id FROM problematic_tests)", events)
+    if test_ids:
+        tests, args = _in("test_id", test_ids)
+        events, event_args = _in("event_id", [r[0] for r in conn.execute(
+            f"SELECT DISTINCT event_id FROM problematic_tests WHERE {tests}", args)])
+        conn.execute(f"DELETE FROM problematic_tests WHERE {tests}", args)
+        conn.execute(f"DELETE FROM problematic_events WHERE {events} "
+                     "AND event_id NOT IN (SELECT event_id FROM problematic_tests)", event_args)
 
 
 def clear_problems(conn: sqlite3.Connection) -> int:
@@ -1042,6 +1202,12 @@ def wipe(conn: sqlite3.Connection) -> None:
     for table in ("bugs", "test_features", "tests", "features", "products", "product_sync",
                   "problematic_tests", "problematic_events", "counts"):
         conn.execute(f"DELETE FROM {table}")
+
+
+def wipe_and_store_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
+    """wipe() and upsert_products() in the caller's one transaction (--nuke)."""
+    wipe(conn)
+    return upsert_products(conn, products, synced_at)
 
 
 def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
@@ -1104,8 +1270,8 @@ def data_as_of(conn: sqlite3.Connection) -> str | None:
 
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
     ids = list(product_ids)
-    names = dict(conn.execute(f"SELECT id, name FROM products WHERE id IN ({_placeholders(len(ids))})",
-                              ids).fetchall())
+    where, args = _in("id", ids)
+    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", args).fetchall())
     missing = [p for p in ids if p not in names]
     if missing:
         raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; call "
@@ -1138,8 +1304,8 @@ TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id", "title": "
 def _test_filters(alias: str, product_ids: Sequence[int], statuses: Sequence[str] | None,
                   testing_type: str | None, start: date | None, end: date | None) -> tuple[str, list]:
     lo, hi = day_bounds(start, end)
-    where = [f"{alias}.product_id IN ({_placeholders(len(product_ids))})"]
-    args: list[Any] = list(product_ids)
+    products, args = _in(f"{alias}.product_id", product_ids)
+    where = [products]
     if statuses:
         where.append(f"{alias}.status IN ({_placeholders(len(statuses))})")
         args += statuses
@@ -1266,17 +1432,20 @@ def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, deta
     where, args = ["1 = 1"], []
     if f.get("test_ids"):
         ids = f["test_ids"]
-        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE id IN ({_placeholders(len(ids))})", ids)}
+        tests, test_args = _in("id", ids)
+        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {tests}", test_args)}
         missing = [t for t in ids if t not in found]
         if missing:
             raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; call "
                                   f"get_test_status(test_id) to fetch it, or list_tests to find ids")
-        where.append(f"b.test_id IN ({_placeholders(len(ids))})")
-        args += ids
+        clause, test_args = _in("b.test_id", ids)
+        where.append(clause)
+        args += test_args
     else:
         _require_products(conn, f["product_ids"])
-        where.append(f"b.product_id IN ({_placeholders(len(f['product_ids']))})")
-        args += f["product_ids"]
+        products, product_args = _in("b.product_id", f["product_ids"])
+        where.append(products)
+        args += product_args
     for key, column in (("status", "b.status"), ("severity", "b.severity"), ("bug_type", "b.bug_type"),
                         ("rejection_reason", "b.rejection_reason")):
         if f.get(key):
@@ -1455,8 +1624,9 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
                         ("platforms", "b.platform"), ("rejection_reasons", "b.rejection_reason")):
         values = filters.get(key)
         if values:
-            where.append(f"{column} IN ({_placeholders(len(values))})")
-            args += list(values)
+            clause, values = _in(column, values)
+            where.append(clause)
+            args += values
     lo, hi = day_bounds(start, end)
     if lo:
         where.append("t.end_at >= ?")
@@ -1493,8 +1663,8 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Se
         if dim in dimensions:
             ids = sorted({r[dim] for r in rows if r[dim] is not None})
             col = "name" if table == "products" else "title"
-            names = dict(conn.execute(f"SELECT id, {col} FROM {table} WHERE id IN ({_placeholders(len(ids))})",
-                                      ids).fetchall()) if ids else {}
+            where, args = _in("id", ids)
+            names = dict(conn.execute(f"SELECT id, {col} FROM {table} WHERE {where}", args).fetchall())
             for r in rows:
                 r[f"{dim}_name"] = names.get(r[dim])
     if "known" in dimensions:
@@ -1541,14 +1711,14 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
             product_ids: Sequence[int], limit: int) -> dict:
     if match is None:
         return {"results": [], "capped": []}
-    scope = f" AND product_id IN ({_placeholders(len(product_ids))})" if product_ids else ""
+    scope, scope_args = _in(" AND product_id", product_ids) if product_ids else ("", [])
     candidates, capped = [], []
     for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range scan
         code = SEARCH_ENTITIES.index(kind) + 1
         rows = conn.execute(
             f"SELECT rowid, bm25(search_fts, 10.0, 1.0) FROM search_fts WHERE search_fts MATCH ? "
             f"AND rowid BETWEEN ? AND ?{scope} ORDER BY rowid DESC LIMIT ?",
-            [match, code << 40, (code << 40) | FTS_ID_MASK, *product_ids, SEARCH_CANDIDATES]).fetchall()
+            [match, code << 40, (code << 40) | FTS_ID_MASK, *scope_args, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
             capped.append(kind)
@@ -1581,6 +1751,9 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 ###############################################################################
 
 RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
+# the request counter of the sync run the current task belongs to (its tasks inherit it): a run counts
+# its own requests, not those a tool makes meanwhile on the same client
+RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests", default=None)
 
 
 class ApiMetrics:
@@ -1601,6 +1774,14 @@ class ApiMetrics:
                 "latency_ms": {"p50": ms(percentile(lat, 0.5)), "p95": ms(percentile(lat, 0.95)),
                                "p99": ms(percentile(lat, 0.99))},
                 "semaphore_wait_p95_ms": ms(percentile(list(self.waits), 0.95))}
+
+
+def _timeout_text(exc: httpx.TimeoutException, seconds: float) -> str:
+    """'connect timeout (10s)' / 'read timeout (30s)': which wait ran out, and its length."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"connect timeout ({min(10.0, seconds):g}s)"
+    kinds = {httpx.ReadTimeout: "read ", httpx.WriteTimeout: "write ", httpx.PoolTimeout: "pool "}
+    return f"{kinds.get(type(exc), '')}timeout ({seconds:g}s)"
 
 
 class TestioClient:
@@ -1656,11 +1837,13 @@ class TestioClient:
                 started = time.monotonic()
                 self.metrics.waits.append(started - queued)
                 self.metrics.requests += 1
+                if (run := RUN_REQUESTS.get()) is not None:
+                    run[0] += 1
                 try:
                     response = await self._connection_pool().get(path, params=params)
                     failure = None
-                except httpx.TimeoutException:
-                    failure = "timeout"
+                except httpx.TimeoutException as exc:
+                    failure = _timeout_text(exc, self.settings.http_timeout)
                 except httpx.TransportError as exc:
                     failure = f"connection error ({type(exc).__name__})"
                 self.metrics.latencies.append(time.monotonic() - started)
@@ -1701,7 +1884,7 @@ class TestioClient:
                 failure = f"HTTP {status}"
             else:
                 status = None
-                self.metrics.errors["timeout" if failure == "timeout" else "connection"] += 1
+                self.metrics.errors["timeout" if "timeout" in failure else "connection"] += 1
             if attempt >= (retries_500 if status == 500 and retries_500 is not None else retries):
                 base = re.sub(r"//[^/@]*@", "//", self.settings.base_url)  # never a user:password@ in it
                 unreachable = "" if status else (f" from {base}; check the network, or "
@@ -1882,6 +2065,7 @@ class SyncEngine:
         self.on_progress = on_progress or (lambda result, phase: None)
         self.recovery_attempts = 0
         self._run_id: int | None = None
+        self._generation = db.generation
         # bug batches requested but not yet stored, across products: bounds the sync's memory
         self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
 
@@ -1890,17 +2074,16 @@ class SyncEngine:
         """One sync under the caller-held lock; records the run and returns its summary."""
         if mode not in SYNC_MODES:
             raise ConfigError(f"mode={mode!r} is not one of {', '.join(SYNC_MODES)}")
-        requests_before = self.client.metrics.requests
+        requests = [0]
+        RUN_REQUESTS.set(requests)  # run() is a task of its own (or the CLI's only one)
         self.recovery_attempts = 0
-        run_id = self._run_id = await self.db.write(start_run, mode, trigger)
+        self._run_id = None
+        self._generation = self.db.generation
         started = time.monotonic()
-        result = SyncResult(run_id=run_id, mode=mode, trigger=trigger, status="running",
-                            started_at=iso(utc_now()))
+        result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running", started_at=iso(utc_now()))
         try:
-            if mode == "nuke":
-                await self.db.write(wipe)
-                await self.db.run(maybe_compact, True)
-            products = await self._sync_products(product_ids)
+            result.run_id = self._run_id = await self.db.write(start_run, mode, trigger)
+            products = await self._sync_products(product_ids, nuke=mode == "nuke")
             result.products = [ProductResult(p["id"], str(p.get("name") or p["id"])) for p in products]
             outcomes = await asyncio.gather(
                 *(self._guarded(p, r, mode, since) for p, r in zip(products, result.products)),
@@ -1908,6 +2091,7 @@ class SyncEngine:
             fatal = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if fatal is not None:
                 raise fatal
+            self._same_cache()
             failed = [r for r in result.products if r.status == "failed"]
             if result.products and len(failed) == len(result.products):
                 result.status, result.error = "failed", failed[0].error
@@ -1917,6 +2101,9 @@ class SyncEngine:
                                          if r.error) or None
             else:
                 result.status = "success"
+        except CacheRebuiltError as exc:
+            result.status, result.error = "failed", str(exc)
+            raise  # the run's rows went with the damaged file: the caller starts over on the fresh one
         except (TestioError, OSError, sqlite3.Error) as exc:
             result.status, result.error = "failed", str(exc)
         except asyncio.CancelledError:
@@ -1925,10 +2112,11 @@ class SyncEngine:
         finally:
             result.seconds = round(time.monotonic() - started, 3)
             result.ended_at = iso(utc_now())
-            result.api_requests = self.client.metrics.requests - requests_before
+            result.api_requests = requests[0]
             result.recovery_attempts = self.recovery_attempts
             with contextlib.suppress(sqlite3.Error, TestioError, RuntimeError):
-                await asyncio.shield(self.db.write(finish_run, run_id, {
+                if result.run_id:
+                    await asyncio.shield(self.db.write(finish_run, result.run_id, {
                     "status": result.status, "products": len(result.products),
                     "new_tests": result.total("new_tests"), "updated_tests": result.total("updated_tests"),
                     "bugs": result.total("bugs"), "features": result.total("features"),
@@ -1936,7 +2124,9 @@ class SyncEngine:
                     "problems": result.total("problems"), "error": result.error}))
         return result
 
-    async def _sync_products(self, wanted: Sequence[int]) -> list[dict]:
+    async def _sync_products(self, wanted: Sequence[int], nuke: bool = False) -> list[dict]:
+        """Read and store the product list; --nuke wipes the old data in the same transaction, so a
+        rejected token or an unreachable API leaves it as it was."""
         products = await self.client.get_products()
         limit = set(wanted) or set(self.settings.product_ids)
         if limit:
@@ -1946,16 +2136,19 @@ class SyncEngine:
                 raise ConfigError(f"product id(s) {', '.join(map(str, missing))} are not visible to this "
                                   f"token; visible: {', '.join(map(str, sorted(visible))) or 'none'}")
             products = [p for p in products if p["id"] in limit]
-        await self.db.write(upsert_products, products, iso(utc_now()))
+        await self.db.write(wipe_and_store_products if nuke else upsert_products, products, iso(utc_now()))
+        if nuke:
+            await self.db.run(maybe_compact, True)
         return products
 
     async def _guarded(self, product: dict, result: ProductResult, mode: str, since: date | None) -> None:
         try:
             await self._sync_product(product, result, mode, since)
-        except (AuthError, RateLimitedError):
+        except (AuthError, RateLimitedError, CacheRebuiltError):
             result.status = "failed"
             raise
         except (TestioError, sqlite3.Error, OSError) as exc:
+            self._same_cache()
             result.status, result.error = "failed", str(exc)
             log.error("sync of product %s failed: %s", product["id"], exc)
         except Exception as exc:  # the per-product guard: one product's bug must not stop the others
@@ -1963,6 +2156,12 @@ class SyncEngine:
             log.exception("sync of product %s failed", product["id"])
         finally:
             self.on_progress(result, "done")
+
+    def _same_cache(self) -> None:
+        """CacheRebuiltError when the cache file was replaced (found damaged) during the run: what the
+        run read and wrote went partly to the old file."""
+        if self.db.generation != self._generation:
+            raise CacheRebuiltError(self.db.healed.note() if self.db.healed else "the cache was replaced")
 
     async def _sync_product(self, product: dict, result: ProductResult, mode: str,
                             since: date | None) -> None:
@@ -2901,6 +3100,7 @@ def demo_account() -> SimulatedAccount:
 
 READ_THROUGH_TIMEOUT = 15.0   # seconds a tool waits for the API before answering from the cache
 SYNC_WAIT_TIMEOUT = 600.0     # seconds sync_data waits for a sync that is already running
+BACKGROUND_BACKOFF_CAP = 3600.0  # the longest wait between background syncs while they keep failing
 SERVER_INSTRUCTIONS = """TestIO crowd-testing data (products, test cycles, bugs, features, acceptance rates)
 answered from a local copy that a background sync keeps fresh; every answer says how fresh (data_as_of),
 and its `notes` what else to know (a sync still running, a list cut: the call for the rest).
@@ -3078,7 +3278,10 @@ class AppState:
         self.running: dict[str, Any] | None = None  # mode, trigger, start of current_sync while it runs
         self.progress: dict[int, ProductResult] = {}  # its products so far
         self.has_data = False                       # a sync has completed on this database
-        self.background: dict[str, Any] = {"state": "starting", "last_error": None, "last_run_id": None}
+        self.background: dict[str, Any] = {
+            "state": "starting", "last_run_id": None, "last_status": None, "last_error": None,
+            "last_error_at": None, "consecutive_failures": 0, "next_run_at": None}
+        self.wake = asyncio.Event()  # set when the cache file was replaced: refill it now
         self.tool_calls: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=5000))
         self.tool_counts: collections.Counter[str] = collections.Counter()
@@ -3100,7 +3303,7 @@ class AppState:
     def notes(self) -> dict[str, Any]:
         """What every answer adds while it holds, so a model never reads a partial or empty cache as
         the whole truth: `sync` (the running sync) and `notes` (one line each, with the fix)."""
-        lines: list[str] = []
+        lines = [n for n in [self.notice()] if n]
         extra: dict[str, Any] = {}
         if self.running is not None:
             done = list(self.progress.values())
@@ -3129,7 +3332,12 @@ class AppState:
         """Run a sync, or wait (bounded) for the one this process already runs; (result, waited)."""
         client = self.require_client("sync_data")
         if self.current_sync is not None and not self.current_sync.done():
-            return await asyncio.wait_for(asyncio.shield(self.current_sync), SYNC_WAIT_TIMEOUT), True
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.current_sync), SYNC_WAIT_TIMEOUT), True
+            except asyncio.TimeoutError:
+                raise SyncBusyError(f"a sync was already running and has not ended after waiting "
+                                    f"{SYNC_WAIT_TIMEOUT:g}s for it; it goes on in the background: see "
+                                    f"get_sync_history for its result later") from None
         progress = self.progress = {}
 
         def track(result: ProductResult, phase: str) -> None:
@@ -3150,50 +3358,82 @@ class AppState:
         self.running = {"mode": mode, "trigger": trigger, "started_at": iso(utc_now())}
         self.current_sync = asyncio.create_task(run())
         # shielded: a client that gives up does not cut a sync short (it finishes and is recorded)
-        return await asyncio.shield(self.current_sync), False
+        result = await asyncio.shield(self.current_sync)
+        healed = self.db.healed
+        if healed and result.status != "failed" and result.started_at >= healed.at:
+            healed.refilled = True
+        return result, False
 
-    async def background_sync(self, mode: str, trigger: str) -> None:
-        """One background cycle; skipped (never blocked on) when any sync is running. Logs its start,
-        its end (counts, duration) and, as a warning, why it failed."""
+    async def background_sync(self, mode: str, trigger: str, if_stale: bool = False) -> bool:
+        """One background cycle (with `if_stale`, only when the data is empty or older than the refresh
+        interval); skipped when a sync is running. Logs its start, its end (counts, duration) and, as a
+        warning, why it failed. False when it failed; never raises (but cancelled)."""
         if self.current_sync is not None and not self.current_sync.done():
-            return
-        self.background["state"] = "syncing"
-        log.info("background %s sync started (%s)", mode, trigger)
+            return True
         try:
+            if if_stale:
+                last = parse_utc(await self.db.read(data_as_of))
+                interval = self.settings.refresh_interval
+                if last and not (interval and (utc_now() - last).total_seconds() >= interval):
+                    return True
+            self.background["state"] = "syncing"
+            log.info("background %s sync started (%s)", mode, trigger)
             result, _ = await self.sync(mode, trigger)
-            self.background.update(state="idle", last_run_id=result.run_id, last_status=result.status,
-                                   last_error=result.error)
+            self.background.update(last_run_id=result.run_id, last_status=result.status)
+            if result.status == "failed":
+                raise TestioError(result.error or "the sync failed")
+            self.background["last_error"] = result.error
             log.info("background %s sync %s in %.1fs: %d products, %d new tests, %d updated, %d bugs, "
                      "%d API requests", mode, result.status, result.seconds, len(result.products),
                      result.total("new_tests"), result.total("updated_tests"), result.total("bugs"),
                      result.api_requests)
             if result.error:
                 log.warning("background %s sync %s: %s", mode, result.status, result.error)
+            return True
         except SyncBusyError:
-            self.background.update(state="idle", last_status="skipped",
+            self.background.update(last_status="skipped",
                                    last_error="another process was syncing this database")
             log.info("background sync skipped: another process holds the sync lock")
-        except TestioError as exc:
-            self.background.update(state="idle", last_status="failed", last_error=str(exc))
-            log.warning("background %s sync failed: %s", mode, exc)
+            return True
+        except Exception as exc:  # the background task's boundary: log, record, and try again later
+            known = isinstance(exc, (TestioError, sqlite3.Error, OSError))
+            reason = str(exc) if known and str(exc) else f"{type(exc).__name__}: {exc}"
+            self.background.update(last_status="failed", last_error=reason, last_error_at=iso(utc_now()))
+            log.warning("background %s sync failed: %s", mode, reason, exc_info=not known)
+            return False
+        finally:
+            self.background["state"] = "idle"
 
     async def freshness_loop(self) -> None:
-        """Sync at start when the data is empty or stale, then every refresh interval."""
-        interval = self.settings.refresh_interval
+        """Until the server stops: sync at start when the data is empty or stale, then every refresh
+        interval. A failed cycle, whatever failed, is retried at the next interval, then at doubling
+        ones; a replaced (damaged) cache file is refilled at once, even with the refresh interval 0."""
         if self.client is None:
             self.background["state"] = f"off: {ENV_TOKEN} is not set"
             return
-        last = parse_utc(await self.db.read(data_as_of))
-        age = (utc_now() - last).total_seconds() if last else None
-        if age is None or (interval and age >= interval):
-            await self.background_sync("incremental", "server_start")
-        if not interval:
-            self.background["state"] = f"off: {ENV_REFRESH}=0"
-            return
+        interval = self.settings.refresh_interval
+        failures, first = 0, True
         while True:
-            self.background["next_run_in_seconds"] = interval
-            await asyncio.sleep(interval)
-            await self.background_sync("refresh", "background")
+            self.wake.clear()
+            if first:
+                ok = await self.background_sync("incremental", "server_start", if_stale=True)
+            else:
+                ok = await self.background_sync("refresh", "background")
+            failures, first = 0 if ok else failures + 1, False
+            if self.wake.is_set() and failures <= 1:
+                continue
+            delay = min(interval * 2 ** max(failures - 1, 0), max(interval, BACKGROUND_BACKOFF_CAP))
+            self.background.update(
+                consecutive_failures=failures,
+                state="idle" if interval else f"off: {ENV_REFRESH}=0",
+                next_run_at=iso(utc_now() + timedelta(seconds=delay)) if interval else None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay or None)
+
+    def notice(self) -> str | None:
+        """What every answer notes until a sync has filled a cache that replaced a damaged file."""
+        healed = self.db.healed if self.db else None
+        return healed.note() if healed is not None and not healed.refilled else None
 
     def tool_metrics(self) -> dict[str, Any]:
         """Calls, errors and latency p50/p99 (ms) per tool."""
@@ -3204,6 +3444,13 @@ class AppState:
                          "p50_ms": round(percentile(samples, 0.5) * 1000, 2) if samples else None,
                          "p99_ms": round(percentile(samples, 0.99) * 1000, 2) if samples else None}
         return out
+
+
+def _api_failure(exc: BaseException) -> str:
+    """Why a tool's bounded API call failed, in words (a timeout says how long it waited)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"the API did not answer within {READ_THROUGH_TIMEOUT:g}s"
+    return str(exc) or type(exc).__name__
 
 
 def _arg_list(value: Any, name: str, allowed: Sequence[str]) -> list[str]:
@@ -3295,7 +3542,12 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
     @contextlib.asynccontextmanager
     async def lifespan(server: Any):
         state.db = await runtime.database()
-        state.has_data = await state.db.read(data_as_of) is not None
+        try:
+            state.has_data = await state.db.read(data_as_of) is not None
+        except CacheRebuiltError:  # the damaged file was replaced (and said so): the fresh one is empty
+            state.has_data = False
+        loop = asyncio.get_running_loop()
+        state.db.on_heal = lambda: loop.call_soon_threadsafe(state.wake.set)
         state.client = runtime.client() if runtime.settings.token else None
         stop = {"sigterm": False}
         main_task = asyncio.current_task()
@@ -3350,20 +3602,21 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                 started = time.perf_counter()
                 state.tool_counts[name] += 1
                 try:
-                    result = await fn(*args, **kwargs)
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except CacheRebuiltError:  # the damaged cache file was replaced: ask the fresh one
+                        result = await fn(*args, **kwargs)
                     state.has_data = state.has_data or getattr(result, "data_as_of", None) is not None
                     data, text = _render(result, _with_cut_note(state.notes(), name, result))
                     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
-                except NotInCacheError as exc:  # during a first sync, or without a token, say why
-                    state.tool_errors[name] += 1
-                    notes = state.notes().get("notes")
-                    raise ToolError(f"{exc} ({'; '.join(notes)})" if notes else str(exc)) from None
                 except ToolError:
                     state.tool_errors[name] += 1
                     raise
-                except TestioError as exc:
-                    state.tool_errors[name] += 1
-                    raise ToolError(str(exc)) from None
+                except TestioError as exc:  # a miss during a first sync, without a token or on a
+                    state.tool_errors[name] += 1  # fresh cache says why; any error names a fresh cache
+                    notes = (state.notes().get("notes", []) if isinstance(exc, NotInCacheError)
+                             else [n for n in [state.notice()] if n])
+                    raise ToolError(f"{exc} ({'; '.join(notes)})" if notes else str(exc)) from None
                 except Exception:
                     state.tool_errors[name] += 1
                     log.exception("tool %s failed", name)
@@ -3408,7 +3661,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             except AuthError as exc:
                 token.update(accepted=False, error=str(exc))
             except (ApiError, asyncio.TimeoutError) as exc:
-                token["error"] = f"the API could not be reached to check the token: {exc or 'timeout'}"
+                token["error"] = f"the API could not be reached to check the token: {_api_failure(exc)}"
             token["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         else:
             token["error"] = f"{ENV_TOKEN} is not set; only the local data can be queried"
@@ -3418,7 +3671,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
             data_as_of=status["last_successful_sync"], token=token,
             database={"ok": version == SCHEMA_VERSION, "path": str(state.settings.db_path),
                       "schema_version": version, "size_bytes": _file_size(state.settings.db_path),
-                      "counts": status["counts"]},
+                      "counts": status["counts"],
+                      "replaced_damaged_file": state.db.healed and dataclasses.asdict(state.db.healed)},
             last_successful_sync=status["last_successful_sync"],
             background_sync={**state.background, "refresh_interval_seconds": state.settings.refresh_interval,
                              "running_now": state.current_sync is not None and not state.current_sync.done()},
@@ -3480,7 +3734,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                                 f"check the id with list_tests") from None
             except (ApiError, asyncio.TimeoutError) as exc:
                 raise ToolError(f"test {test_id} is not in the local data and the API could not be read "
-                                f"({exc or 'timeout'}); try again later") from None
+                                f"({_api_failure(exc)}); try again later") from None
             found, as_of = await read(query_test, test_id)
         elif found["test"]["status"] not in FINAL_STATUSES and state.client is not None:
             synced = parse_utc(found["test"]["bugs_synced_at"])
@@ -3489,7 +3743,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                     await asyncio.wait_for(fetch_test(state.db, state.client, test_id), READ_THROUGH_TIMEOUT)
                     found = (await read(query_test, test_id))[0] or found
                 except (ApiError, asyncio.TimeoutError) as exc:
-                    warning = (f"could not refresh this running test from the API ({exc or 'timeout'}); "
+                    warning = (f"could not refresh this running test from the API ({_api_failure(exc)}); "
                                f"answering from the local copy synced at {found['test']['synced_at']}")
         return TestStatusResult(data_as_of=as_of, warning=warning, **found)
 
@@ -4138,7 +4392,10 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTranspo
     runtime = Runtime(settings, transport)
     command = COMMANDS.get(args.command, cmd_serve)
     try:
-        return command(args, runtime)
+        try:
+            return command(args, runtime)
+        except CacheRebuiltError:  # the damaged cache file was replaced (and said so): run on the fresh one
+            return command(args, runtime)
     except (TestioError, sqlite3.Error, OSError) as exc:
         print(f"testio-mcp: {exc}", file=sys.stderr)
         return 1
