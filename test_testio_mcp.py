@@ -17,6 +17,7 @@ import queue
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import zipfile
@@ -125,6 +127,19 @@ class Faults:
             if outcome is not None:
                 return outcome
         return self.handler(request)
+
+
+def readme_code_blocks() -> list[tuple[str, str]]:
+    """README's fenced code blocks: (language, text)."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"^```(\w*)\n(.*?)^```", readme, flags=re.M | re.S)
+
+
+def readme_quick_start() -> list[str]:
+    """The commands of README's quick start for Linux and macOS (its first bash block), comments cut."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"^## Quick start.*?^```bash\n(.*?)^```", readme, flags=re.M | re.S).group(1)
+    return [re.sub(r"\s+#.*", "", line) for line in block.splitlines() if line.strip()]
 
 
 def transport_for(handler) -> httpx.MockTransport:
@@ -1717,7 +1732,7 @@ def test_the_data_directory_is_0700_and_database_files_0600_under_umask_022(env,
 
 
 ###############################################################################
-# The installed wheel
+# The installed wheel, and README's quick start on a Python that refuses global installs
 ###############################################################################
 
 def run(argv, **kw):
@@ -1731,9 +1746,16 @@ def test_the_installed_wheel_runs_version_and_a_demo_sync_outside_the_checkout(e
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
          "-w", dist, HERE])
-    (wheel,) = dist.glob("testio_mcp-*.whl")
+    (wheel,) = dist.glob("testio_cache_mcp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"testio_mcp.py", "testio_mcp_schema.sql"} <= set(names) and "schema.sql" not in names
+    info = f"testio_cache_mcp-{tm.__version__}.dist-info"
+    meta = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode().split("\n\n")[0].splitlines()
+    assert {"Name: testio-cache-mcp", "License-Expression: MIT", "License-File: LICENSE",
+            "Requires-Python: >=3.10"} <= set(meta)
+    assert [line for line in meta if line.startswith("Classifier: Programming Language :: Python :: 3.")] == [
+        f"Classifier: Programming Language :: Python :: 3.{minor}" for minor in (10, 11, 12, 13)]
+    assert zipfile.ZipFile(wheel).read(f"{info}/licenses/LICENSE").decode().startswith("MIT License\n")
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
@@ -1762,6 +1784,58 @@ def test_the_installed_wheel_runs_version_and_a_demo_sync_outside_the_checkout(e
     assert db_rows(demo, "SELECT count(*) FROM tests")[0][0] > 0
     assert db_rows(demo, "SELECT count(*) FROM search_fts")[0][0] > 0
     assert not (outside / "data" / "cache.db").exists()
+
+
+def _externally_managed_python(root: Path) -> Path:
+    """A base Python (not a venv) that refuses global installs the way Debian's, Ubuntu's and Homebrew's
+    do (PEP 668: an EXTERNALLY-MANAGED file in its stdlib directory): a copy of this interpreter's
+    executable in root/bin, which finds its prefix in root, whose lib/pythonX.Y links the real stdlib."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib, lib = Path(sysconfig.get_path("stdlib")), root / "lib" / version
+    lib.mkdir(parents=True)
+    (root / "bin").mkdir()
+    # a copy, not a link: Python looks for its stdlib beside its executable's real path
+    shutil.copy2(os.path.realpath(Path(sys.base_prefix) / "bin" / version), root / "bin" / version)
+    (root / "bin" / "python3").symlink_to(version)
+    for entry in stdlib.iterdir():  # the real stdlib, less its packages and any marker of its own
+        if entry.name not in ("site-packages", "dist-packages", "EXTERNALLY-MANAGED"):
+            (lib / entry.name).symlink_to(entry)
+    (lib / "site-packages").mkdir()
+    for shared in Path(sys.base_prefix, "lib").glob("libpython*"):  # for builds that find it via $ORIGIN
+        (root / "lib" / shared.name).symlink_to(shared)
+    (lib / "EXTERNALLY-MANAGED").write_text("[externally-managed]\nError=simulated by the test\n")
+    return root / "bin" / "python3"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="copies a Linux interpreter into a prefix of its own")
+def test_the_readme_quick_start_installs_with_a_python_that_refuses_global_installs(tmp_path):
+    project = tmp_path / "checkout"
+    project.mkdir()
+    for name in ("testio_mcp.py", "schema.sql", "pyproject.toml", "README.md", "LICENSE"):
+        if (HERE / name).exists():
+            shutil.copy2(HERE / name, project / name)
+    python3 = _externally_managed_python(tmp_path / "system")
+    # Only `python3` on PATH (no `python`, no pip), as on a stock Debian. Offline: the dependencies are
+    # found on PYTHONPATH (this test environment's site-packages, not its .pth files) and the package is
+    # built without isolation (pip reads PIP_NO_BUILD_ISOLATION as the option's value: 0 turns it off).
+    environ = {"PATH": str(python3.parent), "HOME": str(tmp_path / "home"), "PIP_NO_INDEX": "1",
+               "PIP_NO_BUILD_ISOLATION": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))}
+    refused = subprocess.run([python3, "-m", "pip", "install", "--no-deps", project], capture_output=True,
+                             text=True, timeout=120, env=environ, check=False)
+    assert refused.returncode != 0 and "externally-managed-environment" in refused.stderr, refused.stderr
+
+    parts = readme_quick_start()[0].split(" && ")  # the first command, up to where it starts the demo
+    setup = " && ".join(parts[:next(i for i, part in enumerate(parts) if "testio-mcp" in part)])
+    assert setup.startswith("python3 -m venv .venv && ")  # what the README asks of the machine
+    run([shutil.which("bash"), "-c", setup], cwd=project, env=environ)
+    venv_bin = project / ".venv" / "bin"
+    assert run([venv_bin / "testio-mcp", "--version"], cwd=tmp_path, env=environ).stdout == \
+        f"testio-mcp {tm.__version__}\n"
+    where = run([venv_bin / "python", "-c", "import testio_mcp; print(testio_mcp.__file__)"], cwd=tmp_path,
+                env=environ).stdout.strip()
+    assert Path(where) == project / "testio_mcp.py"  # the editable install points at the checkout
 
 
 ###############################################################################
@@ -3853,6 +3927,74 @@ def test_readme_names_every_tool_and_every_cli_command():
     names = [*TOOLS, *_cli_commands(tm.build_parser())]
     assert len(names) == 14 + 7
     assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", readme)] == []
+
+
+CHECKOUT = ("/path/to/checkout", "C:\\path\\to\\checkout", ".")  # README's placeholders; "." in the checkout
+
+
+def _distribution() -> str:
+    return re.search(r'^name = "([^"]+)"', (HERE / "pyproject.toml").read_text(), flags=re.M).group(1)
+
+
+def _started_from(argv: list[str]) -> str | None:
+    """The distribution or checkout a command line starts testio-mcp from; None if it starts no server.
+    uvx and pipx must be told the distribution: by its bare name they run the index's testio-mcp."""
+    if argv[:3] == ["claude", "mcp", "add"]:
+        return _started_from(argv[argv.index("--") + 1:])
+    if argv[0] == "uvx":
+        assert argv[1] == "--from" and argv[3] == "testio-mcp", f"uvx names no distribution: {argv}"
+        return argv[2]
+    if argv[0] == "pipx":
+        assert argv[1:3] == ["run", "--spec"] and argv[4] == "testio-mcp", f"pipx names no distribution: {argv}"
+        return argv[3]
+    venv = re.fullmatch(r"(?:(.*?)[/\\])?\.venv[/\\](?:bin/testio-mcp|Scripts\\testio-mcp(?:\.exe)?)", argv[0])
+    if venv:
+        return venv.group(1) or "."
+    assert "testio-mcp" not in " ".join(argv) or argv[0] == "testio-mcp", f"how does this start? {argv}"
+    return None
+
+
+def test_every_readme_snippet_that_starts_the_server_names_this_distribution_or_a_checkout():
+    dist = _distribution()
+    assert dist != "testio-mcp"  # on the package index that name is another project's
+    starts = []  # (where, argv)
+    for lang, text in readme_code_blocks():
+        if lang == "json":
+            for name, server in json.loads(text)["mcpServers"].items():
+                starts.append((f"JSON {name}", [server["command"], *server["args"]]))
+        elif lang in ("bash", "bat"):
+            for line in text.splitlines():
+                for command in line.split(" && "):
+                    argv = shlex.split(command, comments=True) if lang == "bash" else command.split()
+                    starts.append((lang, argv))
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    for span in re.findall(r"`([^`\n]+)`", readme):
+        argv = span.split()
+        if len(argv) > 1 and argv[0] in ("uvx", "pipx", "claude") or argv and ".venv" in argv[0]:
+            starts.append(("inline", argv))
+    found = [(where, argv, _started_from(argv)) for where, argv in starts if argv]
+    # a JSON snippet that starts something else (None) fails here too
+    found = [(where, argv, origin) for where, argv, origin in found if origin or where.startswith("JSON")]
+    assert [(where, argv) for where, argv, origin in found if origin not in (dist, *CHECKOUT)] == []
+    assert sum(where.startswith("JSON") for where, _, _ in found) == 3
+    # both launchers, from a checkout and by the distribution's name once it is published
+    assert {(argv[0], origin == dist) for _, argv, origin in found if argv[0] in ("uvx", "pipx")} == {
+        ("uvx", True), ("uvx", False), ("pipx", True), ("pipx", False)}
+
+
+def test_readme_names_no_file_outside_the_repository():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    names = set(re.findall(r"[\w./-]+\.(?:md|py|sql|toml|txt|cfg)\b|\bLICENSE\b", readme))
+    assert names and sorted(name for name in names if not (HERE / name).is_file()) == []
+
+
+def test_ci_runs_exactly_the_readme_quick_start_and_its_test_command():
+    setup, tests = readme_quick_start()
+    ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
+    # `|| exit 1`: under `set -e` a failure inside an && chain would not stop the script
+    assert ci.index(setup + " || exit 1") < ci.index(tests) == len(ci) - 1
+    development = [text for _, text in readme_code_blocks() if text.strip().endswith("test_testio_mcp.py")][-1]
+    assert development.strip() == tests  # the Development section's test command is the same
 
 
 @pytest.mark.slow
