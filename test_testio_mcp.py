@@ -476,6 +476,50 @@ def test_force_rereads_every_page_and_removes_a_deleted_final_test(env, capsys):
     assert runs(env)[-1] == ("force", "success")
 
 
+class Abreast:
+    """An async handler that holds the requests matching `pattern` until `width` of them are in flight
+    at once (or WAIT passes), and records the most it saw in flight together."""
+
+    def __init__(self, handler, pattern: str, width: int):
+        self.handler, self.pattern, self.width = handler, re.compile(pattern), width
+        self.in_flight = self.peak = 0
+        self.full = None  # made on the event loop of the first matching request
+
+    async def __call__(self, request):
+        if not self.pattern.search(request.url.path):
+            return self.handler(request)
+        self.full = self.full or asyncio.Event()
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.in_flight >= self.width:
+            self.full.set()
+        try:
+            await asyncio.wait_for(self.full.wait(), WAIT)
+        except TimeoutError:
+            self.full.set()  # the others need not wait too: the peak already says what happened
+        self.in_flight -= 1
+        return self.handler(request)
+
+
+def test_force_checks_the_tests_its_walk_did_not_list_concurrently_within_the_request_limit(
+        env, capsys, monkeypatch):
+    monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "3")
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    gone = acc.test_ids(pid)[400:406]
+    for test_id in gone:
+        acc.delete_test(test_id)
+    acc.request_log.clear()
+    abreast = Abreast(acc.handler, r"/exploratory_tests/\d+$", width=3)
+    code, _, err = cli(capsys, "sync", "--force", transport=mock(abreast))
+    assert code == 0, err
+    assert abreast.peak == 3  # three tests asked about at once, never more than the limit
+    asked = [int(m.group(1)) for e in acc.request_log if (m := re.search(r"/exploratory_tests/(\d+)$", e))]
+    assert sorted(asked) == sorted(gone)
+    assert_matches_truth(env, acc)
+
+
 def test_nuke_refuses_without_yes_when_stdin_is_not_a_terminal(env, capsys, monkeypatch, lean_account):
     transport = mock(lean_account.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0

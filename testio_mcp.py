@@ -2111,9 +2111,9 @@ class SyncEngine:
 
     async def _verify_unseen(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
                              unseen: set[int]) -> None:
-        """After a complete walk, ask for each stored test it did not list: deleted or moved?"""
-        for test_id in sorted(unseen):
-            await self._refetch_test(product["id"], test_id, result, bugs)
+        """After a complete walk, ask for each stored test it did not list: deleted or moved? (All at
+        once: the client's semaphore bounds the requests in flight.)"""
+        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs) for t in sorted(unseen)))
 
     async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
                                  seen: set[int], plan: dict) -> None:
