@@ -73,6 +73,7 @@ SCHEMA_VERSION = 5
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
+RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets the full recovery again after this
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
 UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
@@ -526,6 +527,24 @@ def percentile(values: Sequence[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def reads_around(start: int, end: int, bad: set[int], sizes: Sequence[int] = RECOVERY_PAGE_SIZES
+                 ) -> list[tuple[int, int]]:
+    """The fewest (page, per_page) reads, per_page from `sizes`, that cover the offsets [start, end)
+    but `bad` without touching a bad one: the pages a recovery found readable around them. Greedy,
+    each read reaching furthest, which is optimal for covering a line with intervals."""
+    reads, offset = [], start
+    while offset < end:
+        if offset in bad:
+            offset += 1
+            continue
+        page, size = max(((offset // size + 1, size) for size in sizes
+                          if not any(offset // size * size <= b < (offset // size + 1) * size for b in bad)),
+                         key=lambda read: read[0] * read[1])  # size 1 always qualifies
+        reads.append((page, size))
+        offset = page * size
+    return reads
 
 
 def backoff_delay(attempt: int, base: float, rand: float) -> float:
@@ -1002,6 +1021,13 @@ def problematic_events(conn: sqlite3.Connection, product_id: int | None = None) 
         event["mapped_test_ids"] = [r[0] for r in conn.execute(
             "SELECT test_id FROM problematic_tests WHERE event_id = ? ORDER BY test_id", (event["event_id"],))]
     return events
+
+
+def recheck_problems(conn: sqlite3.Connection, product_id: int) -> int:
+    """Have the next sync re-read the recorded positions of a product in full (no run has confirmed
+    them since); returns how many."""
+    return conn.execute("UPDATE problematic_events SET run_id = NULL WHERE product_id = ?",
+                        (product_id,)).rowcount
 
 
 def map_problem_tests(conn: sqlite3.Connection, event_id: str, test_ids: Sequence[int]) -> int:
@@ -1876,6 +1902,9 @@ class SyncEngine:
         self.on_progress = on_progress or (lambda result, phase: None)
         self.recovery_attempts = 0
         self._run_id: int | None = None
+        # product id -> {offset: event} of the positions a full recovery found unreadable within
+        # RECOVERY_RECHECK: an incremental walk reads around them instead of recovering again
+        self._known_bad: dict[int, dict[int, dict]] = {}
         # bug batches requested but not yet stored, across products: bounds the sync's memory
         self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
 
@@ -1966,6 +1995,10 @@ class SyncEngine:
         # incremental syncs re-read features only when a stored test points at an unknown one
         features = None
         bugs = _BugFetcher(self, result)
+        if mode in ("incremental", "refresh"):
+            fresh = iso(utc_now() - RECOVERY_RECHECK)
+            self._known_bad[pid] = {e["offset_start"]: e for e in await self.db.read(problematic_events, pid)
+                                    if e["run_id"] is not None and e["last_seen_at"] > fresh}
         try:
             if mode != "incremental" or await self.db.read(features_due, pid):
                 features = asyncio.create_task(self._sync_features(product, result))
@@ -2054,6 +2087,14 @@ class SyncEngine:
     async def _read_page(self, pid: int, page: int, result: ProductResult,
                          before: dict | None) -> tuple[list[dict], bool]:
         """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page)."""
+        start = (page - 1) * PAGE_SIZE
+        known = {o: e for o, e in self._known_bad.get(pid, {}).items() if start <= o < start + PAGE_SIZE}
+        if known:
+            around = await self._read_around(pid, page, result, before, known)
+            if around is not None:
+                return around
+            log.warning("product %s page %s: the tests around its known unreadable position(s) moved; "
+                        "recovering it in full", pid, page)
         try:
             tests = await self.client.get_tests_page(pid, page, PAGE_SIZE)
             return tests, len(tests) < PAGE_SIZE
@@ -2061,7 +2102,6 @@ class SyncEngine:
             if exc.status != 500:
                 raise
         log.warning("product %s page %s answers HTTP 500; re-reading it in smaller pages", pid, page)
-        start = (page - 1) * PAGE_SIZE
         found: dict[int, dict] = {}
         broken: list[tuple[int, int]] = []  # (offset, attempts)
         await self._recover(pid, start, start + PAGE_SIZE, RECOVERY_PAGE_SIZES, found, broken)
@@ -2083,6 +2123,40 @@ class SyncEngine:
             log.error("product %s: the test at position %s (page %s) cannot be read (event %s); "
                       "see `testio-mcp problematic list`", pid, offset, page, event_id)
         return tests, end - start < PAGE_SIZE
+
+    async def _read_around(self, pid: int, page: int, result: ProductResult, before: dict | None,
+                           known: dict[int, dict]) -> tuple[list[dict], bool] | None:
+        """A page holding positions a recent full recovery found unreadable, read with the fewest
+        recovery-sized pages that avoid them; (tests, is_last_page), or None when the list moved
+        (a read fails, or a position's neighbours are no longer the recorded ones)."""
+        start = (page - 1) * PAGE_SIZE
+        reads = reads_around(start, start + PAGE_SIZE, set(known))
+        self.recovery_attempts += len(reads)
+        try:
+            answers = await asyncio.gather(*(self.client.get_tests_page(pid, p, size) for p, size in reads))
+        except ServerError as exc:
+            if exc.status != 500:
+                raise
+            return None
+        found: dict[int, dict] = {}
+        for (p, size), tests in zip(reads, answers):
+            found.update(((p - 1) * size + i, test) for i, test in enumerate(tests[:size]))
+        for offset, event in known.items():  # the same neighbours as the full recovery would record
+            prev = found.get(offset - 1) or (before if offset == start else None)
+            nxt = found.get(offset + 1)
+            if nxt is None and offset + 1 == start + PAGE_SIZE:
+                self.recovery_attempts += 1
+                with contextlib.suppress(ApiError):
+                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
+            if (prev or {}).get("id") != event["before_id"] or (nxt or {}).get("id") != event["after_id"]:
+                return None
+        for offset, event in sorted(known.items()):
+            result.problems += 1
+            log.error("product %s: the test at position %s (page %s) could not be read by the last full "
+                      "recovery (event %s), skipped; `sync --force` retries it", pid, offset, page,
+                      event["event_id"])
+        end = max([*found, *known]) + 1
+        return [found[o] for o in sorted(found)], end - start < PAGE_SIZE
 
     async def _recover(self, pid: int, start: int, end: int, sizes: Sequence[int],
                        found: dict[int, dict], broken: list[tuple[int, int]]) -> None:
@@ -3928,10 +4002,12 @@ async def _problematic(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 async def _retry_mapped(db: Database, runtime: Runtime, product_id: int) -> int:
+    rechecked = await db.write(recheck_problems, product_id)
     ids = await db.read(mapped_tests, product_id)
     if not ids:
+        again = f"; the next sync re-reads its {rechecked} unreadable position(s) in full" if rechecked else ""
         print(f"no tests are mapped for product {product_id}; map them first with "
-              f"`testio-mcp problematic map-tests EVENT_ID TEST_ID...`", file=sys.stderr)
+              f"`testio-mcp problematic map-tests EVENT_ID TEST_ID...`{again}", file=sys.stderr)
         return 1
     client = runtime.client()
     stored, failed = [], []
