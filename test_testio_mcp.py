@@ -1276,6 +1276,68 @@ def test_a_sync_keeps_at_most_two_bug_batches_per_request_slot_waiting_to_be_sto
     assert max(ahead) <= tm.UNSTORED_BATCHES_PER_SLOT * 2, ahead
 
 
+@pytest.fixture
+def large_batches(env, monkeypatch):
+    """An account whose bug batches are large (~2,500 bugs), and every answer a cold sync of it reads
+    (URL -> body), recorded by a sync into a scratch database: replaying them costs the fake nothing,
+    so what the event loop spends is the sync's own."""
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    acc = make_account(products=1, tests_per_product=75, bugs_per_test=100, max_bugs_per_response=10_000)
+    answers = {}
+
+    def record(request):
+        response = acc.handler(request)
+        answers[str(request.url)] = response.content
+        return response
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESTIO_DB_PATH", str(env.parent / "recording.db"))
+        assert tm.main(["sync"], transport=mock(record)) == 0
+    return acc, answers
+
+
+def test_the_event_loop_stays_free_while_a_sync_decodes_and_stores_large_bug_batches(env, capsys, large_batches):
+    acc, answers = large_batches
+    batches = [body.decode() for url, body in answers.items() if "/bugs?" in url]
+    assert len(batches) >= 3
+    # the reference: decoding the batches, in this process under this machine's load
+    decode = []
+    for text in batches:
+        started = time.perf_counter()
+        tm.loads_keeping_raw(text, "bugs")
+        decode.append(time.perf_counter() - started)
+    lags, probing = [], []
+
+    async def probe():  # wakes every 2 ms and notes how late it is
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0.002)
+            lags.append(loop.time() - started - 0.002)
+
+    async def replay(request):  # runs on the sync's event loop: the first request starts the probe there
+        if not probing:
+            probing.append(asyncio.create_task(probe()))
+        return httpx.Response(200, content=answers[str(request.url)])
+
+    # pytest's process holds far more objects than a sync's: a full collection of them would be what
+    # the probe sees, so they are frozen out of the cyclic GC meanwhile
+    gc.freeze()
+    try:
+        code, _, err = cli(capsys, "sync", transport=mock(replay))
+    finally:
+        gc.unfreeze()
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    assert len(lags) > 50
+    # Decoding on the loop stalls it for at least the whole decode time, in stalls longer than half
+    # a batch's decoding; the few such stalls a loaded machine causes by itself stay far below that.
+    stalls = [lag for lag in lags if lag > min(decode) / 2]
+    assert sum(stalls) < sum(decode) / 3, (
+        f"the loop stalled {len(stalls)} times for {sum(stalls) * 1000:.0f} ms in all (the longest "
+        f"{max(lags) * 1000:.0f} ms); decoding the {len(batches)} batches takes {sum(decode) * 1000:.0f} ms")
+
+
 MALFORMED = {  # (target, name) -> body answered with HTTP 200
     **{(target, "not-json"): b"{not json" for target in ("page", "bug-batch")},
     **{(target, "html"): b"<html><body>maintenance</body></html>" for target in ("page", "bug-batch")},

@@ -956,6 +956,24 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
     return len(rows)
 
 
+def store_bug_answer(conn: sqlite3.Connection, decode: Callable[[bytes], list[dict]],
+                     test_ids: Sequence[int], answer: bytes, synced_at: str) -> int:
+    """replace_bugs() of an API answer that `decode` turns into bugs, in one call on the writer
+    thread: decoding a large answer is CPU work that must not run on the event loop (it is done
+    before the write transaction opens). Returns how many bugs were stored."""
+    # the decoded bugs hold no cycles and go with their last reference: a cyclic collection meanwhile
+    # would only rescan them, holding the GIL the event loop needs (tens of ms per large batch)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        bugs = decode(answer)
+        with transaction(conn):
+            return replace_bugs(conn, test_ids, bugs, synced_at)
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
     """Remove tests the API no longer has (their bugs and feature links go with them)."""
     ids = list(test_ids)
@@ -1604,6 +1622,9 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 ###############################################################################
 
 RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
+# Larger answers (a page of 100 tests is ~400 KB, ~5 ms of json.loads) are decoded on a thread of the
+# client, not on the event loop that serves the tools; bug batches are decoded where they are stored.
+DECODE_OFF_LOOP_BYTES = 64 * 1024
 
 
 class ApiMetrics:
@@ -1643,6 +1664,7 @@ class TestioClient:
         self._rand = rand
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._transport = transport
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")  # see DECODE_OFF_LOOP_BYTES
         self._http: httpx.AsyncClient | None = None  # made on first use: its TLS setup costs ~70 ms,
         #                                             which the server would pay before `initialize`
 
@@ -1662,16 +1684,17 @@ class TestioClient:
         return self._http
 
     async def aclose(self) -> None:
-        """Close the connection pool (if one was opened)."""
+        """Close the connection pool (if one was opened) and the decoding thread."""
+        self._decoder.shutdown(wait=False)
         if self._http is not None:
             await self._http.aclose()
 
     async def _request(self, path: str, params: dict | None = None, *, retries: int = MAX_RETRIES,
-                       retries_500: int | None = None, keep_raw: str | None = None) -> Any:
+                       retries_500: int | None = None, undecoded: bool = False) -> Any:
         """GET path and return its JSON, retrying 429/5xx/524/timeouts/resets; ApiError subclasses.
 
         `retries_500` gives HTTP 500 a budget of its own (a poisoned page fails every time);
-        the objects of the list `keep_raw` come back as ApiObject (with their JSON text)."""
+        `undecoded` returns the answer's bytes, for the caller to decode off the event loop."""
         attempt = limited = 0
         while True:
             queued = time.monotonic()
@@ -1691,9 +1714,12 @@ class TestioClient:
             if failure is None:
                 status = response.status_code
                 if status < 300:
+                    if undecoded:
+                        return response.content
                     try:
-                        if keep_raw:
-                            return loads_keeping_raw(response.content.decode("utf-8"), keep_raw)
+                        if len(response.content) > DECODE_OFF_LOOP_BYTES:
+                            return await asyncio.get_running_loop().run_in_executor(
+                                self._decoder, json.loads, response.content)
                         return response.json()
                     except ValueError:  # UnicodeDecodeError included
                         self.metrics.errors["malformed"] += 1
@@ -1760,10 +1786,24 @@ class TestioClient:
         path = f"exploratory_tests/{test_id}"
         return self._items(await self._request(path), "exploratory_test", f"GET {path}", many=False)
 
+    async def get_bug_answer(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> bytes:
+        """The undecoded answer listing all bugs of these tests (one request; large batches may fail
+        with 524): decode it with decode_bugs(), off the event loop when it is large."""
+        return await self._request("bugs", {"filter_test_cycle_ids": ",".join(map(str, test_ids))},
+                                   retries=retries, undecoded=True)
+
     async def get_bugs(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> list[dict]:
-        """All bugs of these tests (one request; large batches may fail with 524)."""
-        body = await self._request("bugs", {"filter_test_cycle_ids": ",".join(map(str, test_ids))},
-                                   retries=retries, keep_raw="bugs")
+        """All bugs of a few tests, decoded on the calling thread."""
+        return self.decode_bugs(await self.get_bug_answer(test_ids, retries))
+
+    def decode_bugs(self, content: bytes) -> list[dict]:
+        """The bugs of a GET bugs answer as ApiObject (keeping their JSON text);
+        MalformedResponseError. Thread-safe: it only counts a malformed answer in the metrics."""
+        try:
+            body = loads_keeping_raw(content.decode("utf-8"), "bugs")
+        except ValueError:  # UnicodeDecodeError included
+            self.metrics.errors["malformed"] += 1
+            raise MalformedResponseError("GET bugs answered malformed JSON", 200) from None
         bugs = self._items(body, "bugs", "GET bugs")
         bad = next((b for b in bugs if not isinstance((b.get("test") or {}).get("id"), int)), None)
         if bad is not None:
@@ -2256,11 +2296,14 @@ class _BugFetcher:
         # wait undecoded at the API instead of piling up decoded in memory
         async with self.engine.unstored_batches:
             try:
-                bugs = await client.get_bugs(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                answer = await client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                # decoded and stored in one call on the writer thread: the event loop, which serves
+                # the tools, only waits (a second thread decoding would compete with it for the GIL)
+                stored = await self.engine.db.run(store_bug_answer, client.decode_bugs, batch, answer,
+                                                  iso(utc_now()))
             except (ServerError, MalformedResponseError) as exc:
                 failure = exc
             else:
-                stored = await self.engine.db.write(replace_bugs, batch, bugs, iso(utc_now()))
                 self.result.bugs += stored
                 self.engine.on_progress(self.result, "bugs")
                 return
