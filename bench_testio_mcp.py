@@ -902,6 +902,7 @@ async def _calls_during_sync(env: dict[str, str], cwd: Path, product_id: int, er
             await session.initialize()
             started = time.perf_counter()
             done = n = 0
+            untimed = set(arguments)  # each tool's first answer pays one-time costs (caches, imports)
             while not done:
                 if time.perf_counter() - started > DURING_SYNC_MAX_S:
                     raise RuntimeError(f"the server's first sync did not end within {DURING_SYNC_MAX_S:g}s")
@@ -909,7 +910,11 @@ async def _calls_during_sync(env: dict[str, str], cwd: Path, product_id: int, er
                 for name, args in arguments.items():
                     call_started = time.perf_counter()
                     result = await session.call_tool(name, args)
-                    if not result.is_error:  # list_tests fails until its product is stored
+                    if result.is_error:  # list_tests fails until its product is stored
+                        pass
+                    elif name in untimed:
+                        untimed.discard(name)
+                    else:
                         samples[name].append(time.perf_counter() - call_started)
                     if rounds is None and name == "get_database_stats" and not result.is_error:
                         done = (result.structured_content or {}).get("data_as_of") is not None
