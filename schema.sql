@@ -165,7 +165,8 @@ CREATE TABLE IF NOT EXISTS problematic_events (
     attempts       INTEGER NOT NULL,
     first_seen_at  TEXT NOT NULL,
     last_seen_at   TEXT NOT NULL,
-    run_id         INTEGER
+    run_id         INTEGER                        -- the run whose full recovery last found it; NULL once
+                                                  -- `problematic retry` asks the next sync to re-read it
 );
 -- the same broken position seen again by a later sync is one event, not a new one
 CREATE UNIQUE INDEX IF NOT EXISTS problematic_position

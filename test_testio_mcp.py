@@ -498,6 +498,50 @@ def test_force_rereads_every_page_and_removes_a_deleted_final_test(env, capsys):
     assert runs(env)[-1] == ("force", "success")
 
 
+class Abreast:
+    """An async handler that holds the requests matching `pattern` until `width` of them are in flight
+    at once (or WAIT passes), and records the most it saw in flight together."""
+
+    def __init__(self, handler, pattern: str, width: int):
+        self.handler, self.pattern, self.width = handler, re.compile(pattern), width
+        self.in_flight = self.peak = 0
+        self.full = None  # made on the event loop of the first matching request
+
+    async def __call__(self, request):
+        if not self.pattern.search(request.url.path):
+            return self.handler(request)
+        self.full = self.full or asyncio.Event()
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.in_flight >= self.width:
+            self.full.set()
+        try:
+            await asyncio.wait_for(self.full.wait(), WAIT)
+        except TimeoutError:
+            self.full.set()  # the others need not wait too: the peak already says what happened
+        self.in_flight -= 1
+        return self.handler(request)
+
+
+def test_force_checks_the_tests_its_walk_did_not_list_concurrently_within_the_request_limit(
+        env, capsys, monkeypatch):
+    monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "3")
+    acc = deep_account()
+    pid = acc.product_ids()[0]
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    gone = acc.test_ids(pid)[400:406]
+    for test_id in gone:
+        acc.delete_test(test_id)
+    acc.request_log.clear()
+    abreast = Abreast(acc.handler, r"/exploratory_tests/\d+$", width=3)
+    code, _, err = cli(capsys, "sync", "--force", transport=mock(abreast))
+    assert code == 0, err
+    assert abreast.peak == 3  # three tests asked about at once, never more than the limit
+    asked = [int(m.group(1)) for e in acc.request_log if (m := re.search(r"/exploratory_tests/(\d+)$", e))]
+    assert sorted(asked) == sorted(gone)
+    assert_matches_truth(env, acc)
+
+
 def test_nuke_refuses_without_yes_when_stdin_is_not_a_terminal(env, capsys, monkeypatch, lean_account):
     transport = mock(lean_account.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0
@@ -718,9 +762,110 @@ def test_a_poisoned_position_seen_by_a_later_sync_stays_one_event(env, capsys):
     transport = mock(acc.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0
     first = db_rows(env, "SELECT event_id, attempts FROM problematic_events")
-    assert cli(capsys, "sync", transport=transport)[0] == 0
+    assert cli(capsys, "sync", "--force", transport=transport)[0] == 0  # a full recovery again
     again = db_rows(env, "SELECT event_id, attempts FROM problematic_events")
     assert [e for e, _ in again] == [e for e, _ in first] and again[0][1] > first[0][1]
+
+
+def reads_of(request_log, pid):
+    """{per_page: [page, ...]} of a product's test-list requests, in request order."""
+    pattern = re.compile(rf"/products/{pid}/exploratory_tests\?page=(\d+)&per_page=(\d+)$")
+    reads = collections.defaultdict(list)
+    for entry in request_log:
+        if m := pattern.search(entry):
+            reads[int(m.group(2))].append(int(m.group(1)))
+    return dict(reads)
+
+
+# A poisoned test at position 30 of page 1: the full recovery's failing reads (page 1 at 100 three
+# times, then at 25, 10, 5, 2 and 1 the pages holding offset 30) and the pages that worked around it.
+FULL_RECOVERY = {100: [1, 1, 1], 25: [1, 2, 2, 2, 3, 4], 10: [3, 4, 4, 4, 5], 5: [7, 7, 7, 8],
+                 2: [16, 16, 16, 17, 18], 1: [31, 31, 31, 31, 31, 32]}
+AROUND = {25: [1, 3, 4], 10: [3, 5], 5: [8], 2: [17, 18], 1: [32]}
+
+
+def poisoned_at_30():
+    """make_account() (3 products x 120 tests) with the test at position 30 of the first product
+    poisoned; (account, its first product, the poisoned test)."""
+    acc = make_account(bugs_per_test=1)
+    pid = acc.product_ids()[0]
+    bad = acc.test_ids(pid)[30]
+    acc.poison_test(bad)
+    return acc, pid, bad
+
+
+def test_an_incremental_sync_reads_around_a_known_unreadable_position_with_the_pages_that_worked(env, capsys):
+    acc, pid, bad = poisoned_at_30()
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    assert reads_of(acc.request_log, pid) == {**FULL_RECOVERY, 100: [*FULL_RECOVERY[100], 2]}
+    event = db_rows(env, "SELECT event_id, attempts, last_seen_at FROM problematic_events")
+    for _ in range(2):
+        acc.request_log.clear()
+        code, _, err = cli(capsys, "sync", transport=transport)
+        assert code == 0 and "1 test position(s) could not be read" in err
+        # 1 product list + the first product's 9 reads around position 30 and its page 2 + 2 pages
+        # of each other product: 15 requests, where the full recovery again made 35
+        assert len(acc.request_log) == 15
+        assert reads_of(acc.request_log, pid) == {**AROUND, 100: [2]}
+        assert runs(env)[-1] == ("incremental", "completed_with_problems")
+        assert db_rows(env, "SELECT event_id, attempts, last_seen_at FROM problematic_events") == event
+        assert sorted(r[0] for r in db_rows(env, "SELECT id FROM tests WHERE product_id = ?", (pid,))) == \
+            sorted(set(acc.test_ids(pid)) - {bad})
+
+
+def db_rows_write(db_path, sql, args=()):
+    conn = sqlite3.connect(str(db_path))
+    try:
+        with conn:
+            conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("trigger", ["a-day-later", "force", "problematic-retry"])
+def test_a_known_unreadable_position_gets_the_full_recovery_again_a_day_later_on_force_or_retry(
+        env, capsys, trigger):
+    acc, pid, bad = poisoned_at_30()
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    (attempts,), = db_rows(env, "SELECT attempts FROM problematic_events")
+    acc.request_log.clear()
+    if trigger == "a-day-later":
+        db_rows_write(env, "UPDATE problematic_events SET last_seen_at = ?",
+                      (tm.iso(tm.utc_now() - tm.RECOVERY_RECHECK - timedelta(minutes=1)),))
+        code, _, err = cli(capsys, "sync", transport=transport)
+    elif trigger == "force":
+        code, _, err = cli(capsys, "sync", "--force", transport=transport)
+    else:
+        code, _, err = cli(capsys, "problematic", "retry", str(pid), transport=transport)
+        assert code == 1 and "the next sync re-reads" in one_line(err)  # no tests mapped yet
+        assert acc.request_log == []
+        code, _, err = cli(capsys, "sync", transport=transport)
+    assert code == 0, err
+    reads = reads_of(acc.request_log, pid)
+    assert {size: pages for size, pages in reads.items() if size != 100} == \
+        {size: pages for size, pages in FULL_RECOVERY.items() if size != 100}
+    assert reads[100][:3] == [1, 1, 1]
+    assert db_rows(env, "SELECT attempts FROM problematic_events") == [(attempts + tm.MAX_RETRIES + 1,)]
+    acc.request_log.clear()
+    assert cli(capsys, "sync", transport=transport)[0] == 0  # confirmed again: cheap again
+    assert reads_of(acc.request_log, pid) == {**AROUND, 100: [2]}
+
+
+@pytest.mark.parametrize("new_on_top", [1, 40])
+def test_a_known_unreadable_position_that_moved_gets_the_full_recovery_and_no_test_is_skipped(
+        env, capsys, new_on_top):
+    acc, pid, bad = poisoned_at_30()
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    for k, test_id in enumerate(acc.add_tests(pid, new_on_top)):
+        acc.move_test(test_id, NOW + timedelta(days=90, minutes=k))
+    code, _, err = cli(capsys, "sync", transport=transport)
+    assert code == 0 and "moved; recovering it in full" in err
+    assert sorted(r[0] for r in db_rows(env, "SELECT id FROM tests WHERE product_id = ?", (pid,))) == \
+        sorted(set(acc.test_ids(pid)) - {bad})
+    assert db_rows(env, "SELECT offset_start FROM problematic_events") == [(30 + new_on_top,)]
 
 
 def test_problematic_map_retry_and_clear_recover_a_poisoned_test_once_the_api_is_fixed(env, capsys):
@@ -1222,6 +1367,65 @@ def test_a_sync_keeps_at_most_two_bug_batches_per_request_slot_waiting_to_be_sto
     assert_matches_truth(env, acc)
     assert len(ahead) >= 15
     assert max(ahead) <= tm.UNSTORED_BATCHES_PER_SLOT * 2, ahead
+
+
+@pytest.fixture
+def large_batches(env, monkeypatch):
+    """An account whose bug batches are large (~2,500 bugs), and every answer a cold sync of it reads
+    (URL -> body), recorded by a sync into a scratch database: replaying them costs the fake nothing,
+    so what the event loop spends is the sync's own."""
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    acc = make_account(products=1, tests_per_product=75, bugs_per_test=100, max_bugs_per_response=10_000)
+    answers = {}
+
+    def record(request):
+        response = acc.handler(request)
+        answers[str(request.url)] = response.content
+        return response
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESTIO_DB_PATH", str(env.parent / "recording.db"))
+        assert tm.main(["sync"], transport=mock(record)) == 0
+    return acc, answers
+
+
+def test_the_event_loop_stays_free_while_a_sync_decodes_and_stores_large_bug_batches(env, capsys, large_batches):
+    acc, answers = large_batches
+    batches = [body.decode() for url, body in answers.items() if "/bugs?" in url]
+    assert len(batches) == 3
+    # CPU time of the loop's thread, not wall time: what a loaded machine adds (waiting for a core
+    # or the GIL) is no work of the loop's, and would make the figures noise
+    stretches, probing, decode = [], [], []
+
+    async def probe():  # wakes every 2 ms and notes the CPU the loop's thread spent in between
+        while True:
+            cpu = time.thread_time()
+            await asyncio.sleep(0.002)
+            stretches.append(time.thread_time() - cpu)
+
+    async def replay(request):  # runs on the sync's event loop: the first request starts the probe there
+        if not probing:
+            probing.append(asyncio.create_task(probe()))
+        return httpx.Response(200, content=answers[str(request.url)])
+
+    # pytest's process holds far more objects than a sync's: a full collection of them would be what
+    # the probe sees, so they are frozen out of the cyclic GC meanwhile
+    gc.freeze()
+    try:
+        for text in batches:  # the reference: the CPU decoding each batch takes in this process
+            cpu = time.thread_time()
+            tm.loads_keeping_raw(text, "bugs")
+            decode.append(time.thread_time() - cpu)
+        code, _, err = cli(capsys, "sync", transport=mock(replay))
+    finally:
+        gc.unfreeze()
+    assert code == 0, err
+    assert_matches_truth(env, acc)
+    assert len(stretches) > 50
+    # a batch decoded on the loop would keep it busy for a whole decoding between two wakeups
+    assert max(stretches) < min(decode) / 3, (
+        f"the loop worked {max(stretches) * 1000:.1f} ms of CPU without a break; decoding one bug batch "
+        f"takes {min(decode) * 1000:.1f} ms")
 
 
 MALFORMED = {  # (target, name) -> body answered with HTTP 200

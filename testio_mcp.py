@@ -74,6 +74,7 @@ SCHEMA_VERSION = 5
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
+RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets the full recovery again after this
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
 UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
@@ -531,6 +532,24 @@ def percentile(values: Sequence[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def reads_around(start: int, end: int, bad: set[int], sizes: Sequence[int] = RECOVERY_PAGE_SIZES
+                 ) -> list[tuple[int, int]]:
+    """The fewest (page, per_page) reads, per_page from `sizes`, that cover the offsets [start, end)
+    but `bad` without touching a bad one: the pages a recovery found readable around them. Greedy,
+    each read reaching furthest, which is optimal for covering a line with intervals."""
+    reads, offset = [], start
+    while offset < end:
+        if offset in bad:
+            offset += 1
+            continue
+        page, size = max(((offset // size + 1, size) for size in sizes
+                          if not any(offset // size * size <= b < (offset // size + 1) * size for b in bad)),
+                         key=lambda read: read[0] * read[1])  # size 1 always qualifies
+        reads.append((page, size))
+        offset = page * size
+    return reads
 
 
 def backoff_delay(attempt: int, base: float, rand: float) -> float:
@@ -1097,6 +1116,24 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
     return len(rows)
 
 
+def store_bug_answer(conn: sqlite3.Connection, decode: Callable[[bytes], list[dict]],
+                     test_ids: Sequence[int], answer: bytes, synced_at: str) -> int:
+    """replace_bugs() of an API answer that `decode` turns into bugs, in one call on the writer
+    thread: decoding a large answer is CPU work that must not run on the event loop (it is done
+    before the write transaction opens). Returns how many bugs were stored."""
+    # the decoded bugs hold no cycles and go with their last reference: a cyclic collection meanwhile
+    # would only rescan them, holding the GIL the event loop needs (tens of ms per large batch)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        bugs = decode(answer)
+        with transaction(conn):
+            return replace_bugs(conn, test_ids, bugs, synced_at)
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
     """Remove tests the API no longer has (their bugs and feature links go with them)."""
     if not test_ids:
@@ -1162,6 +1199,13 @@ def problematic_events(conn: sqlite3.Connection, product_id: int | None = None) 
         event["mapped_test_ids"] = [r[0] for r in conn.execute(
             "SELECT test_id FROM problematic_tests WHERE event_id = ? ORDER BY test_id", (event["event_id"],))]
     return events
+
+
+def recheck_problems(conn: sqlite3.Connection, product_id: int) -> int:
+    """Have the next sync re-read the recorded positions of a product in full (no run has confirmed
+    them since); returns how many."""
+    return conn.execute("UPDATE problematic_events SET run_id = NULL WHERE product_id = ?",
+                        (product_id,)).rowcount
 
 
 def map_problem_tests(conn: sqlite3.Connection, event_id: str, test_ids: Sequence[int]) -> int:
@@ -1754,6 +1798,9 @@ RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
 # the request counter of the sync run the current task belongs to (its tasks inherit it): a run counts
 # its own requests, not those a tool makes meanwhile on the same client
 RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests", default=None)
+# Larger answers (a page of 100 tests is ~400 KB, ~5 ms of json.loads) are decoded on a thread of the
+# client, not on the event loop that serves the tools; bug batches are decoded where they are stored.
+DECODE_OFF_LOOP_BYTES = 64 * 1024
 
 
 class ApiMetrics:
@@ -1801,6 +1848,7 @@ class TestioClient:
         self._rand = rand
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._transport = transport
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")  # see DECODE_OFF_LOOP_BYTES
         self._http: httpx.AsyncClient | None = None  # made on first use: its TLS setup costs ~70 ms,
         #                                             which the server would pay before `initialize`
 
@@ -1820,16 +1868,17 @@ class TestioClient:
         return self._http
 
     async def aclose(self) -> None:
-        """Close the connection pool (if one was opened)."""
+        """Close the connection pool (if one was opened) and the decoding thread."""
+        self._decoder.shutdown(wait=False)
         if self._http is not None:
             await self._http.aclose()
 
     async def _request(self, path: str, params: dict | None = None, *, retries: int = MAX_RETRIES,
-                       retries_500: int | None = None, keep_raw: str | None = None) -> Any:
+                       retries_500: int | None = None, undecoded: bool = False) -> Any:
         """GET path and return its JSON, retrying 429/5xx/524/timeouts/resets; ApiError subclasses.
 
         `retries_500` gives HTTP 500 a budget of its own (a poisoned page fails every time);
-        the objects of the list `keep_raw` come back as ApiObject (with their JSON text)."""
+        `undecoded` returns the answer's bytes, for the caller to decode off the event loop."""
         attempt = limited = 0
         while True:
             queued = time.monotonic()
@@ -1851,9 +1900,12 @@ class TestioClient:
             if failure is None:
                 status = response.status_code
                 if status < 300:
+                    if undecoded:
+                        return response.content
                     try:
-                        if keep_raw:
-                            return loads_keeping_raw(response.content.decode("utf-8"), keep_raw)
+                        if len(response.content) > DECODE_OFF_LOOP_BYTES:
+                            return await asyncio.get_running_loop().run_in_executor(
+                                self._decoder, json.loads, response.content)
                         return response.json()
                     except ValueError:  # UnicodeDecodeError included
                         self.metrics.errors["malformed"] += 1
@@ -1923,10 +1975,24 @@ class TestioClient:
         path = f"exploratory_tests/{test_id}"
         return self._items(await self._request(path), "exploratory_test", f"GET {path}", many=False)
 
+    async def get_bug_answer(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> bytes:
+        """The undecoded answer listing all bugs of these tests (one request; large batches may fail
+        with 524): decode it with decode_bugs(), off the event loop when it is large."""
+        return await self._request("bugs", {"filter_test_cycle_ids": ",".join(map(str, test_ids))},
+                                   retries=retries, undecoded=True)
+
     async def get_bugs(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> list[dict]:
-        """All bugs of these tests (one request; large batches may fail with 524)."""
-        body = await self._request("bugs", {"filter_test_cycle_ids": ",".join(map(str, test_ids))},
-                                   retries=retries, keep_raw="bugs")
+        """All bugs of a few tests, decoded on the calling thread."""
+        return self.decode_bugs(await self.get_bug_answer(test_ids, retries))
+
+    def decode_bugs(self, content: bytes) -> list[dict]:
+        """The bugs of a GET bugs answer as ApiObject (keeping their JSON text);
+        MalformedResponseError. Thread-safe: it only counts a malformed answer in the metrics."""
+        try:
+            body = loads_keeping_raw(content.decode("utf-8"), "bugs")
+        except ValueError:  # UnicodeDecodeError included
+            self.metrics.errors["malformed"] += 1
+            raise MalformedResponseError("GET bugs answered malformed JSON", 200) from None
         bugs = self._items(body, "bugs", "GET bugs")
         bad = next((b for b in bugs if not isinstance((b.get("test") or {}).get("id"), int)), None)
         if bad is not None:
@@ -2066,6 +2132,9 @@ class SyncEngine:
         self.recovery_attempts = 0
         self._run_id: int | None = None
         self._generation = db.generation
+        # product id -> {offset: event} of the positions a full recovery found unreadable within
+        # RECOVERY_RECHECK: an incremental walk reads around them instead of recovering again
+        self._known_bad: dict[int, dict[int, dict]] = {}
         # bug batches requested but not yet stored, across products: bounds the sync's memory
         self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
 
@@ -2171,6 +2240,10 @@ class SyncEngine:
         # incremental syncs re-read features only when a stored test points at an unknown one
         features = None
         bugs = _BugFetcher(self, result)
+        if mode in ("incremental", "refresh"):
+            fresh = iso(utc_now() - RECOVERY_RECHECK)
+            self._known_bad[pid] = {e["offset_start"]: e for e in await self.db.read(problematic_events, pid)
+                                    if e["run_id"] is not None and e["last_seen_at"] > fresh}
         try:
             if mode != "incremental" or await self.db.read(features_due, pid):
                 features = asyncio.create_task(self._sync_features(product, result))
@@ -2259,6 +2332,14 @@ class SyncEngine:
     async def _read_page(self, pid: int, page: int, result: ProductResult,
                          before: dict | None) -> tuple[list[dict], bool]:
         """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page)."""
+        start = (page - 1) * PAGE_SIZE
+        known = {o: e for o, e in self._known_bad.get(pid, {}).items() if start <= o < start + PAGE_SIZE}
+        if known:
+            around = await self._read_around(pid, page, result, before, known)
+            if around is not None:
+                return around
+            log.warning("product %s page %s: the tests around its known unreadable position(s) moved; "
+                        "recovering it in full", pid, page)
         try:
             tests = await self.client.get_tests_page(pid, page, PAGE_SIZE)
             return tests, len(tests) < PAGE_SIZE
@@ -2266,7 +2347,6 @@ class SyncEngine:
             if exc.status != 500:
                 raise
         log.warning("product %s page %s answers HTTP 500; re-reading it in smaller pages", pid, page)
-        start = (page - 1) * PAGE_SIZE
         found: dict[int, dict] = {}
         broken: list[tuple[int, int]] = []  # (offset, attempts)
         await self._recover(pid, start, start + PAGE_SIZE, RECOVERY_PAGE_SIZES, found, broken)
@@ -2288,6 +2368,40 @@ class SyncEngine:
             log.error("product %s: the test at position %s (page %s) cannot be read (event %s); "
                       "see `testio-mcp problematic list`", pid, offset, page, event_id)
         return tests, end - start < PAGE_SIZE
+
+    async def _read_around(self, pid: int, page: int, result: ProductResult, before: dict | None,
+                           known: dict[int, dict]) -> tuple[list[dict], bool] | None:
+        """A page holding positions a recent full recovery found unreadable, read with the fewest
+        recovery-sized pages that avoid them; (tests, is_last_page), or None when the list moved
+        (a read fails, or a position's neighbours are no longer the recorded ones)."""
+        start = (page - 1) * PAGE_SIZE
+        reads = reads_around(start, start + PAGE_SIZE, set(known))
+        self.recovery_attempts += len(reads)
+        try:
+            answers = await asyncio.gather(*(self.client.get_tests_page(pid, p, size) for p, size in reads))
+        except ServerError as exc:
+            if exc.status != 500:
+                raise
+            return None
+        found: dict[int, dict] = {}
+        for (p, size), tests in zip(reads, answers):
+            found.update(((p - 1) * size + i, test) for i, test in enumerate(tests[:size]))
+        for offset, event in known.items():  # the same neighbours as the full recovery would record
+            prev = found.get(offset - 1) or (before if offset == start else None)
+            nxt = found.get(offset + 1)
+            if nxt is None and offset + 1 == start + PAGE_SIZE:
+                self.recovery_attempts += 1
+                with contextlib.suppress(ApiError):
+                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
+            if (prev or {}).get("id") != event["before_id"] or (nxt or {}).get("id") != event["after_id"]:
+                return None
+        for offset, event in sorted(known.items()):
+            result.problems += 1
+            log.error("product %s: the test at position %s (page %s) could not be read by the last full "
+                      "recovery (event %s), skipped; `sync --force` retries it", pid, offset, page,
+                      event["event_id"])
+        end = max([*found, *known]) + 1
+        return [found[o] for o in sorted(found)], end - start < PAGE_SIZE
 
     async def _recover(self, pid: int, start: int, end: int, sizes: Sequence[int],
                        found: dict[int, dict], broken: list[tuple[int, int]]) -> None:
@@ -2316,9 +2430,9 @@ class SyncEngine:
 
     async def _verify_unseen(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
                              unseen: set[int]) -> None:
-        """After a complete walk, ask for each stored test it did not list: deleted or moved?"""
-        for test_id in sorted(unseen):
-            await self._refetch_test(product["id"], test_id, result, bugs)
+        """After a complete walk, ask for each stored test it did not list: deleted or moved? (All at
+        once: the client's semaphore bounds the requests in flight.)"""
+        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs) for t in sorted(unseen)))
 
     async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
                                  seen: set[int], plan: dict) -> None:
@@ -2387,11 +2501,14 @@ class _BugFetcher:
         # wait undecoded at the API instead of piling up decoded in memory
         async with self.engine.unstored_batches:
             try:
-                bugs = await client.get_bugs(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                answer = await client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                # decoded and stored in one call on the writer thread: the event loop, which serves
+                # the tools, only waits (a second thread decoding would compete with it for the GIL)
+                stored = await self.engine.db.run(store_bug_answer, client.decode_bugs, batch, answer,
+                                                  iso(utc_now()))
             except (ServerError, MalformedResponseError) as exc:
                 failure = exc
             else:
-                stored = await self.engine.db.write(replace_bugs, batch, bugs, iso(utc_now()))
                 self.result.bugs += stored
                 self.engine.on_progress(self.result, "bugs")
                 return
@@ -4348,10 +4465,12 @@ async def _problematic(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 async def _retry_mapped(db: Database, runtime: Runtime, product_id: int) -> int:
+    rechecked = await db.write(recheck_problems, product_id)
     ids = await db.read(mapped_tests, product_id)
     if not ids:
+        again = f"; the next sync re-reads its {rechecked} unreadable position(s) in full" if rechecked else ""
         print(f"no tests are mapped for product {product_id}; map them first with "
-              f"`testio-mcp problematic map-tests EVENT_ID TEST_ID...`", file=sys.stderr)
+              f"`testio-mcp problematic map-tests EVENT_ID TEST_ID...`{again}", file=sys.stderr)
         return 1
     client = runtime.client()
     stored, failed = [], []
