@@ -981,6 +981,15 @@ def test_the_token_never_appears_in_output_logs_or_database_files(env, capsys, r
     assert [name for name, data in haystacks.items() if TOKEN[4:].encode() in data] == []  # nor a part of it
 
 
+def test_a_log_record_carrying_either_secret_shows_it_masked_on_stderr(capsys):
+    with restored_logging():
+        tm.setup_logging("INFO", TOKEN, HTTP_TOKEN)
+        logging.getLogger("uvicorn.error").warning("headers %s / %r", f"Bearer {HTTP_TOKEN}", {"token": TOKEN})
+    err = capsys.readouterr().err
+    assert "uvicorn.error: headers Bearer *** / {'token': '***'}" in err
+    assert TOKEN not in err and HTTP_TOKEN not in err
+
+
 ###############################################################################
 # Fault storm: a full sync under random 5xx/524, 429, resets and timeouts
 ###############################################################################
