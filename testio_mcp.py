@@ -3651,9 +3651,9 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
         server = build_server(runtime)
         _freeze_startup_objects()
         if remote:
-            log.warning("serving on %s:%s to other machines: every request needs the bearer token; plain "
-                        "HTTP carries it in clear, so put TLS (a reverse proxy) in front off a trusted network",
-                        host, port)
+            log.warning("serving on %s:%s to other machines: every request needs the bearer token; "
+                        "plain HTTP carries it in clear, so off a trusted network put TLS (a reverse proxy) "
+                        "in front", host, port)
         return asyncio.run(_serve_http(server, host, port, token))
     server = build_server(runtime, exit_on_sigterm=True)
     _freeze_startup_objects()
@@ -3692,7 +3692,7 @@ def _loopback_security(host: str) -> Any:
                                      allowed_origins=[f"http://{name}:*" for name in sorted(names)])
 
 
-class BearerTokenGate:
+class _BearerTokenGate:
     """ASGI: every HTTP request must carry `Authorization: Bearer <TESTIO_MCP_HTTP_TOKEN>`, else 401.
 
     A plain check rather than the SDK's TokenVerifier + AuthSettings: those make the server an OAuth
@@ -3705,8 +3705,10 @@ class BearerTokenGate:
         self._token = token.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":  # the lifespan (and nothing else: no websockets here)
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # a websocket: none is served, and closing unanswered refuses it
+            return None
         given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
         scheme, _, credentials = (given or b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._token):
@@ -3715,14 +3717,16 @@ class BearerTokenGate:
         if given is None:
             log.info("HTTP 401 for %s: no Authorization header", client)
             challenge, error = 'Bearer realm="testio-mcp"', "unauthorized"
-            why = f"send the header Authorization: Bearer <token>, the token set in the server's {ENV_HTTP_TOKEN}"
+            why = (f"send the header Authorization: Bearer <token>, the token set in the server's "
+                   f"{ENV_HTTP_TOKEN}")
         else:
             log.info("HTTP 401 for %s: wrong bearer token", client)
             challenge, error = 'Bearer realm="testio-mcp", error="invalid_token"', "invalid_token"
             why = f"the bearer token is not the one set in the server's {ENV_HTTP_TOKEN}"
         body = _dumps({"error": error, "error_description": why}).encode()
         await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", challenge.encode()),
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"www-authenticate", challenge.encode()),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -3734,7 +3738,7 @@ async def _serve_http(server: Any, host: str, port: int, token: str | None) -> i
     # to turn its access log off, log through our redacting handler, and say when it is listening.
     app = server.streamable_http_app(host=host, transport_security=_loopback_security(host))
     if token:  # also on loopback: a set token is required, e.g. behind a reverse proxy on this machine
-        app = BearerTokenGate(app, token)
+        app = _BearerTokenGate(app, token)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=None, access_log=False)
     web = uvicorn.Server(config)
     serving = asyncio.create_task(web.serve())
