@@ -35,13 +35,16 @@ from pathlib import Path
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 import testio_mcp as tm
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "tok-CANARY-7f3e9b21c4d8"           # searched for in every output, log and DB file
+HTTP_TOKEN = "http-CANARY-0d5e8a7c61b94f"  # the bearer token of serve --transport http, as secret
 BASE_URL = "http://testio.invalid/customer/v2"
 NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
 
@@ -64,9 +67,10 @@ def canary_sweep(tmp_path_factory):
     for path in tmp_path_factory.getbasetemp().rglob("*"):
         if path.is_file() and not path.is_symlink() and not path.name.endswith(".env"):
             with contextlib.suppress(OSError):
-                if TOKEN.encode() in path.read_bytes():
+                content = path.read_bytes()
+                if TOKEN.encode() in content or HTTP_TOKEN.encode() in content:
                     leaks.append(str(path))
-    assert leaks == [], f"the canary token leaked into {leaks}"
+    assert leaks == [], f"a canary token leaked into {leaks}"
 
 
 def clean_environment(mp: pytest.MonkeyPatch, root: Path) -> Path:
@@ -396,6 +400,21 @@ def test_bad_setting_exits_2_with_one_line_naming_the_variable_and_value(env, ca
     line = one_line(err)
     assert line.startswith("testio-mcp: ") and name in line and repr(value) in line
     assert out == "" and not env.exists()
+
+
+@pytest.mark.parametrize("value, problem", [
+    (HTTP_TOKEN[:15], "is too short (15 characters, at least 16)"),
+    (HTTP_TOKEN + " x", "may hold only printable ASCII without spaces"),
+    (HTTP_TOKEN + "é", "may hold only printable ASCII without spaces"),
+], ids=["short", "space", "non-ascii"])
+def test_a_weak_or_unsendable_http_token_exits_2_without_showing_it(env, capsys, value, problem, monkeypatch):
+    monkeypatch.setenv("TESTIO_MCP_HTTP_TOKEN", value)
+    with busy_port() as port, restored_logging():
+        code, out, err = cli(capsys, "serve", "--transport", "http", "--port", port)
+    assert (code, out) == (2, "")
+    assert one_line(err) == (f"testio-mcp: TESTIO_MCP_HTTP_TOKEN {problem}; make a random one with: "
+                             f"python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    assert not env.exists()
 
 
 def test_sync_without_token_says_which_variable_to_set_and_where_to_get_one(env, capsys, monkeypatch, lean_account):
@@ -1196,6 +1215,15 @@ def test_the_token_never_appears_in_output_logs_or_database_files(env, capsys, r
                  **files}
     assert [name for name, data in haystacks.items() if secret in data] == []
     assert [name for name, data in haystacks.items() if TOKEN[4:].encode() in data] == []  # nor a part of it
+
+
+def test_a_log_record_carrying_either_secret_shows_it_masked_on_stderr(capsys):
+    with restored_logging():
+        tm.setup_logging("INFO", TOKEN, HTTP_TOKEN)
+        logging.getLogger("uvicorn.error").warning("headers %s / %r", f"Bearer {HTTP_TOKEN}", {"token": TOKEN})
+    err = capsys.readouterr().err
+    assert "uvicorn.error: headers Bearer *** / {'token': '***'}" in err
+    assert TOKEN not in err and HTTP_TOKEN not in err
 
 
 ###############################################################################
@@ -3887,6 +3915,22 @@ class Lines:
                 return
 
 
+@contextlib.contextmanager
+def busy_port():
+    """A port taken on every address, IPv4 and IPv6: a server that should refuse to start but starts
+    anyway fails to bind it instead of serving until the test times out."""
+    with contextlib.ExitStack() as stack:
+        busy = stack.enter_context(socket.socket())
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        with contextlib.suppress(OSError):  # where the machine has IPv6
+            busy6 = stack.enter_context(socket.socket(socket.AF_INET6))
+            busy6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            busy6.bind(("::", busy.getsockname()[1]))
+            busy6.listen()
+        yield str(busy.getsockname()[1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -4058,38 +4102,28 @@ def test_stdio_server_exits_within_two_seconds_on_sigterm(tmp_path, synced_templ
 
 
 ###############################################################################
-# Streamable HTTP: one subprocess; DNS-rebinding checks; remote binding needs consent
+# Streamable HTTP: DNS-rebinding checks on loopback; off loopback only with the bearer token
 ###############################################################################
 
-@pytest.mark.slow
-@pytest.mark.anyio
-async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_foreign_host_and_bad_json(
-        tmp_path, demo_template):
-    template, pid = demo_template
+MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+@contextlib.asynccontextmanager
+async def served_http(tmp_path, demo_template, argv, **env):
+    """`testio_mcp.py *argv` (PORT replaced by a free port) on a copy of the demo database; yields
+    (the /mcp URL on 127.0.0.1, its stderr Lines) once it listens; SIGTERM (then kill) afterwards."""
     (tmp_path / "data").mkdir()
-    shutil.copyfile(template, tmp_path / "data" / "demo.db")
+    shutil.copyfile(demo_template[0], tmp_path / "data" / "demo.db")
     port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
-    proc = subprocess.Popen([sys.executable, str(HERE / "testio_mcp.py"), "serve", "--transport", "http",
-                             "--port", str(port), "--demo"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=child_env(tmp_path, tmp_path / "data" / "cache.db"),
-                            cwd=str(tmp_path))
+    argv = [str(port) if arg == "PORT" else arg for arg in argv]
+    proc = subprocess.Popen([sys.executable, str(HERE / "testio_mcp.py"), *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env(tmp_path, tmp_path / "data" / "cache.db", **env), cwd=str(tmp_path))
     try:
         err_lines = Lines(proc.stderr)
         Lines(proc.stdout)
-        await anyio.to_thread.run_sync(err_lines.wait_for, f"testio-mcp: MCP over HTTP at {url}", SUBPROCESS_TIMEOUT)
-        with anyio.fail_after(SUBPROCESS_TIMEOUT):
-            async with Client(url, mode="legacy") as client:
-                tools = (await client.list_tools()).tools
-                products = await ok(client, "list_products")
-            headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
-                foreign_origin = await http.post(url, json=INITIALIZE, headers={**headers,
-                                                                                "Origin": "http://evil.example.com"})
-                foreign_host = await http.post(url, json=INITIALIZE, headers={**headers, "Host": "evil.example.com"})
-                not_json = await http.post(url, content=b"{this is not json", headers=headers)
-                local_origin = await http.post(url, json=INITIALIZE, headers={**headers,
-                                                                              "Origin": f"http://localhost:{port}"})
+        await anyio.to_thread.run_sync(err_lines.wait_for, "testio-mcp: MCP over HTTP at ", SUBPROCESS_TIMEOUT)
+        yield f"http://127.0.0.1:{port}/mcp", err_lines
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -4097,12 +4131,128 @@ async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_forei
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_foreign_host_and_bad_json(
+        tmp_path, demo_template):
+    async with served_http(tmp_path, demo_template, ["serve", "--transport", "http", "--port", "PORT",
+                                                      "--demo"]) as (url, err_lines):
+        with anyio.fail_after(SUBPROCESS_TIMEOUT):
+            async with Client(url, mode="legacy") as client:  # loopback: no token needed
+                tools = (await client.list_tools()).tools
+                products = await ok(client, "list_products")
+            local = url.replace("127.0.0.1", "localhost")
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                foreign_origin = await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS,
+                                                                                "Origin": "http://evil.example.com"})
+                foreign_host = await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS,
+                                                                              "Host": "evil.example.com"})
+                not_json = await http.post(url, content=b"{this is not json", headers=MCP_HEADERS)
+                local_origin = await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS,
+                                                                              "Origin": local.removesuffix("/mcp")})
     assert sorted(t.name for t in tools) == sorted(TOOLS)
-    assert pid in [p["id"] for p in products["products"]]
+    assert demo_template[1] in [p["id"] for p in products["products"]]
     assert len(products["products"]) == len(tm.demo_account().product_ids())
     assert (foreign_origin.status_code, foreign_host.status_code, not_json.status_code) == (403, 421, 400)
     assert local_origin.status_code == 200
     assert "Traceback" not in b"".join(err_lines.lines).decode()
+
+
+def _readme_team_setup() -> tuple[list[str], dict, str]:
+    """README's team setup: the server command (argv after `testio-mcp`), the client JSON config, and
+    the value of `claude mcp add ... --header`."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Team setup"):]
+    section = section[:section.index("\n## ", 1)]
+    server = next(line for line in section.splitlines() if line.startswith("testio-mcp serve"))
+    config = json.loads(re.search(r"```json\n(.*?)```", section, re.DOTALL).group(1))
+    claude = shlex.split(next(line for line in section.splitlines() if line.startswith("claude mcp add")))
+    return shlex.split(server)[1:], config, claude[claude.index("--header") + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_http_off_loopback_answers_only_requests_that_carry_the_bearer_token(tmp_path, demo_template):
+    argv, config, claude_header = _readme_team_setup()  # README's own commands, on a free port, --demo
+    assert "0.0.0.0" in argv and "--allow-remote" in argv
+    argv = ["PORT" if arg == "8080" else arg for arg in argv] + ["--demo"]
+    # ${VAR} as Claude Code expands it in .mcp.json, $VAR as the shell does on the claude command line
+    expand = functools.partial(re.sub, r"\$\{?TESTIO_MCP_HTTP_TOKEN\}?", HTTP_TOKEN)
+    async with served_http(tmp_path, demo_template, argv, TESTIO_MCP_HTTP_TOKEN=HTTP_TOKEN,
+                           LOG_LEVEL="DEBUG") as (url, err_lines):  # bound to 0.0.0.0, reached via 127.0.0.1
+        with anyio.fail_after(SUBPROCESS_TIMEOUT):
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                answers = {name: await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS, **extra})
+                           for name, extra in [
+                               ("none", {}),
+                               ("wrong", {"Authorization": f"Bearer {HTTP_TOKEN[:-1]}x"}),
+                               ("prefix", {"Authorization": f"Bearer {HTTP_TOKEN[:-1]}"}),
+                               ("basic", {"Authorization": f"Basic {HTTP_TOKEN}"}),
+                               ("bare", {"Authorization": HTTP_TOKEN}),
+                               ("right", {"Authorization": f"Bearer {HTTP_TOKEN}"}),
+                               ("lowercase scheme", {"Authorization": f"bearer {HTTP_TOKEN}"}),
+                               ("claude mcp add --header", dict([map(str.strip, expand(claude_header)
+                                                                     .split(":", 1))])),
+                               ("any Host once authorized", {"Authorization": f"Bearer {HTTP_TOKEN}",
+                                                             "Host": "testio.example.com"})]}
+                other_path = await http.get(url.replace("/mcp", "/anything"))
+            entry = config["mcpServers"]["testio"]
+            headers = {name: expand(value) for name, value in entry["headers"].items()}
+            assert entry["type"] == "http" and entry["url"].endswith(":8080/mcp")
+            async with httpx2.AsyncClient(headers=headers) as with_token, \
+                    Client(streamable_http_client(url, http_client=with_token), mode="legacy") as client:
+                tools = (await client.list_tools()).tools
+                health = await client.call_tool("health_check", {})
+                products = await ok(client, "list_products")
+    status = {name: answer.status_code for name, answer in answers.items()}
+    assert status == {"none": 401, "wrong": 401, "prefix": 401, "basic": 401, "bare": 401, "right": 200,
+                      "lowercase scheme": 200, "claude mcp add --header": 200, "any Host once authorized": 200}
+    assert answers["none"].headers["www-authenticate"] == 'Bearer realm="testio-mcp"'
+    assert answers["wrong"].headers["www-authenticate"] == 'Bearer realm="testio-mcp", error="invalid_token"'
+    assert answers["none"].json()["error_description"] == ("send the header Authorization: Bearer <token>, "
+                                                           "the token set in the server's TESTIO_MCP_HTTP_TOKEN")
+    assert other_path.status_code == 401
+    assert sorted(t.name for t in tools) == sorted(TOOLS)
+    assert demo_template[1] in [p["id"] for p in products["products"]]
+    stderr = b"".join(err_lines.lines).decode()
+    assert "HTTP 401 for 127.0.0.1: no Authorization header" in stderr
+    assert "HTTP 401 for 127.0.0.1: wrong bearer token" in stderr
+    assert " DEBUG " in stderr and "Traceback" not in stderr
+    shown = [stderr, health.content[0].text, *(answer.text for answer in answers.values() if answer.text)]
+    assert not any(HTTP_TOKEN in text or HTTP_TOKEN[:-1] in text for text in shown)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_http_on_loopback_with_a_token_set_requires_it_and_keeps_the_host_checks(tmp_path,
+                                                                                        demo_template):
+    argv = ["serve", "--transport", "http", "--port", "PORT", "--demo"]
+    async with served_http(tmp_path, demo_template, argv,
+                           TESTIO_MCP_HTTP_TOKEN=HTTP_TOKEN) as (url, err_lines):
+        with anyio.fail_after(SUBPROCESS_TIMEOUT):
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                right = {"Authorization": f"Bearer {HTTP_TOKEN}"}
+                none = await http.post(url, json=INITIALIZE, headers=MCP_HEADERS)
+                authorized = await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS, **right})
+                foreign_host = await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS, **right,
+                                                                              "Host": "evil.example.com"})
+    assert (none.status_code, authorized.status_code, foreign_host.status_code) == (401, 200, 421)
+    assert "(requests need Authorization: Bearer $TESTIO_MCP_HTTP_TOKEN)" in b"".join(err_lines.lines).decode()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_http_off_loopback_without_a_token_refuses_to_start_with_one_sentence(env, capsys, host):
+    with busy_port() as port, restored_logging():
+        code, out, err = cli(capsys, "serve", "--transport", "http", "--host", host, "--port", port,
+                             "--allow-remote")
+    assert (code, out) == (1, "")
+    assert one_line(err) == (f"testio-mcp: --host {host} is reachable from other machines and "
+                             "TESTIO_MCP_HTTP_TOKEN is not set: set it to a random secret (python -c "
+                             "'import secrets; print(secrets.token_urlsafe(32))') and have clients send "
+                             "Authorization: Bearer <that secret>")
+    assert not env.exists()
 
 
 def test_http_on_a_non_loopback_host_without_allow_remote_exits_with_a_clear_message(env, capsys):
@@ -4110,7 +4260,16 @@ def test_http_on_a_non_loopback_host_without_allow_remote_exits_with_a_clear_mes
         code, out, err_text = cli(capsys, "serve", "--transport", "http", "--host", "0.0.0.0", "--port", "9")
     assert (code, out) == (1, "")
     assert err_text.strip().endswith("testio-mcp: --host 0.0.0.0 is not a loopback address: anyone who can reach it "
-                                     "could read your TestIO data; add --allow-remote if that is intended")
+                                     "could read your TestIO data; to serve a team add --allow-remote and set "
+                                     "TESTIO_MCP_HTTP_TOKEN")
+
+
+def test_readme_team_setup_makes_a_token_the_server_accepts(env):
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    recipe = re.search(r'TESTIO_MCP_HTTP_TOKEN="\$\((python -c .*?)\)"', readme).group(1)
+    made = subprocess.run([sys.executable, *shlex.split(recipe)[1:]], capture_output=True, text=True,
+                          timeout=WAIT).stdout.strip()
+    assert tm.Settings.from_env({"TESTIO_MCP_HTTP_TOKEN": made}).http_token == made
 
 
 ###############################################################################
@@ -4143,8 +4302,8 @@ def _distribution() -> str:
 def _started_from(argv: list[str]) -> str | None:
     """The distribution or checkout a command line starts testio-mcp from; None if it starts no server.
     uvx and pipx must be told the distribution: by its bare name they run the index's testio-mcp."""
-    if argv[:3] == ["claude", "mcp", "add"]:
-        return _started_from(argv[argv.index("--") + 1:])
+    if argv[:3] == ["claude", "mcp", "add"]:  # without `--`: a client of a running HTTP server
+        return _started_from(argv[argv.index("--") + 1:]) if "--" in argv else None
     if argv[0] == "uvx":
         assert argv[1] == "--from" and argv[3] == "testio-mcp", f"uvx names no distribution: {argv}"
         return argv[2]
@@ -4165,7 +4324,10 @@ def test_every_readme_snippet_that_starts_the_server_names_this_distribution_or_
     for lang, text in readme_code_blocks():
         if lang == "json":
             for name, server in json.loads(text)["mcpServers"].items():
-                starts.append((f"JSON {name}", [server["command"], *server["args"]]))
+                if "command" in server:  # else a client of a running HTTP server: it starts nothing
+                    starts.append((f"JSON {name}", [server["command"], *server["args"]]))
+                else:
+                    assert server["type"] == "http" and server["url"].endswith("/mcp"), server
         elif lang in ("bash", "bat"):
             for line in text.splitlines():
                 for command in line.split(" && "):

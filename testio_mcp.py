@@ -27,6 +27,8 @@ import dataclasses
 import email.utils
 import gc
 import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
 import json.scanner
@@ -63,12 +65,15 @@ ENV_CONCURRENCY = "MAX_CONCURRENT_API_REQUESTS"
 ENV_TIMEOUT = "TESTIO_HTTP_TIMEOUT_SECONDS"
 ENV_LOG_LEVEL = "LOG_LEVEL"
 ENV_RETRY_BASE = "TESTIO_RETRY_BASE_SECONDS"
+ENV_HTTP_TOKEN = "TESTIO_MCP_HTTP_TOKEN"  # the bearer token HTTP clients of `serve --transport http` send
 
 DEFAULT_BASE_URL = "https://api.test.io/customer/v2"
 DEFAULT_DB_PATH = "~/.testio-mcp/cache.db"
 DEMO_BASE_URL = "https://demo.testio-mcp.invalid/customer/v2"
 DEMO_TOKEN = "demo-token"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_HTTP_TOKEN_CHARS = 16
+NEW_TOKEN_HINT = """python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
 SCHEMA_VERSION = 5
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
@@ -117,6 +122,7 @@ class Settings:
     log_level: str = "INFO"
     retry_base: float = 0.5
     demo: bool = False
+    http_token: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, env_file: str | None = None,
@@ -151,6 +157,7 @@ class Settings:
             log_level=level,
             retry_base=_number(env, ENV_RETRY_BASE, "0.5", minimum=0.0),
             demo=demo,
+            http_token=_http_token(env.get(ENV_HTTP_TOKEN, "").strip()),
         )
 
 
@@ -177,6 +184,19 @@ def _read_env_file(explicit: str | None) -> list[tuple[str, str]]:
                 pairs.append((key.strip(), value))
             return pairs
     return []
+
+
+def _http_token(value: str) -> str | None:
+    """The HTTP bearer token, or None when unset; a weak or unsendable one is refused without showing it."""
+    if not value:
+        return None
+    if len(value) < MIN_HTTP_TOKEN_CHARS:
+        raise ConfigError(f"{ENV_HTTP_TOKEN} is too short ({len(value)} characters, at least "
+                          f"{MIN_HTTP_TOKEN_CHARS}); make a random one with: {NEW_TOKEN_HINT}")
+    if not all("!" <= c <= "~" for c in value):  # what an HTTP header carries unchanged
+        raise ConfigError(f"{ENV_HTTP_TOKEN} may hold only printable ASCII without spaces; make a random "
+                          f"one with: {NEW_TOKEN_HINT}")
+    return value
 
 
 def _number(env: dict[str, str], name: str, default: str, *, integer: bool = False,
@@ -4138,17 +4158,22 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
     """`testio-mcp [serve]`: the MCP server over stdio (default) or streamable HTTP."""
     transport = getattr(args, "transport", "stdio")
     if transport == "http":
-        host, port = args.host, args.port
-        loopback = host in ("127.0.0.1", "localhost", "::1")
-        if not loopback and not args.allow_remote:
+        host, port, token = args.host, args.port, runtime.settings.http_token
+        remote = not _is_loopback(host)
+        if remote and not args.allow_remote:
             raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach it could read "
-                              f"your TestIO data; add --allow-remote if that is intended")
+                              f"your TestIO data; to serve a team add --allow-remote and set {ENV_HTTP_TOKEN}")
+        if remote and not token:
+            raise ConfigError(f"--host {host} is reachable from other machines and {ENV_HTTP_TOKEN} is not "
+                              f"set: set it to a random secret ({NEW_TOKEN_HINT}) and have clients send "
+                              f"Authorization: Bearer <that secret>")
         server = build_server(runtime)
         _freeze_startup_objects()
-        if not loopback:
-            log.warning("serving on %s:%s: Host/Origin checks are off and there is no authentication; "
-                        "put it behind an authenticating proxy", host, port)
-        return asyncio.run(_serve_http(server, host, port))
+        if remote:
+            log.warning("serving on %s:%s to other machines: every request needs the bearer token; "
+                        "plain HTTP carries it in clear, so off a trusted network put TLS (a reverse proxy) "
+                        "in front", host, port)
+        return asyncio.run(_serve_http(server, host, port, token))
     server = build_server(runtime, exit_on_sigterm=True)
     _freeze_startup_objects()
     asyncio.run(server.run_stdio_async())
@@ -4162,17 +4187,86 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve_http(server: Any, host: str, port: int) -> int:
+def _is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1; 0.0.0.0, :: and every name or other address are remote."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_security(host: str) -> Any:
+    """Host/Origin (DNS-rebinding) checks for a loopback bind; None (no checks) off loopback, where the
+    bearer token guards instead and the names clients use are not known. The SDK turns the checks on
+    by itself only for 127.0.0.1, localhost and ::1, not for the rest of 127.0.0.0/8."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    if not _is_loopback(host):
+        return None
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True,
+                                     allowed_hosts=[f"{name}:*" for name in sorted(names)],
+                                     allowed_origins=[f"http://{name}:*" for name in sorted(names)])
+
+
+class _BearerTokenGate:
+    """ASGI: every HTTP request must carry `Authorization: Bearer <TESTIO_MCP_HTTP_TOKEN>`, else 401.
+
+    A plain check rather than the SDK's TokenVerifier + AuthSettings: those make the server an OAuth
+    resource server, which needs an authorization server's issuer URL that a shared team secret has
+    not, and clients that see OAuth advertised may start OAuth discovery instead of sending the header.
+    """
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # a websocket: none is served, and closing unanswered refuses it
+            return None
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        scheme, _, credentials = (given or b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._token):
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("?",))[0]
+        if given is None:
+            log.info("HTTP 401 for %s: no Authorization header", client)
+            challenge, error = 'Bearer realm="testio-mcp"', "unauthorized"
+            why = (f"send the header Authorization: Bearer <token>, the token set in the server's "
+                   f"{ENV_HTTP_TOKEN}")
+        else:
+            log.info("HTTP 401 for %s: wrong bearer token", client)
+            challenge, error = 'Bearer realm="testio-mcp", error="invalid_token"', "invalid_token"
+            why = f"the bearer token is not the one set in the server's {ENV_HTTP_TOKEN}"
+        body = _dumps({"error": error, "error_description": why}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"www-authenticate", challenge.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _serve_http(server: Any, host: str, port: int, token: str | None) -> int:
     import uvicorn
 
-    app = server.streamable_http_app(host=host)  # the host decides whether the localhost allow-list is on
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    # The host decides the Host/Origin checks; uvicorn is served by hand (not run_streamable_http_async)
+    # to turn its access log off, log through our redacting handler, and say when it is listening.
+    app = server.streamable_http_app(host=host, transport_security=_loopback_security(host))
+    if token:  # also on loopback: a set token is required, e.g. behind a reverse proxy on this machine
+        app = _BearerTokenGate(app, token)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=None, access_log=False)
     web = uvicorn.Server(config)
     serving = asyncio.create_task(web.serve())
     while not web.started and not serving.done():
         await asyncio.sleep(0.05)
     if web.started:
-        print(f"testio-mcp: MCP over HTTP at http://{host}:{port}/mcp", file=sys.stderr, flush=True)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/mcp"
+        needs = f" (requests need Authorization: Bearer ${ENV_HTTP_TOKEN})" if token else ""
+        print(f"testio-mcp: MCP over HTTP at {url}{needs}", file=sys.stderr, flush=True)
     await serving
     return 0 if web.started else 1
 
@@ -4189,17 +4283,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _RedactFilter(logging.Filter):
-    """Defence in depth: a log record that somehow carries the token gets it masked."""
+    """Defence in depth: a log record that somehow carries a secret (the API token, the HTTP bearer
+    token) gets it masked."""
 
-    def __init__(self, secret: str | None) -> None:
+    def __init__(self, *secrets: str | None) -> None:
         super().__init__()
-        self.secret = secret
+        self.secrets = [secret for secret in secrets if secret]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secret:
+        if self.secrets:
             message = record.getMessage()
-            if self.secret in message:
-                record.msg, record.args = message.replace(self.secret, "***"), ()
+            if any(secret in message for secret in self.secrets):
+                for secret in self.secrets:
+                    message = message.replace(secret, "***")
+                record.msg, record.args = message, ()
         return True
 
 
@@ -4215,11 +4312,11 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: str, secret: str | None = None) -> None:
-    """Log to stderr (stdout is the MCP wire in stdio mode)."""
+def setup_logging(level: str, *secrets: str | None) -> None:
+    """Log to stderr (stdout is the MCP wire in stdio mode), with the secrets masked."""
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactFilter(secret))
+    handler.addFilter(_RedactFilter(*secrets))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "mcp", "uvicorn"):  # NOTSET: a later DEBUG call in-process undoes it
         logging.getLogger(noisy).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
@@ -4250,7 +4347,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
     serve.add_argument("--allow-remote", action="store_true",
-                       help="required to bind HTTP to a non-loopback address")
+                       help=f"required to bind HTTP to a non-loopback address; needs {ENV_HTTP_TOKEN}")
 
     sync = sub.add_parser("sync", parents=[common], help="fetch TestIO data into the local database",
                           description="Fetch products, features, tests and bugs into the local database.")
@@ -4505,7 +4602,7 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTranspo
     except ConfigError as exc:
         print(f"testio-mcp: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.token)
+    setup_logging(settings.log_level, settings.token, settings.http_token)
     if settings.demo and transport is None:
         transport = httpx.MockTransport(demo_account().handler)
     runtime = Runtime(settings, transport)
