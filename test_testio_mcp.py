@@ -3275,21 +3275,6 @@ async def test_without_a_token_the_server_answers_from_the_database_and_sync_dat
 # It says what it is doing: the running sync, no token, an API it cannot reach
 ###############################################################################
 
-class GatedBugs:
-    """An async handler holding every bug batch until released (a first sync part way through)."""
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/bugs"):
-            self.entered.set()
-            await self.release.wait()
-        return self.handler(request)
-
-
 async def background_sync_ended(client) -> dict:
     """health_check, polled until the server's background sync has ended (bounded by the caller)."""
     while True:
@@ -3301,13 +3286,32 @@ async def background_sync_ended(client) -> dict:
 FIRST_SYNC_NOTE = "the first sync is still running; counts will grow until it ends"
 
 
+class Gated:
+    """An async handler holding the requests whose path ends with `suffix` (only the first with
+    `first_only`) until released: a sync in progress, part way through."""
+
+    def __init__(self, handler, suffix: str = "/products", first_only: bool = True):
+        self.handler, self.suffix, self.first_only = handler, suffix, first_only
+        self.seen = 0  # requests to that path, held or not
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(self.suffix):
+            self.seen += 1
+            if self.seen == 1 or not self.first_only:
+                self.entered.set()
+                await self.release.wait()
+        return self.handler(request)
+
+
 @pytest.mark.anyio
 async def test_while_the_first_sync_runs_every_answer_says_so_and_the_log_has_its_start_and_end(
         env, monkeypatch, caplog):
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
     caplog.set_level(logging.INFO, logger="testio_mcp")
     acc = make_account()
-    gate = GatedBugs(acc.handler)
+    gate = Gated(acc.handler, "/bugs", first_only=False)
     with anyio.fail_after(WAIT):
         async with mcp_client(gate) as client:
             await gate.entered.wait()
@@ -3418,29 +3422,11 @@ async def test_sync_data_for_a_product_the_token_cannot_see_reports_a_failed_run
                                     f"{', '.join(map(str, sorted(PIDS)))}")
 
 
-class GatedProducts:
-    """An async handler holding the first GET products until released (a sync in progress)."""
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.products = 0
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/products"):
-            self.products += 1
-            if self.products == 1:
-                self.entered.set()
-                await self.release.wait()
-        return self.handler(request)
-
-
 @pytest.mark.anyio
 async def test_a_second_sync_data_waits_for_the_running_sync_instead_of_starting_another(db):
     acc = make_account()
     acc.add_tests(P, 2)
-    gate = GatedProducts(acc.handler)
+    gate = Gated(acc.handler)
     results, health_checks = {}, 0
     async with mcp_client(gate) as client:
         async def call(key):
@@ -3461,7 +3447,7 @@ async def test_a_second_sync_data_waits_for_the_running_sync_instead_of_starting
                     "tool", ["a sync (incremental) is running; recent changes may be missing"])
                 gate.release.set()
         history = (await ok(client, "get_sync_history"))["runs"]
-    assert gate.products == 1 + health_checks  # one sync read the product list; health_check the rest
+    assert gate.seen == 1 + health_checks  # one sync read the product list; health_check the rest
     assert results["first"]["note"] is None
     assert results["second"]["note"] == "a sync was already running; this is its result"
     assert results["first"]["run"] == results["second"]["run"]
@@ -3529,7 +3515,7 @@ async def test_a_server_on_a_damaged_cache_answers_says_where_the_old_file_is_an
         db, where, caplog):
     damage(db, where)
     acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
-    gate = GatedProducts(acc.handler)  # the refill waits at the product list until released
+    gate = Gated(acc.handler)  # the refill waits at the product list until released
     with anyio.fail_after(WAIT):
         async with mcp_client(gate) as client:
             first = await ok(client, "list_products")
@@ -3556,7 +3542,7 @@ async def test_a_server_on_a_damaged_cache_answers_says_where_the_old_file_is_an
 @pytest.mark.anyio
 async def test_a_cache_damaged_while_the_server_runs_is_replaced_on_the_next_tool_call(db, caplog):
     acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
-    gate = GatedProducts(acc.handler)  # the refill waits at the product list until released
+    gate = Gated(acc.handler)  # the refill waits at the product list until released
     with anyio.fail_after(WAIT):
         async with mcp_client(gate) as client:
             assert heal_note(await ok(client, "get_sync_history")) is None
@@ -3574,27 +3560,10 @@ async def test_a_cache_damaged_while_the_server_runs_is_replaced_on_the_next_too
     assert_told_once(caplog.text, db)
 
 
-class GatedPage:
-    """An async handler holding the first request for a tests page until released."""
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.held = 0
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/exploratory_tests") and not self.held:
-            self.held += 1
-            self.entered.set()
-            await self.release.wait()
-        return self.handler(request)
-
-
 @pytest.mark.anyio
 async def test_a_sync_whose_cache_is_replaced_under_it_starts_over_on_the_fresh_one(db, caplog):
     acc = make_account(products=2, tests_per_product=20, bugs_per_test=1)
-    gate = GatedPage(acc.handler)
+    gate = Gated(acc.handler, "/exploratory_tests")
     bug_pages = [r for (r,) in db_rows(db, "SELECT rootpage FROM sqlite_master WHERE tbl_name = 'bugs'")]
     results = {}
     with anyio.fail_after(WAIT):
@@ -3672,26 +3641,33 @@ async def test_a_tool_whose_api_call_runs_out_of_time_says_what_timed_out_and_af
     assert hung.calls == 2
 
 
+async def while_a_sync_is_held(client, gate: Gated, call) -> dict:
+    """sync_data's answer ("sync") and that of `call` ("during"), awaited while the sync is held."""
+    results = {}
+
+    async def sync():
+        results["sync"] = await ok(client, "sync_data", {})
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(sync)
+        await gate.entered.wait()
+        results["during"] = await call
+        gate.release.set()
+    return results
+
+
 @pytest.mark.anyio
 async def test_sync_data_waiting_past_its_limit_for_the_running_sync_says_so_in_a_sentence(db, monkeypatch):
     monkeypatch.setattr(tm, "SYNC_WAIT_TIMEOUT", 0.05)
     acc = make_account()
-    gate = GatedProducts(acc.handler)
-    results = {}
+    gate = Gated(acc.handler)
     with anyio.fail_after(WAIT):
         async with mcp_client(gate) as client:
-            async def first():
-                results["first"] = await ok(client, "sync_data", {})
-
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(first)
-                await gate.entered.wait()
-                results["second"] = await err(client, "sync_data", {})
-                gate.release.set()
-    assert results["second"] == ("Error executing tool sync_data: a sync was already running and has not ended "
+            results = await while_a_sync_is_held(client, gate, err(client, "sync_data", {}))
+    assert results["during"] == ("Error executing tool sync_data: a sync was already running and has not ended "
                                  "after waiting 0.05s for it; it goes on in the background: see get_sync_history "
                                  "for its result later")
-    assert results["first"]["run"]["status"] == "success"
+    assert results["sync"]["run"]["status"] == "success"
 
 
 @pytest.mark.anyio
@@ -3699,18 +3675,10 @@ async def test_a_runs_api_request_count_leaves_out_the_requests_a_tool_made_mean
     acc = make_account()
     [new] = acc.add_tests(P, 1)
     faults = Faults(acc.handler)
-    gate = GatedProducts(faults)
-    results = {}
+    gate = Gated(faults)
     with anyio.fail_after(WAIT):
-        async with mcp_client(gate) as client:
-            async def sync():
-                results["sync"] = await ok(client, "sync_data", {})
-
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(sync)
-                await gate.entered.wait()
-                await ok(client, "get_test_status", {"test_id": new})  # a read-through: two requests
-                gate.release.set()
+        async with mcp_client(gate) as client:  # get_test_status of a new test: a read-through, 2 requests
+            results = await while_a_sync_is_held(client, gate, ok(client, "get_test_status", {"test_id": new}))
             history = (await ok(client, "get_sync_history"))["runs"]
     assert results["sync"]["run"]["api_requests"] == faults.calls - 2 == history[0]["api_requests"]
 
