@@ -69,7 +69,7 @@ DEMO_BASE_URL = "https://demo.testio-mcp.invalid/customer/v2"
 DEMO_TOKEN = "demo-token"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -588,6 +588,9 @@ MIGRATIONS = {
     # 5: the tester filter compares case-insensitively, which a BINARY index cannot serve: the index
     #    only cost every bug insert (~13 us)
     5: "DROP INDEX IF EXISTS bugs_tester;",
+    # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
+    #    bug row for those); schema.sql has built its successor bugs_test_facets
+    6: "DROP INDEX IF EXISTS bugs_test_summary;",
 }
 
 
@@ -1173,7 +1176,7 @@ def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[st
 
 
 # a test row of list_tests as JSON, rendered by SQLite (not synced_at: it sits after raw, overflow pages, 2.5x);
-# bug counts from the covering index bugs_test_summary
+# bug counts from the covering index bugs_test_facets
 TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status, 'review_status', t.review_status,
     'testing_type', t.testing_type, 'start_at', t.start_at, 'end_at', t.end_at, 'bugs',
     (SELECT json_object('total', count(*), 'open', coalesce(sum(b.status = 'open'), 0),
@@ -1401,6 +1404,7 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
 
 
 # Pivot dimensions: name -> (SQL expression, needs test_features join). Never built from input.
+# Every bug column here is in the covering index bugs_test_facets: a pivot never reads a bug row.
 METRIC_DIMENSIONS = {
     "product": ("t.product_id", False),
     "feature": ("tf.feature_id", True),
@@ -1417,42 +1421,53 @@ METRIC_DIMENSIONS = {
     "rejection_reason": ("b.rejection_reason", False),
     "known": ("b.known", False),
 }
-METRIC_EXPRESSIONS = {
-    "test_count": "count(DISTINCT t.id)",
-    "bug_count": "count(DISTINCT b.id)",
-    "active_testers": "count(DISTINCT b.tester)",
-    "features_tested": "count(DISTINCT tf.feature_id)",
-    "_accepted": "count(DISTINCT CASE WHEN b.status = 'accepted' THEN b.id END)",
-    "_auto": "count(DISTINCT CASE WHEN b.status = 'auto_accepted' THEN b.id END)",
-    "_rejected": "count(DISTINCT CASE WHEN b.status = 'rejected' THEN b.id END)",
+# The aggregates behind the metrics: name -> (SQL when each bug joins once, SQL when the test_features
+# join may repeat a bug). count(DISTINCT) sorts its values, so it is only used where rows can repeat.
+METRIC_AGGREGATES = {
+    "tests": ("count(DISTINCT t.id)",) * 2,
+    "bugs": ("count(b.id)", "count(DISTINCT b.id)"),
+    "accepted": ("coalesce(sum(b.status = 'accepted'), 0)",
+                 "count(DISTINCT CASE WHEN b.status = 'accepted' THEN b.id END)"),
+    "auto": ("coalesce(sum(b.status = 'auto_accepted'), 0)",
+             "count(DISTINCT CASE WHEN b.status = 'auto_accepted' THEN b.id END)"),
+    "rejected": ("coalesce(sum(b.status = 'rejected'), 0)",
+                 "count(DISTINCT CASE WHEN b.status = 'rejected' THEN b.id END)"),
+    "testers": ("count(DISTINCT b.tester)",) * 2,
+    "features": ("count(DISTINCT tf.feature_id)",) * 2,
 }
-METRICS = ("test_count", "bug_count", "bugs_per_test", "active_testers", "features_tested",
-           "active_acceptance_rate", "auto_acceptance_rate", "overall_acceptance_rate", "rejection_rate",
-           "review_rate")
-METRIC_FILTERS = ("product_ids", "test_statuses", "testing_types", "severities", "bug_types", "bug_statuses",
-                  "testers", "platforms", "rejection_reasons")
+_RATE_AGGREGATES = ("bugs", "accepted", "auto", "rejected")
+METRICS = {  # metric -> the aggregates it is computed from
+    "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
+    "active_testers": ("testers",), "features_tested": ("features",),
+    **{rate: _RATE_AGGREGATES for rate in ("active_acceptance_rate", "auto_acceptance_rate",
+                                           "overall_acceptance_rate", "rejection_rate", "review_rate")},
+}
+METRIC_FILTERS = {  # filter key -> column
+    "product_ids": "t.product_id", "test_statuses": "t.status", "testing_types": "t.testing_type",
+    "severities": "b.severity", "bug_types": "b.bug_type", "bug_statuses": "b.status", "testers": "b.tester",
+    "platforms": "b.platform", "rejection_reasons": "b.rejection_reason",
+}
 
 
-def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
-                  start: date | None, end: date | None, sort_by: str | None, limit: int) -> list[dict]:
-    """A pivot: one row per combination of the dimensions with the requested metrics."""
-    if filters.get("product_ids"):
-        _require_products(conn, filters["product_ids"])
-    bug_level = any(METRIC_DIMENSIONS[d][0].startswith("b.") for d in dimensions) or any(
-        filters.get(k) for k in ("severities", "bug_types", "bug_statuses", "testers", "platforms",
-                                 "rejection_reasons"))
-    need_tf = "features_tested" in metrics or any(METRIC_DIMENSIONS[d][1] for d in dimensions)
+def metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
+                  end: date | None) -> tuple[str, list]:
+    """The pivot's SQL and arguments: tests (by product or dates through their indexes), their
+    features when needed, and their bugs through bugs_test_facets, grouped by the dimensions."""
+    needed = {a for m in metrics for a in METRICS[m]}
+    columns = [METRIC_DIMENSIONS[d][0] for d in dimensions] + [METRIC_FILTERS[k] for k, v in filters.items() if v]
+    bug_level = any(c.startswith("b.") for c in columns)  # only tests with bugs in the group count
+    need_bugs = bug_level or bool(needed - {"tests", "features"})
+    need_tf = "features" in needed or "feature" in dimensions
     joins = " LEFT JOIN test_features tf ON tf.test_id = t.id" if need_tf else ""
-    bug_on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
-    joins += f" {'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {bug_on}"
+    if need_bugs:
+        # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
+        # a feature's bugs span every test, and filtering them per test made a pivot by feature 100x slower
+        on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
+        joins += f" {'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
     where, args = ["1 = 1"], []
-    for key, column in (("product_ids", "t.product_id"), ("test_statuses", "t.status"),
-                        ("testing_types", "t.testing_type"), ("severities", "b.severity"),
-                        ("bug_types", "b.bug_type"), ("bug_statuses", "b.status"), ("testers", "b.tester"),
-                        ("platforms", "b.platform"), ("rejection_reasons", "b.rejection_reason")):
-        values = filters.get(key)
+    for key, values in filters.items():
         if values:
-            where.append(f"{column} IN ({_placeholders(len(values))})")
+            where.append(f"{METRIC_FILTERS[key]} IN ({_placeholders(len(values))})")
             args += list(values)
     lo, hi = day_bounds(start, end)
     if lo:
@@ -1462,18 +1477,27 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
         where.append("t.end_at < ?")
         args.append(hi)
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
-    aggs = [f"{expr if need_tf or name != 'features_tested' else 'NULL'} AS {name.lstrip('_')}"
-            for name, expr in METRIC_EXPRESSIONS.items()]  # tf is only joined when needed
+    aggs = [f"{METRIC_AGGREGATES[a][need_tf]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    sql = (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
-           f"GROUP BY {group}")
+    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
+            f"GROUP BY {group}"), args
+
+
+def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
+                      start: date | None, end: date | None, sort_by: str | None, limit: int) -> list[dict]:
+    """A pivot: one row per combination of the dimensions with the requested metrics."""
+    if filters.get("product_ids"):
+        _require_products(conn, filters["product_ids"])
     rows = []
-    for r in conn.execute(sql, args):
+    for r in conn.execute(*metrics_query(metrics, dimensions, filters, start, end)):
         row = {d: r[f"d{i}"] for i, d in enumerate(dimensions)}
-        values = {"test_count": r["test_count"], "bug_count": r["bug_count"],
-                  "bugs_per_test": round(r["bug_count"] / r["test_count"], 3) if r["test_count"] else None,
-                  "active_testers": r["active_testers"], "features_tested": r["features_tested"],
-                  **bug_rates(r["accepted"], r["auto"], r["rejected"], r["bug_count"])}
+        got = dict(zip(r.keys(), r))
+        values = {"test_count": got.get("tests"), "bug_count": got.get("bugs"),
+                  "active_testers": got.get("testers"), "features_tested": got.get("features")}
+        if "tests" in got and "bugs" in got:
+            values["bugs_per_test"] = round(got["bugs"] / got["tests"], 3) if got["tests"] else None
+        if "rejected" in got:
+            values.update(bug_rates(got["accepted"], got["auto"], got["rejected"], got["bugs"]))
         row.update({m: values[m] for m in metrics})
         rows.append(row)
     _label_dimensions(conn, rows, dimensions)
@@ -1486,14 +1510,22 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
 
 
 def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
-    for dim, table in (("product", "products"), ("feature", "features")):
-        if dim in dimensions:
-            ids = sorted({r[dim] for r in rows if r[dim] is not None})
-            col = "name" if table == "products" else "title"
-            names = dict(conn.execute(f"SELECT id, {col} FROM {table} WHERE id IN ({_placeholders(len(ids))})",
-                                      ids).fetchall()) if ids else {}
-            for r in rows:
-                r[f"{dim}_name"] = names.get(r[dim])
+    """Names beside ids: product_name, and for a feature its title and its product (two products'
+    "Wishlist" features are different features)."""
+    if "product" in dimensions:
+        ids = sorted({r["product"] for r in rows if r["product"] is not None})
+        names = dict(conn.execute(f"SELECT id, name FROM products WHERE id IN ({_placeholders(len(ids))})",
+                                  ids).fetchall()) if ids else {}
+        for r in rows:
+            r["product_name"] = names.get(r["product"])
+    if "feature" in dimensions:
+        ids = sorted({r["feature"] for r in rows if r["feature"] is not None})
+        features = {f: (title, pid, name) for f, title, pid, name in conn.execute(
+            "SELECT f.id, f.title, p.id, p.name FROM features f JOIN products p ON p.id = f.product_id "
+            f"WHERE f.id IN ({_placeholders(len(ids))})", ids)} if ids else {}
+        for r in rows:
+            title, pid, name = features.get(r["feature"], (None, None, None))
+            r["feature_name"], r["product_id"], r["product_name"] = title, pid, name
     if "known" in dimensions:
         for r in rows:
             r["known"] = None if r["known"] is None else bool(r["known"])
@@ -3473,7 +3505,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         test_status, testing_type, severity, bug_type, bug_status, tester, platform, rejection_reason,
         known). Grouping by a bug dimension counts only tests with bugs in that group. Example: "rejection
         rate per feature for product 5 this quarter"."""
-        metric_list = _arg_list(metrics, "metrics", METRICS)
+        metric_list = _arg_list(metrics, "metrics", list(METRICS))
         dims = _arg_list(dimensions, "dimensions", list(METRIC_DIMENSIONS))
         if not metric_list or not 1 <= len(dims) <= 2:
             raise ToolError(f"give at least one metric and one or two dimensions; got metrics={metrics!r}, "
