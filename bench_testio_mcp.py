@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -837,6 +837,199 @@ def _cpu_per_call(before: tuple, after: tuple, calls: int) -> dict[str, float | 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
+
+
+###############################################################################
+# Tool matrix: every tool with its interesting argument shapes, one stdio session per size
+###############################################################################
+
+MATRIX_SIZES = ("medium", "large")   # the matrix runs on these sizes (large with --full)
+MATRIX_CALLS = 5                     # timed calls per shape, after one untimed call
+MATRIX_BUDGET_MS = 100.0             # p99 in the server of every call on medium
+MATRIX_SLOWEST = 10                  # the slowest shapes printed
+MATRIX_METRICS = ["test_count", "bug_count", "rejection_rate"]
+MATRIX_PAIRS = (("feature", "severity"), ("severity", "feature"), ("product", "month"), ("feature", "month"),
+                ("tester", "bug_status"), ("month", "severity"), ("platform", "known"), ("product", "feature"),
+                ("testing_type", "rejection_reason"), ("week", "test_status"), ("quarter", "bug_type"))
+
+
+def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
+    """Each tool with its interesting arguments: {"tool", "label", "args", "scoped"} where scoped means the
+    call is about one product (judged flat from medium to large). Ids and words come from the database."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        products = [r[0] for r in conn.execute("SELECT id FROM products ORDER BY id")]
+        name = conn.execute("SELECT name FROM products ORDER BY id LIMIT 1").fetchone()[0]
+        p = products[0]
+        test = conn.execute("SELECT t.id FROM tests t WHERE t.product_id = ? AND t.status = 'archived' AND EXISTS "
+                            "(SELECT 1 FROM bugs b WHERE b.test_id = t.id) ORDER BY t.id LIMIT 1", (p,)).fetchone()[0]
+        bug = conn.execute("SELECT id FROM bugs WHERE test_id = ? LIMIT 1", (test,)).fetchone()[0]
+        tester = conn.execute("SELECT tester FROM bugs WHERE test_id = ? LIMIT 1", (test,)).fetchone()[0]
+        feature = conn.execute("SELECT title FROM features WHERE product_id = ? LIMIT 1", (p,)).fetchone()[0]
+        conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, search_fts, 'row')")
+        common = conn.execute("SELECT term FROM temp.vocab WHERE length(term) >= 5 AND term GLOB '[a-z]*' "
+                              "ORDER BY doc DESC LIMIT 1").fetchone()[0]
+        rare = conn.execute("SELECT term FROM temp.vocab WHERE doc BETWEEN 1 AND 5 AND length(term) >= 5 AND "
+                            "term GLOB '[a-z]*' ORDER BY term LIMIT 1").fetchone()[0]
+        newest = conn.execute("SELECT max(end_at) FROM tests WHERE product_id = ?", (p,)).fetchone()[0]
+    end = datetime.fromisoformat(newest.replace("Z", "+00:00")).date()
+    dates = {"start_date": (end - timedelta(days=365)).isoformat(), "end_date": end.isoformat()}
+    quarter = {"start_date": (end - timedelta(days=90)).isoformat(), "end_date": end.isoformat()}
+    shapes: list[dict[str, Any]] = []
+
+    def add(tool: str, label: str, args: dict, scoped: bool) -> None:
+        shapes.append({"tool": tool, "label": label, "args": args, "scoped": scoped})
+
+    add("list_products", "all", {}, False)
+    add("list_products", "search", {"search": name.split()[-1]}, False)
+    one = {"product_id": p}
+    add("list_tests", "product", one, True)
+    for status in tm.TEST_STATUSES:
+        add("list_tests", f"statuses={status}", {**one, "statuses": [status]}, True)
+    for testing_type in tm.TESTING_TYPES:
+        add("list_tests", f"testing_type={testing_type}", {**one, "testing_type": testing_type}, True)
+    for sort in ("end_at", "start_at", "id", "title", "status"):
+        add("list_tests", f"sort_by={sort} asc", {**one, "sort_by": sort, "sort_order": "asc"}, True)
+    add("list_tests", "dates, page 2 of 20", {**one, **dates, "per_page": 20, "page": 2}, True)
+    add("get_test_status", "archived test", {"test_id": test}, True)
+    bugs = {"product_ids": [p]}
+    add("list_bugs", "product", bugs, True)
+    add("list_bugs", "test", {"test_ids": [test]}, True)
+    add("list_bugs", "all products", {"product_ids": products}, False)
+    for status in tm.BUG_STATUSES:
+        add("list_bugs", f"status={status}", {**bugs, "status": [status]}, True)
+    for severity in tm.SEVERITIES:
+        add("list_bugs", f"severity={severity}", {**bugs, "severity": [severity]}, True)
+    for bug_type in tm.BUG_TYPES:
+        add("list_bugs", f"bug_type={bug_type}", {**bugs, "bug_type": [bug_type]}, True)
+    for reason in tm.REJECTION_REASONS:
+        add("list_bugs", f"rejection_reason={reason}", {**bugs, "rejection_reason": [reason]}, True)
+    add("list_bugs", "known", {**bugs, "known": True}, True)
+    add("list_bugs", "tester", {**bugs, "tester": tester.upper()}, True)
+    add("list_bugs", "dates", {**bugs, **quarter}, True)
+    add("list_bugs", "details", {**bugs, "include_details": True, "per_page": 20}, True)
+    add("get_bug", "bug", {"bug_id": bug}, True)
+    add("list_features", "product", one, True)
+    add("list_features", "search", {**one, "search": feature[:4]}, True)
+    add("get_quality_report", "one product", {"product_ids": [p]}, True)
+    add("get_quality_report", "one product, dates", {"product_ids": [p], **dates}, True)
+    add("get_quality_report", "all products", {"product_ids": products}, False)
+    scopes = (("one product", {"filters": {"product_ids": [p]}}, True),
+              ("one product, dates", {"filters": {"product_ids": [p]}, **dates}, True),
+              ("all products", {}, False))
+    for dim in tm.METRIC_DIMENSIONS:
+        for label, scope, scoped in scopes:
+            add("query_metrics", f"{dim}, {label}", {"metrics": MATRIX_METRICS, "dimensions": [dim],
+                                                     "limit": 1000, **scope}, scoped)
+    for label, scope, scoped in scopes[0:3:2]:
+        for dim in ("product", "feature"):
+            add("query_metrics", f"{dim}, every metric, {label}", {"metrics": list(tm.METRICS), "dimensions": [dim],
+                                                                    "limit": 1000, **scope}, scoped)
+        for pair in MATRIX_PAIRS:
+            add("query_metrics", f"{'+'.join(pair)}, {label}", {"metrics": MATRIX_METRICS, "dimensions": list(pair),
+                                                                "limit": 1000, **scope}, scoped)
+    for label, query in (("common word", common), ("rare word", rare), ("two words", f"{common} {rare}"),
+                         ("no match", "zqxjkvw")):
+        add("search", label, {"query": query}, False)
+        add("search", f"{label}, one product", {"query": query, "product_ids": [p]}, True)
+    for tool in ("get_database_stats", "get_sync_history", "get_problematic_tests", "health_check"):
+        add(tool, "-", {}, False)
+    return shapes
+
+
+async def matrix_session(env: dict[str, str], cwd: Path, shapes: list[dict], calls: int,
+                         errlog: Any) -> dict[str, Any]:
+    """Every shape over one stdio session: one untimed call, then `calls` timed ones (client wall);
+    then each tool's p50/p99 inside the server over all its shapes (health_check's tool_metrics)."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=["-c", SERVER_LAUNCHER, "serve"], env=env,
+                                   cwd=str(cwd))
+    rows = []
+    async with stdio_client(params, errlog=errlog) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            for shape in shapes:
+                _, error = await _timed_call(session, shape["tool"], shape["args"])
+                samples = []
+                for _ in range(calls):
+                    elapsed, error = await _timed_call(session, shape["tool"], shape["args"])
+                    samples.append(elapsed)
+                rows.append({**shape, "client_p50_ms": _ms(pct(samples, 0.5)), "client_p99_ms": _ms(max(samples)),
+                             "error": error})
+            health = await session.call_tool("health_check", {})
+    metrics = (health.structured_content or {}).get("tool_metrics", {})
+    tools = {name: {"server_p50_ms": m.get("p50_ms"), "server_p99_ms": m.get("p99_ms"), "calls": m.get("calls")}
+             for name, m in metrics.items() if name in ALL_TOOLS}
+    return {"calls_per_shape": calls, "shapes": rows, "tools": tools}
+
+
+def run_matrix(name: str, env: dict[str, str], work: Path, db_path: Path) -> dict[str, Any]:
+    """The tool matrix of one size (the server over its synced database)."""
+    shapes = matrix_shapes(db_path)
+    log(f"{name}: tool matrix ({len(shapes)} argument shapes x {MATRIX_CALLS + 1} calls)")
+    with open(work / "server-matrix.log", "w") as errlog:
+        return asyncio.run(matrix_session(env, work, shapes, MATRIX_CALLS, errlog))
+
+
+def matrix_targets(sizes: dict[str, dict]) -> list[tuple[str, str, str, bool | None]]:
+    """(target, measured, limit, ok): every call on medium within budget (p99 in the server, each tool
+    over all its shapes), no errors, and the one-product shapes flat from medium to large."""
+    out = []
+    for size, r in sizes.items():
+        matrix = r.get("matrix")
+        if not matrix:
+            continue
+        worst = max(matrix["tools"].items(), key=lambda kv: kv[1]["server_p99_ms"] or 0)
+        over = sorted(t for t, m in matrix["tools"].items() if (m["server_p99_ms"] or 0) > MATRIX_BUDGET_MS)
+        out.append((f"{size}: every tool and argument shape, p99 in the server",
+                    f"worst {worst[0]} {worst[1]['server_p99_ms']} ms ({len(matrix['shapes'])} shapes)"
+                    + (f"; over: {', '.join(over)}" if over else ""), f"<= {MATRIX_BUDGET_MS:g} ms",
+                    not over if size == "medium" else None))
+        errors = [f"{s['tool']} ({s['label']})" for s in matrix["shapes"] if s["error"]]
+        out.append((f"{size}: tool matrix answered without error", f"{len(errors)} errors"
+                    + (f": {', '.join(errors[:3])}" if errors else ""), "0", not errors))
+    if sizes.get("medium", {}).get("matrix") and sizes.get("large", {}).get("matrix"):
+        low = {(s["tool"], s["label"]): s for s in sizes["medium"]["matrix"]["shapes"] if s["scoped"]}
+        grown = []
+        for s in sizes["large"]["matrix"]["shapes"]:
+            a = low.get((s["tool"], s["label"]))
+            if a and a["client_p50_ms"] and s["client_p50_ms"]:
+                ratio = s["client_p50_ms"] / a["client_p50_ms"]
+                if s["client_p50_ms"] > max(FLAT_FACTOR * a["client_p50_ms"], a["client_p50_ms"] + FLAT_SLACK_MS):
+                    grown.append(f"{s['tool']} ({s['label']}) {ratio:.1f}x")
+        out.append(("flat medium->large: every one-product shape, p50 over stdio", f"{len(low) - len(grown)} of "
+                    f"{len(low)} flat" + (f"; grow: {', '.join(grown[:5])}" if grown else ""),
+                    f"<= max({FLAT_FACTOR:g}x, +{FLAT_SLACK_MS:g} ms)", not grown))
+    return out
+
+
+def render_matrix(sizes: dict[str, dict]) -> list[str]:
+    """Per tool (p50 / p99 in the server over all its shapes, shapes, slowest shape) and the slowest ten."""
+    names = [n for n in sizes if sizes[n].get("matrix")]
+    if not names:
+        return []
+    rows = []
+    for tool in LOOP_TOOLS:
+        row = [tool]
+        for n in names:
+            m = sizes[n]["matrix"]
+            t = m["tools"].get(tool, {})
+            mine = [s for s in m["shapes"] if s["tool"] == tool]
+            slow = max(mine, key=lambda s: s["client_p99_ms"] or 0) if mine else None
+            row += [f"{_fmt(t.get('server_p50_ms'))} / {_fmt(t.get('server_p99_ms'))}", len(mine),
+                    f"{slow['label']} {_fmt(slow['client_p99_ms'])}" if slow else "-"]
+        rows.append(row)
+    headers = ["tool"]
+    for n in names:
+        headers += [f"{n}: in server", "shapes", "slowest shape, p99 over stdio"]
+    out = [f"Tool matrix: each tool with its argument shapes ({MATRIX_CALLS} calls each); ms p50 / p99 in the "
+           "server over all the tool's shapes", _table(rows, headers), ""]
+    slowest = sorted(((s["client_p99_ms"] or 0, n, s) for n in names for s in sizes[n]["matrix"]["shapes"]),
+                     key=lambda x: -x[0])[:MATRIX_SLOWEST]
+    out += [f"The {MATRIX_SLOWEST} slowest calls (ms over stdio, client wall)",
+            _table([[n, s["tool"], s["label"], _fmt(s["client_p50_ms"]), _fmt(s["client_p99_ms"])]
+                    for _, n, s in slowest], ["size", "tool", "arguments", "p50", "p99"]), ""]
+    return out
 
 
 ###############################################################################
