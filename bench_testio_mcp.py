@@ -1,12 +1,17 @@
 """bench_testio_mcp: end-to-end performance figures of testio-mcp against a simulated TestIO API.
 
 Run it:
-    python bench_testio_mcp.py                      small + medium, 50 ms per API request (< 3 minutes)
+    python bench_testio_mcp.py                      small + medium, 50 ms per API request (a few minutes)
     python bench_testio_mcp.py --large              adds 100 products x 1,000 tests (long: many minutes)
+    python bench_testio_mcp.py --full               --large, and the tool matrix on large too (longer)
     python bench_testio_mcp.py --json               the same figures as one JSON document on stdout
     python bench_testio_mcp.py --sizes small --latency-ms 20 --concurrency 5 --calls 50 --keep-db /tmp/b
 
-What it measures (each target of the performance issue is shown with PASS/FAIL):
+What it measures (each target of the performance issues is shown with PASS/FAIL): the cold sync
+is judged at a realistic 500 ms per request (wall <= 1.1x ceil(requests / concurrency) x latency,
+one extra cold sync per size when `--latency-ms` is not 500); at the bench's latency (50 ms) the
+sync's CPU per stored bug is printed (goal <= 0.1 ms, not required); 100 concurrent list_tests
+against a no-work server replaying the same answers (<= 1.5x).
     sync     the real CLI (`testio-mcp sync ...`) as a subprocess against the simulator served by a
              loopback HTTP server (stdlib, 127.0.0.1 only) that answers each request after
              `--latency-ms`: a cold sync, an incremental sync with nothing new, one after 10 new tests
@@ -26,6 +31,12 @@ What it measures (each target of the performance issue is shown with PASS/FAIL):
              no-work MCPServer (what the SDK's server and client cost alone); sync_data (incremental) a few times; latency
              growth from small to medium (10x the data; medium's 10,000 tests / ~76,000 bugs are close
              to the issue's 10,000 / 100,000).
+    matrix   every tool with its interesting argument shapes (each list_tests status/type/sort, list_bugs
+             by each filter, every query_metrics dimension alone and a sample of pairs, for one product,
+             with dates and for all products, search with common, rare and no-match words, the quality
+             report for one and for all products...) on medium (and large with --full): p50/p99 in the
+             server per tool over all its shapes (budget 100 ms on medium), each shape's calls over stdio,
+             the slowest ten, and the one-product shapes flat (<= 2x) from medium to large.
     storage  database bytes (after a WAL checkpoint) per test and per bug, split by table (dbstat).
 
 Processes start the way the `testio-mcp` console script does (import the module, call main), with the
@@ -85,12 +96,14 @@ SIZES = {  # name -> (products, tests per product); the simulator draws ~8 bugs 
 BUGS_PER_TEST = 8.0
 MAX_BUGS_PER_RESPONSE = 2_500        # the simulator's 524 threshold (its default)
 
-COLD_RATIO_MAX = 1.5                 # cold sync wall <= 1.5 x ceil(requests / concurrency) x latency
+REALISTIC_LATENCY_MS = 500.0         # the cold sync is judged at a realistic API latency...
+COLD_RATIO_MAX = 1.1                 # ... wall <= 1.1 x ceil(requests / concurrency) x latency
+CPU_PER_BUG_GOAL_MS = 0.1            # at the default 50 ms: the sync's CPU per stored bug (a goal, printed)
 INCREMENTAL_PER_PRODUCT = 4          # incremental sync with nothing new: <= 4 requests per product + 1
 FAST_TOOLS_P99_MS = 5.0              # list_tests, get_test_status p99 inside the server
 QUALITY_REPORT_MS = 100.0            # get_quality_report (one product) inside the server
 CONCURRENT_CALLS = 100
-CONCURRENT_MAX_S = 0.3               # 100 concurrent list_tests over stdio
+CONCURRENT_OVER_SDK_MAX = 1.5        # 100 concurrent list_tests <= 1.5 x a no-work server replaying the answers
 START_OVER_BARE_MAX_S = 0.2          # spawn -> initialize reply, over a bare one-tool MCPServer
 FLAT_FACTOR = 2.0                    # "flat": medium p50 <= max(2 x small p50, small p50 + 1 ms)
 FLAT_SLACK_MS = 1.0
@@ -540,6 +553,26 @@ def _process_cpu(pid: int) -> float | None:
 def lower_bound(requests: int, concurrency: int, latency: float) -> float:
     """ceil(requests / concurrency) x latency: perfect pipelining, zero client cost."""
     return math.ceil(requests / concurrency) * latency
+
+
+def realistic_cold_sync(api: FakeApi, env: dict[str, str], work: Path, opts: argparse.Namespace,
+                        cold: dict[str, Any]) -> dict[str, Any]:
+    """The cold sync at REALISTIC_LATENCY_MS per request (the one already run when that is the bench's
+    latency), into a database of its own; wall time over its request bound."""
+    if opts.latency_ms == REALISTIC_LATENCY_MS:
+        return cold
+    path = work / "cold-realistic.db"
+    api.latency = REALISTIC_LATENCY_MS / 1000
+    try:
+        log(f"cold sync at {REALISTIC_LATENCY_MS:g} ms per request")
+        run = run_sync(api, {**env, "TESTIO_DB_PATH": str(path)}, work)
+    finally:
+        api.latency = opts.latency_ms / 1000
+        for leftover in work.glob("cold-realistic.db*"):
+            leftover.unlink()
+    run["lower_bound_s"] = round(lower_bound(run["requests"], opts.concurrency, REALISTIC_LATENCY_MS / 1000), 3)
+    run["ratio"] = round(run["wall_s"] / run["lower_bound_s"], 2) if run["lower_bound_s"] else None
+    return run
 
 
 ###############################################################################
@@ -1067,7 +1100,8 @@ def bench_size(name: str, opts: argparse.Namespace, root: Path, startup: dict[st
         cold["ratio"] = round(cold["wall_s"] / cold["lower_bound_s"], 2) if cold["lower_bound_s"] else None
         cold["json_decode_floor_s"] = api.decode_seconds()
         cold["store_floor_s"] = api.store_seconds(work)
-        result["cold"] = cold
+        result["cold"], result["latency_ms"] = cold, opts.latency_ms
+        result["cold_realistic"] = realistic_cold_sync(api, env, work, opts, cold)
 
         log(f"{name}: incremental syncs and --refresh")
         result["incremental"] = run_sync(api, env, work)
@@ -1085,6 +1119,8 @@ def bench_size(name: str, opts: argparse.Namespace, root: Path, startup: dict[st
         with open(work / "server.log", "w") as errlog:
             result["server"] = asyncio.run(tool_session(env, work, tool_arguments(db_path), opts.calls,
                                                         opts.tool_seconds, errlog))
+        if name in MATRIX_SIZES and (name != "large" or opts.full):
+            result["matrix"] = run_matrix(name, env, work, db_path)
     finally:
         api.stop()
     return result
@@ -1105,9 +1141,16 @@ def evaluate(sizes: dict[str, dict], startup: dict[str, Any]) -> list[dict]:
     for size, r in sizes.items():
         cold, truth = r["cold"], r["dataset"]
         store = cold.get("store_floor_s")
-        add(f"{size}: cold sync wall / lower bound", f"{cold['wall_s']:.2f}s / {cold['lower_bound_s']:.2f}s "
-            f"= {cold['ratio']}x" + (f" (storing its answers, no network: {store:.2f}s)" if store else ""),
-            f"<= {COLD_RATIO_MAX}x", cold["ratio"] <= COLD_RATIO_MAX)
+        real = r.get("cold_realistic") or {}
+        add(f"{size}: cold sync at {REALISTIC_LATENCY_MS:g} ms per request: wall / request bound",
+            f"{real['wall_s']:.2f}s / {real['lower_bound_s']:.2f}s = {real['ratio']}x" if real else "not run",
+            f"<= {COLD_RATIO_MAX}x", real["ratio"] <= COLD_RATIO_MAX if real else None)
+        per_bug = cold["cpu_s"] / truth["bugs"] * 1000 if truth["bugs"] else None
+        add(f"{size}: cold sync at {r['latency_ms']:g} ms: CPU per stored bug",
+            f"{per_bug:.3f} ms ({cold['cpu_s']:.1f}s CPU for {truth['bugs']:,} bugs; wall {cold['wall_s']:.2f}s = "
+            f"{cold['ratio']}x its request bound" + (f"; storing its answers, no network: {store:.2f}s)" if store
+                                                     else ")"), f"goal <= {CPU_PER_BUG_GOAL_MS:g} ms (not required)",
+            None)
         add(f"{size}: cold sync requests", cold["requests"],
             f"<= {truth['budget']} = {truth['pages']} pages + {truth['bug_batches']} bug batches + "
             f"{truth['feature_requests']} features + 1", cold["requests"] <= truth["budget"])
@@ -1124,9 +1167,9 @@ def evaluate(sizes: dict[str, dict], startup: dict[str, Any]) -> list[dict]:
             f"< {QUALITY_REPORT_MS:g} ms", p99 is not None and p99 < QUALITY_REPORT_MS)
         conc = r["server"]["concurrent_list_tests"]["median_s"]
         sdk = r["server"]["concurrent_list_tests"].get("sdk_floor", {}).get("median_s")
-        add(f"{size}: {CONCURRENT_CALLS} concurrent list_tests over stdio", f"{conc:.3f}s"
-            + (f" (a no-work server with the same answers: {sdk:.3f}s)" if sdk else ""),
-            f"< {CONCURRENT_MAX_S}s", conc < CONCURRENT_MAX_S)
+        add(f"{size}: {CONCURRENT_CALLS} concurrent list_tests / a no-work server replaying the same answers",
+            f"{conc:.3f}s / {sdk:.3f}s = {conc / sdk:.2f}x" if sdk else f"{conc:.3f}s / -",
+            f"<= {CONCURRENT_OVER_SDK_MAX:g}x", conc <= CONCURRENT_OVER_SDK_MAX * sdk if sdk else None)
         errors = sum(t["errors"] for t in tools.values()) + r["server"]["sync_data"]["errors"]
         add(f"{size}: tool calls answered without error", f"{errors} errors", "0", errors == 0)
         imported = sorted({m for k in ("cold", "incremental", "incremental_new", "refresh")
@@ -1148,6 +1191,9 @@ def evaluate(sizes: dict[str, dict], startup: dict[str, Any]) -> list[dict]:
             ok = b <= max(FLAT_FACTOR * a, a + FLAT_SLACK_MS)
             add(f"flat {low}->{high}: {tool} p50 in server", f"{a} -> {b} ms ({b / a if a else 0:.1f}x)",
                 f"<= max({FLAT_FACTOR:g}x, +{FLAT_SLACK_MS:g} ms)", ok)
+
+    for target in matrix_targets(sizes):
+        add(*target)
 
     if startup:
         over = startup["initialize_over_bare_s"]
@@ -1255,6 +1301,8 @@ def render(report: dict[str, Any]) -> str:
             "wall);", "CPU ms per call of the server process + the client (this process, mcp ClientSession)",
             _table(trows, headers), ""]
 
+    out += render_matrix(sizes)
+
     st = report.get("startup")
     if st:
         srows = [[name, _fmt(st[name]["initialize_s"], "s", 3), _fmt(st[name]["tools_list_s"], "s", 3),
@@ -1300,8 +1348,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                                         f"{sizes[n]['dataset']['bugs']:,} bugs)" for n in names) + " | target |",
              "|---" * (len(names) + 2) + "|"]
     lines += [
-        row("cold sync: wall (lower bound)", "≤ 1.5 x bound", lambda n, r: f"{r['cold']['wall_s']:.1f} s "
-            f"({r['cold']['lower_bound_s']:.2f} s, {r['cold']['ratio']}x){ok(n, 'cold sync wall / lower bound')}"),
+        row(f"cold sync at {REALISTIC_LATENCY_MS:g} ms: wall (request bound)", f"≤ {COLD_RATIO_MAX} x bound",
+            lambda n, r: f"{r['cold_realistic']['wall_s']:.1f} s ({r['cold_realistic']['lower_bound_s']:.2f} s, "
+            f"{r['cold_realistic']['ratio']}x){ok(n, f'cold sync at {REALISTIC_LATENCY_MS:g} ms per request: wall / request bound')}"
+            if r.get("cold_realistic") else "-"),
+        row("cold sync: wall (request bound)", "", lambda n, r: f"{r['cold']['wall_s']:.1f} s "
+            f"({r['cold']['lower_bound_s']:.2f} s, {r['cold']['ratio']}x)"),
+        row("cold sync: CPU per stored bug", f"goal ≤ {CPU_PER_BUG_GOAL_MS:g} ms", lambda n, r:
+            f"{r['cold']['cpu_s'] / r['dataset']['bugs'] * 1000:.3f} ms"),
         row("cold sync: CPU to json.loads its answers, nothing else", "", lambda n, r:
             _fmt(r["cold"].get("json_decode_floor_s"), " s", 2)),
         row("cold sync: decode + store its answers on one thread, no network", "", lambda n, r:
@@ -1325,9 +1379,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         row("slowest other tool, p50 in the server", "", lambda n, r: "{1} {0:.1f} ms".format(
             *max((t["server_p50_ms"] or 0, name) for name, t in r["server"]["tools"].items()
                  if name not in ("list_tests", "get_test_status", "get_quality_report", "health_check")))),
-        row(f"{CONCURRENT_CALLS} concurrent list_tests over stdio", "< 0.3 s", lambda n, r:
-            f"{r['server']['concurrent_list_tests']['median_s']:.2f} s"
-            f"{ok(n, f'{CONCURRENT_CALLS} concurrent list_tests over stdio')}"),
+        row(f"{CONCURRENT_CALLS} concurrent list_tests over stdio", f"≤ {CONCURRENT_OVER_SDK_MAX:g} x no-work server",
+            lambda n, r: f"{r['server']['concurrent_list_tests']['median_s']:.2f} s{ok(n, f'{CONCURRENT_CALLS} concurrent list_tests / a no-work server replaying the same answers')}"),
         row("the same 100 answers from a no-work MCPServer", "", lambda n, r:
             _fmt(r["server"]["concurrent_list_tests"].get("sdk_floor", {}).get("median_s"), " s", 2)),
         row("server RSS idle / after the tool runs", "", lambda n, r: f"{r['server']['rss_mib_idle']:.0f} / "
@@ -1370,6 +1423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=10, help="MAX_CONCURRENT_API_REQUESTS (default 10)")
     p.add_argument("--sizes", default="small,medium", help="comma list of small, medium, large")
     p.add_argument("--large", action="store_true", help="add the large size (100 x 1,000 tests)")
+    p.add_argument("--full", action="store_true",
+                   help="--large, and the tool matrix on large too (long: many minutes)")
     p.add_argument("--calls", type=int, default=200, help="calls per tool (default 200)")
     p.add_argument("--tool-seconds", type=float, default=3.0,
                    help="stop a tool's loop after this many seconds (default 3; n is shown)")
@@ -1385,7 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the bench; returns the exit code (0 even when targets fail: the table says which)."""
     opts = build_parser().parse_args(argv)
     names = [n.strip() for n in opts.sizes.split(",") if n.strip()]
-    if opts.large and "large" not in names:
+    if (opts.large or opts.full) and "large" not in names:
         names.append("large")
     unknown = [n for n in names if n not in SIZES]
     if unknown or not names:
