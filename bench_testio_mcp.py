@@ -880,6 +880,7 @@ MATRIX_SIZES = ("medium", "large")   # the matrix runs on these sizes (large wit
 MATRIX_CALLS = 5                     # timed calls per shape, after one untimed call
 MATRIX_BUDGET_MS = 100.0             # p99 in the server of every call on medium
 MATRIX_SLOWEST = 10                  # the slowest shapes printed
+MATRIX_API_TOOLS = ("health_check",)  # its answer includes one API round trip: outside the budget
 MATRIX_METRICS = ["test_count", "bug_count", "rejection_rate"]
 MATRIX_PAIRS = (("feature", "severity"), ("severity", "feature"), ("product", "month"), ("feature", "month"),
                 ("tester", "bug_status"), ("month", "severity"), ("platform", "known"), ("product", "feature"),
@@ -1012,9 +1013,10 @@ def matrix_targets(sizes: dict[str, dict]) -> list[tuple[str, str, str, bool | N
         matrix = r.get("matrix")
         if not matrix:
             continue
-        worst = max(matrix["tools"].items(), key=lambda kv: kv[1]["server_p99_ms"] or 0)
-        over = sorted(t for t, m in matrix["tools"].items() if (m["server_p99_ms"] or 0) > MATRIX_BUDGET_MS)
-        out.append((f"{size}: every tool and argument shape, p99 in the server",
+        local = {t: m for t, m in matrix["tools"].items() if t not in MATRIX_API_TOOLS}
+        worst = max(local.items(), key=lambda kv: kv[1]["server_p99_ms"] or 0)
+        over = sorted(t for t, m in local.items() if (m["server_p99_ms"] or 0) > MATRIX_BUDGET_MS)
+        out.append((f"{size}: every tool and argument shape, p99 in the server (but health_check's API call)",
                     f"worst {worst[0]} {worst[1]['server_p99_ms']} ms ({len(matrix['shapes'])} shapes)"
                     + (f"; over: {', '.join(over)}" if over else ""), f"<= {MATRIX_BUDGET_MS:g} ms",
                     not over if size == "medium" else None))

@@ -9,6 +9,7 @@ import email.utils
 import functools
 import gc
 import io
+import itertools
 import json
 import logging
 import math
@@ -2383,22 +2384,22 @@ METRIC_SHAPES = [[d] for d in tm.METRIC_DIMENSIONS] + [
 
 def test_every_one_product_metrics_pivot_reads_that_products_tests_and_their_bugs_through_indexes(db):
     """EXPLAIN QUERY PLAN of every pivot shape (each dimension alone and every ordered pair, every
-    metric, with and without dates and a bug filter) scoped to one product: the tests come from a
+    metric or the common three, with and without dates and a bug filter) scoped to one product: the tests come from a
     product index, the bugs from the covering per-test index; never a scan of bugs, never bugs by
     feature (which reads that feature's bugs of every test) nor a bug row (its raw JSON)."""
     conn = sqlite3.connect(db)
     filters = [({"product_ids": [P]}, None, None), ({"product_ids": [P]}, date(2026, 1, 1), date(2026, 6, 30)),
                ({"product_ids": [P], "severities": ["high"], "testers": ["x"]}, None, date(2026, 6, 30))]
-    for dims in METRIC_SHAPES:
-        for scope, start, end in filters:
-            sql, args = tm.metrics_query(list(tm.METRICS), dims, scope, start, end)
-            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
-            tests = [line for line in plan if re.match(r"(SCAN|SEARCH) t\b", line)]
-            bugs = [line for line in plan if re.match(r"(SCAN|SEARCH) b\b", line)]
-            assert len(tests) == 1 and re.match(r"SEARCH t USING (COVERING )?INDEX tests_product_\w+ "
-                                                r"\(product_id=\?", tests[0]), (dims, scope, plan)
-            assert len(bugs) == 1 and bugs[0].startswith(
-                "SEARCH b USING COVERING INDEX bugs_test_facets (test_id=?"), (dims, scope, plan)
+    for dims, metrics, (scope, start, end) in itertools.product(
+            METRIC_SHAPES, [list(tm.METRICS), ["test_count", "bug_count", "rejection_rate"]], filters):
+        sql, args = tm.metrics_query(metrics, dims, scope, start, end)
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+        tests = [line for line in plan if re.match(r"(SCAN|SEARCH) t\b", line)]
+        bugs = [line for line in plan if re.match(r"(SCAN|SEARCH) b\b", line)]
+        assert len(tests) == 1 and re.match(r"SEARCH t USING (COVERING )?INDEX tests_product_\w+ "
+                                            r"\(product_id=\?", tests[0]), (dims, scope, plan)
+        assert bugs and all(line.startswith("SEARCH b USING COVERING INDEX bugs_test_facets (test_id=?")
+                            for line in bugs), (dims, scope, plan)
     conn.close()
 
 
