@@ -902,8 +902,8 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
         conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, search_fts, 'row')")
         common = conn.execute("SELECT term FROM temp.vocab WHERE length(term) >= 5 AND term GLOB '[a-z]*' "
                               "ORDER BY doc DESC LIMIT 1").fetchone()[0]
-        rare = conn.execute("SELECT term FROM temp.vocab WHERE doc BETWEEN 1 AND 5 AND length(term) >= 5 AND "
-                            "term GLOB '[a-z]*' ORDER BY term LIMIT 1").fetchone()[0]
+        rare = conn.execute("SELECT term FROM temp.vocab WHERE length(term) >= 5 AND term GLOB '[a-z]*' "
+                            "ORDER BY doc, term LIMIT 1").fetchone()[0]
         newest = conn.execute("SELECT max(end_at) FROM tests WHERE product_id = ?", (p,)).fetchone()[0]
     end = datetime.fromisoformat(newest.replace("Z", "+00:00")).date()
     dates = {"start_date": (end - timedelta(days=365)).isoformat(), "end_date": end.isoformat()}
