@@ -1454,8 +1454,8 @@ METRIC_AGGREGATES = {
 }
 _RATE_AGGREGATES = ("bugs", "accepted", "auto", "rejected")
 # Grouped by test dimensions only, a test's bugs are counted in the index, one test at a time: the
-# grouping then sorts the tests, not every bug (3x faster over all products; by feature, the counts per
-# test and feature cost more than they save)
+# grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more than
+# they save)
 PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'", "auto": " AND b.status = 'auto_accepted'",
                    "rejected": " AND b.status = 'rejected'"}
 METRICS = {  # metric -> the aggregates it is computed from
@@ -1475,7 +1475,7 @@ def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: 
                     end: date | None) -> list[tuple[str, list]]:
     """The pivot's SQL and arguments, one query or two whose rows join on the dimensions (d0, d1)."""
     # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is by
-    # feature anyway, it is counted on its own and the other metrics without that join (5x faster)
+    # feature anyway, it is counted on its own and the other metrics without that join
     if "features_tested" in metrics and "feature" not in dimensions and len(metrics) > 1:
         return [_metrics_query([m for m in metrics if m != "features_tested"], dimensions, filters, start, end),
                 _metrics_query(["features_tested"], dimensions, filters, start, end)]
@@ -1510,7 +1510,7 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
              "WHERE x.test_id = t.id AND x.feature_id = tf.feature_id AND x.test_feature_id < tf.test_feature_id)"
              if need_tf else "")
     # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
-    # a feature's bugs span every test, and filtering them per test made a pivot by feature 100x slower
+    # a feature's bugs span every test, and that path read all of them again for each test
     on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
     if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS}:
         counts = [f"(SELECT count(*) FROM bugs b WHERE {on}{cond}) AS {a}"
