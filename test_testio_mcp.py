@@ -2378,6 +2378,33 @@ async def test_query_metrics_by_feature_names_each_features_product_and_counts_i
         k: (len(v), len({b["author"]["name"] for b in v}), owner[k[0]][0]) for k, v in cells.items()}
 
 
+
+@pytest.mark.anyio
+async def test_query_metrics_counts_a_feature_listed_twice_by_one_test_once(env, monkeypatch):
+    acc = make_account()
+    twice = {t["id"] for t in served_tests(P)[:40] if t["features"]}
+
+    def handler(request):  # these tests list their first feature again, as a second snapshot
+        response = acc.handler(request)
+        if request.url.path.endswith(f"/products/{P}/exploratory_tests") and response.status_code == 200:
+            body = response.json()
+            for test in body["exploratory_tests"]:
+                if test["id"] in twice:
+                    test["features"].append({**test["features"][0], "id": test["features"][0]["id"] + 7})
+            return httpx.Response(200, json=body)
+        return response
+
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    async with mcp_client(handler) as client:
+        await ok(client, "sync_data", {"mode": "incremental"})
+        data = await ok(client, "query_metrics", {"metrics": ["test_count", "bug_count", "rejection_rate"],
+                                                  "dimensions": ["feature"], "filters": {"product_ids": [P]}})
+    tests, bugs = served_tests(P), bugs_of_product(P)
+    assert {r["feature"]: (r["test_count"], r["bug_count"], r["rejection_rate"]) for r in data["rows"]} == {
+        f["id"]: (sum(any(x["feature_id"] == f["id"] for x in t["features"]) for t in tests),
+                  len(mine := [b for b in bugs if b["feature"]["id"] == f["id"]]), bug_rates(mine)["rejection_rate"])
+        for f in acc.features_of(P)}
+
 METRIC_SHAPES = [[d] for d in tm.METRIC_DIMENSIONS] + [
     [a, b] for a in tm.METRIC_DIMENSIONS for b in tm.METRIC_DIMENSIONS if a != b]
 
