@@ -78,9 +78,10 @@ CREATE TABLE IF NOT EXISTS bugs (
     raw              TEXT NOT NULL,
     synced_at        TEXT NOT NULL
 );
--- bug counts per test (list_tests, get_test_status, get_quality_report): covering, no row reads
-CREATE INDEX IF NOT EXISTS bugs_test_summary
-    ON bugs(test_id, status, severity, bug_type, known, rejection_reason);
+-- bug counts per test (list_tests, get_test_status, get_quality_report) and every query_metrics
+-- pivot, which reaches bugs by test (and feature): covering, no row reads (a row holds its raw JSON)
+CREATE INDEX IF NOT EXISTS bugs_test_facets
+    ON bugs(test_id, feature_id, status, severity, bug_type, known, rejection_reason, tester, platform);
 -- list_bugs(product_ids, dates) and reports by product
 CREATE INDEX IF NOT EXISTS bugs_product_reported ON bugs(product_id, reported_at);
 -- list_bugs(status / severity filters)

@@ -9,6 +9,7 @@ import email.utils
 import functools
 import gc
 import io
+import itertools
 import json
 import logging
 import math
@@ -1875,7 +1876,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 5
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 6
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -1896,13 +1897,14 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
         CREATE TRIGGER tests_fts_upd AFTER UPDATE OF title, raw ON tests BEGIN SELECT 1; END;
         CREATE INDEX bugs_test ON bugs(test_id, reported_at);
         CREATE INDEX bugs_tester ON bugs(tester);
-        DROP INDEX bugs_test_summary;
+        DROP INDEX bugs_test_facets;
+        CREATE INDEX bugs_test_summary ON bugs(test_id, status, severity, bug_type, known, rejection_reason);
         PRAGMA user_version = 2;""")
     conn.close()
     assert cli(capsys, "sync", "--status")[0] == 0
     names = {name for (name,) in db_rows(env, "SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")}
-    assert {"bugs_fts_ins", "tests_fts_upd", "bugs_test", "bugs_tester"} & names == set()
-    assert {"bugs_test_summary", "bugs_feature_status", "bugs_fts_del", "tests_fts_del"} <= names
+    assert {"bugs_fts_ins", "tests_fts_upd", "bugs_test", "bugs_tester", "bugs_test_summary"} & names == set()
+    assert {"bugs_test_facets", "bugs_feature_status", "bugs_fts_del", "tests_fts_del"} <= names
     assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
     lean_account.add_tests(lean_account.product_ids()[0], 1)
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
@@ -2904,6 +2906,86 @@ async def test_query_metrics_returns_at_most_limit_rows_and_says_how_many_there_
         data = await ok(client, "query_metrics", {"metrics": ["bug_count"], "dimensions": ["tester"], "limit": 5})
     assert len(data["rows"]) == 5
     assert data["total_rows"] == len(testers) > 5
+
+
+@pytest.mark.anyio
+async def test_query_metrics_by_feature_names_each_features_product_and_counts_its_own_tests_bugs(db):
+    acc = make_account()
+    owner = {f["id"]: (pid, NAMES[pid], f["title"]) for pid in PIDS for f in acc.features_of(pid)}
+    async with mcp_client(acc.handler) as client:
+        by_feature = await ok(client, "query_metrics", {"metrics": ["test_count", "bug_count", "rejection_rate"],
+                                                        "dimensions": ["feature"], "limit": 1000})
+        by_pair = await ok(client, "query_metrics", {"metrics": ["bug_count", "active_testers"],
+                                                     "dimensions": ["feature", "severity"], "limit": 1000})
+    tests = [t for pid in PIDS for t in served_tests(pid)]
+    bugs = [b for pid in PIDS for b in bugs_of_product(pid)]
+    expected = {}
+    for f, (pid, name, title) in owner.items():
+        mine = [b for b in bugs if b["feature"]["id"] == f]
+        expected[f] = {"feature": f, "feature_name": title, "product_id": pid, "product_name": name,
+                       "test_count": sum(any(x["feature_id"] == f for x in t["features"]) for t in tests),
+                       "bug_count": len(mine), "rejection_rate": bug_rates(mine)["rejection_rate"]}
+    assert {r["feature"]: r for r in by_feature["rows"]} == expected
+    titles = collections.Counter(title for _, _, title in owner.values())
+    assert any(n > 1 for n in titles.values())  # same-named features of two products: told apart by product
+    cells = collections.defaultdict(list)
+    for b in bugs:
+        cells[(b["feature"]["id"], b["severity"])].append(b)
+    assert {(r["feature"], r["severity"]): (r["bug_count"], r["active_testers"], r["product_id"])
+            for r in by_pair["rows"]} == {
+        k: (len(v), len({b["author"]["name"] for b in v}), owner[k[0]][0]) for k, v in cells.items()}
+
+
+
+@pytest.mark.anyio
+async def test_query_metrics_counts_a_feature_listed_twice_by_one_test_once(env, monkeypatch):
+    acc = make_account()
+    twice = {t["id"] for t in served_tests(P)[:40] if t["features"]}
+
+    def handler(request):  # these tests list their first feature again, as a second snapshot
+        response = acc.handler(request)
+        if request.url.path.endswith(f"/products/{P}/exploratory_tests") and response.status_code == 200:
+            body = response.json()
+            for test in body["exploratory_tests"]:
+                if test["id"] in twice:
+                    test["features"].append({**test["features"][0], "id": test["features"][0]["id"] + 7})
+            return httpx.Response(200, json=body)
+        return response
+
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    async with mcp_client(handler) as client:
+        await ok(client, "sync_data", {"mode": "incremental"})
+        data = await ok(client, "query_metrics", {"metrics": ["test_count", "bug_count", "rejection_rate"],
+                                                  "dimensions": ["feature"], "filters": {"product_ids": [P]}})
+    tests, bugs = served_tests(P), bugs_of_product(P)
+    assert {r["feature"]: (r["test_count"], r["bug_count"], r["rejection_rate"]) for r in data["rows"]} == {
+        f["id"]: (sum(any(x["feature_id"] == f["id"] for x in t["features"]) for t in tests),
+                  len(mine := [b for b in bugs if b["feature"]["id"] == f["id"]]), bug_rates(mine)["rejection_rate"])
+        for f in acc.features_of(P)}
+
+METRIC_SHAPES = [[d] for d in tm.METRIC_DIMENSIONS] + [
+    [a, b] for a in tm.METRIC_DIMENSIONS for b in tm.METRIC_DIMENSIONS if a != b]
+
+
+def test_every_one_product_metrics_pivot_reads_that_products_tests_and_their_bugs_through_indexes(db):
+    """EXPLAIN QUERY PLAN of every pivot shape (each dimension alone and every ordered pair, every
+    metric or the common three, with and without dates and a bug filter) scoped to one product: the tests come from a
+    product index, the bugs from the covering per-test index; never a scan of bugs, never bugs by
+    feature (which reads that feature's bugs of every test) nor a bug row (its raw JSON)."""
+    conn = sqlite3.connect(db)
+    filters = [({"product_ids": [P]}, None, None), ({"product_ids": [P]}, date(2026, 1, 1), date(2026, 6, 30)),
+               ({"product_ids": [P], "severities": ["high"], "testers": ["x"]}, None, date(2026, 6, 30))]
+    for dims, metrics, (scope, start, end) in itertools.product(
+            METRIC_SHAPES, [list(tm.METRICS), ["test_count", "bug_count", "rejection_rate"]], filters):
+        plan = [row[3] for sql, args in tm.metrics_queries(metrics, dims, scope, start, end)
+                for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+        tests = [line for line in plan if re.match(r"(SCAN|SEARCH) t\b", line)]
+        bugs = [line for line in plan if re.match(r"(SCAN|SEARCH) b\b", line)]
+        assert tests and all(re.match(r"SEARCH t USING (COVERING )?INDEX tests_product_\w+ \(product_id=\?", line)
+                             for line in tests), (dims, scope, plan)
+        assert bugs and all(line.startswith("SEARCH b USING COVERING INDEX bugs_test_facets (test_id=?")
+                            for line in bugs), (dims, scope, plan)
+    conn.close()
 
 
 @pytest.mark.anyio

@@ -75,7 +75,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HTTP_TOKEN_CHARS = 16
 NEW_TOKEN_HINT = """python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -633,6 +633,9 @@ MIGRATIONS = {
     # 5: the tester filter compares case-insensitively, which a BINARY index cannot serve: the index
     #    only cost every bug insert (~13 us)
     5: "DROP INDEX IF EXISTS bugs_tester;",
+    # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
+    #    bug row for those); schema.sql has built its successor bugs_test_facets
+    6: "DROP INDEX IF EXISTS bugs_test_summary;",
 }
 
 
@@ -1403,7 +1406,7 @@ def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[st
 
 
 # a test row of list_tests as JSON, rendered by SQLite (not synced_at: it sits after raw, overflow pages, 2.5x);
-# bug counts from the covering index bugs_test_summary
+# bug counts from the covering index bugs_test_facets
 TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status, 'review_status', t.review_status,
     'testing_type', t.testing_type, 'start_at', t.start_at, 'end_at', t.end_at, 'bugs',
     (SELECT json_object('total', count(*), 'open', coalesce(sum(b.status = 'open'), 0),
@@ -1424,25 +1427,41 @@ class JsonList(list):
         self.json = text
 
 
-def _breakdown(conn: sqlite3.Connection, column: str, where: str, args: Sequence[Any]) -> dict[str, int]:
-    return {str(k): n for k, n in conn.execute(
-        f"SELECT {column}, count(*) FROM bugs b WHERE {where} GROUP BY 1 ORDER BY 2 DESC, 1", args)}
+def bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence[Any],
+               key: str = "NULL") -> dict[Any, list[tuple]]:
+    """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one pass
+    over the covering index bugs_test_facets (one query per breakdown read the bugs four times)."""
+    out: dict[Any, list[tuple]] = collections.defaultdict(list)
+    for k, *facet in conn.execute(
+            f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, count(*) "
+            f"FROM {source} WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", args):
+        out[k].append(tuple(facet))
+    return out
 
 
-def bug_summary(conn: sqlite3.Connection, where: str, args: Sequence[Any]) -> dict:
-    """Totals, breakdowns, the five rates with health, and rejection reasons of the bugs in `where`."""
-    by_status = _breakdown(conn, "b.status", where, args)
+def bug_summary(facets: Iterable[tuple]) -> dict:
+    """Totals, breakdowns, the five rates with health, and rejection reasons of bug_facets() rows."""
+    by_status, by_severity, by_type, reasons = (collections.Counter() for _ in range(4))
+    known = 0
+    for status, severity, bug_type, is_known, reason, n in facets:
+        by_status[status] += n
+        by_severity[severity] += n
+        by_type[bug_type] += n
+        known += n if is_known else 0
+        if status == "rejected":
+            reasons[reason] += n
+
+    def ordered(counts: collections.Counter) -> dict[str, int]:  # most first, then by value (None first)
+        return {str(k): n for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None,
+                                                                               kv[0] or ""))}
+
     total = sum(by_status.values())
-    rates = bug_rates(by_status.get("accepted", 0), by_status.get("auto_accepted", 0),
-                      by_status.get("rejected", 0), total)
-    known = conn.execute(f"SELECT count(*) FROM bugs b WHERE {where} AND b.known = 1", args).fetchone()[0]
+    rates = bug_rates(by_status["accepted"], by_status["auto_accepted"], by_status["rejected"], total)
     return {"total": total,
-            "by_status": {s: by_status.get(s, 0) for s in BUG_STATUSES},
-            "by_severity": _breakdown(conn, "b.severity", where, args),
-            "by_type": _breakdown(conn, "b.bug_type", where, args),
+            "by_status": {s: by_status[s] for s in BUG_STATUSES},
+            "by_severity": ordered(by_severity), "by_type": ordered(by_type),
             "known": known, "rates": rates, "health": rate_health(rates),
-            "rejection_reasons": _breakdown(conn, "b.rejection_reason", f"{where} AND b.status = 'rejected'",
-                                            args)}
+            "rejection_reasons": ordered(reasons)}
 
 
 def _platforms(test: dict) -> list[str]:
@@ -1481,7 +1500,7 @@ def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
     recent = [dict(r) for r in conn.execute(
         "SELECT id, title, severity, bug_type, status, known, reported_at, tester FROM bugs "
         "WHERE test_id = ? ORDER BY reported_at DESC, id DESC LIMIT 10", (test_id,))]
-    summary = bug_summary(conn, "b.test_id = ?", [test_id])
+    summary = bug_summary(bug_facets(conn, "bugs b", "b.test_id = ?", [test_id])[None])
     return {"test": test, "bug_summary": summary, "recent_bugs": recent}
 
 
@@ -1530,10 +1549,12 @@ def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, deta
         args.append(hi)
     clause = " AND ".join(where)
     total = conn.execute(f"SELECT count(*) FROM bugs b WHERE {clause}", args).fetchone()[0]
+    # the page's ids first, sorted within an index; then only those rows (several products' bugs sorted
+    # as whole rows read every matching bug)
     rows = conn.execute(
         f"SELECT {'b.*' if details else BUG_LIST_COLUMNS}, t.title AS test_title FROM bugs b "
-        f"JOIN tests t ON t.id = b.test_id WHERE {clause} ORDER BY {BUG_SORT} LIMIT ? OFFSET ?",
-        [*args, per_page, (page - 1) * per_page])
+        f"JOIN tests t ON t.id = b.test_id WHERE b.id IN (SELECT b.id FROM bugs b WHERE {clause} "
+        f"ORDER BY {BUG_SORT} LIMIT ? OFFSET ?) ORDER BY {BUG_SORT}", [*args, per_page, (page - 1) * per_page])
     return {"total": total, "bugs": [shape_bug(r, details) for r in rows]}
 
 
@@ -1600,7 +1621,7 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
     """The executive report over the tests in scope: tests, bugs, rates, health, per product/test."""
     names = _require_products(conn, product_ids)
     where, args = _test_filters("t", product_ids, statuses, testing_type, start, end)
-    scope = f"b.test_id IN (SELECT t.id FROM tests t WHERE {where})"
+    facets = bug_facets(conn, "tests t JOIN bugs b ON b.test_id = t.id", where, args, key="t.product_id")
 
     def tests_by(column: str) -> dict[str, int]:
         return {str(k): n for k, n in conn.execute(
@@ -1609,14 +1630,13 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
     by_status = tests_by("status")
     report = {"tests": {"total": sum(by_status.values()), "by_status": by_status,
                         "by_testing_type": tests_by("testing_type")},
-              "bugs": bug_summary(conn, scope, args)}
+              "bugs": bug_summary(f for rows in facets.values() for f in rows)}
     if len(product_ids) > 1:
         report["per_product"] = []
+        tests = dict(conn.execute(f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1", args))
         for pid in product_ids:
-            p_where, p_args = _test_filters("t", [pid], statuses, testing_type, start, end)
-            n = conn.execute(f"SELECT count(*) FROM tests t WHERE {p_where}", p_args).fetchone()[0]
-            summary = bug_summary(conn, f"b.test_id IN (SELECT t.id FROM tests t WHERE {p_where})", p_args)
-            report["per_product"].append({"product_id": pid, "name": names[pid], "tests": n,
+            summary = bug_summary(facets.get(pid, []))
+            report["per_product"].append({"product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
                                           "bugs": summary["total"], "by_status": summary["by_status"],
                                           "rates": summary["rates"], "health": summary["health"]})
     rows = conn.execute(
@@ -1624,8 +1644,13 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
         f" sum(b.status = 'open') AS open, sum(b.status = 'accepted') AS accepted, "
         f" sum(b.status = 'auto_accepted') AS auto_accepted, sum(b.status = 'rejected') AS rejected, "
         f" sum(b.severity = 'critical') AS critical "
-        f"FROM tests t LEFT JOIN bugs b ON b.test_id = t.id WHERE {where} GROUP BY t.id "
-        f"ORDER BY bugs DESC, t.end_at DESC LIMIT {TOP_TESTS}", args)
+        f"FROM tests t LEFT JOIN bugs b ON b.test_id = t.id WHERE t.id IN ("
+        # the top tests first, each test's bugs counted in the index: grouping every test in scope
+        # sorted them all
+        f" SELECT t.id FROM tests t WHERE {where} "
+        f" ORDER BY (SELECT count(*) FROM bugs b WHERE b.test_id = t.id) DESC, t.end_at DESC "
+        f" LIMIT {TOP_TESTS}) "
+        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", args)
     report["top_tests"] = []
     for r in rows:
         row = dict(r)
@@ -1637,6 +1662,7 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
 
 
 # Pivot dimensions: name -> (SQL expression, needs test_features join). Never built from input.
+# Every bug column here is in the covering index bugs_test_facets: a pivot never reads a bug row.
 METRIC_DIMENSIONS = {
     "product": ("t.product_id", False),
     "feature": ("tf.feature_id", True),
@@ -1653,42 +1679,60 @@ METRIC_DIMENSIONS = {
     "rejection_reason": ("b.rejection_reason", False),
     "known": ("b.known", False),
 }
-METRIC_EXPRESSIONS = {
-    "test_count": "count(DISTINCT t.id)",
-    "bug_count": "count(DISTINCT b.id)",
-    "active_testers": "count(DISTINCT b.tester)",
-    "features_tested": "count(DISTINCT tf.feature_id)",
-    "_accepted": "count(DISTINCT CASE WHEN b.status = 'accepted' THEN b.id END)",
-    "_auto": "count(DISTINCT CASE WHEN b.status = 'auto_accepted' THEN b.id END)",
-    "_rejected": "count(DISTINCT CASE WHEN b.status = 'rejected' THEN b.id END)",
+# The aggregates behind the metrics. Each bug joins at most once: the test_features join takes a
+# test's feature once, and features_tested (which repeats a test's bugs per feature) is counted apart.
+METRIC_AGGREGATES = {
+    "tests": "count(DISTINCT t.id)",
+    "bugs": "count(b.id)",
+    "accepted": "coalesce(sum(b.status = 'accepted'), 0)",
+    "auto": "coalesce(sum(b.status = 'auto_accepted'), 0)",
+    "rejected": "coalesce(sum(b.status = 'rejected'), 0)",
+    "testers": "count(DISTINCT b.tester)",
+    "features": "count(DISTINCT tf.feature_id)",
 }
-METRICS = ("test_count", "bug_count", "bugs_per_test", "active_testers", "features_tested",
-           "active_acceptance_rate", "auto_acceptance_rate", "overall_acceptance_rate", "rejection_rate",
-           "review_rate")
-METRIC_FILTERS = ("product_ids", "test_statuses", "testing_types", "severities", "bug_types", "bug_statuses",
-                  "testers", "platforms", "rejection_reasons")
+_RATE_AGGREGATES = ("bugs", "accepted", "auto", "rejected")
+# Grouped by test dimensions only, a test's bugs are counted in the index, one test at a time: the
+# grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more than
+# they save)
+PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'", "auto": " AND b.status = 'auto_accepted'",
+                   "rejected": " AND b.status = 'rejected'"}
+METRICS = {  # metric -> the aggregates it is computed from
+    "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
+    "active_testers": ("testers",), "features_tested": ("features",),
+    **{rate: _RATE_AGGREGATES for rate in ("active_acceptance_rate", "auto_acceptance_rate",
+                                           "overall_acceptance_rate", "rejection_rate", "review_rate")},
+}
+METRIC_FILTERS = {  # filter key -> column
+    "product_ids": "t.product_id", "test_statuses": "t.status", "testing_types": "t.testing_type",
+    "severities": "b.severity", "bug_types": "b.bug_type", "bug_statuses": "b.status", "testers": "b.tester",
+    "platforms": "b.platform", "rejection_reasons": "b.rejection_reason",
+}
 
 
-def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
-                  start: date | None, end: date | None, sort_by: str | None, limit: int) -> list[dict]:
-    """A pivot: one row per combination of the dimensions with the requested metrics."""
-    if filters.get("product_ids"):
-        _require_products(conn, filters["product_ids"])
-    bug_level = any(METRIC_DIMENSIONS[d][0].startswith("b.") for d in dimensions) or any(
-        filters.get(k) for k in ("severities", "bug_types", "bug_statuses", "testers", "platforms",
-                                 "rejection_reasons"))
-    need_tf = "features_tested" in metrics or any(METRIC_DIMENSIONS[d][1] for d in dimensions)
-    joins = " LEFT JOIN test_features tf ON tf.test_id = t.id" if need_tf else ""
-    bug_on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
-    joins += f" {'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {bug_on}"
+def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
+                    end: date | None) -> list[tuple[str, list]]:
+    """The pivot's SQL and arguments, one query or two whose rows join on the dimensions (d0, d1)."""
+    # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is by
+    # feature anyway, it is counted on its own and the other metrics without that join
+    if "features_tested" in metrics and "feature" not in dimensions and len(metrics) > 1:
+        return [_metrics_query([m for m in metrics if m != "features_tested"], dimensions, filters, start, end),
+                _metrics_query(["features_tested"], dimensions, filters, start, end)]
+    return [_metrics_query(metrics, dimensions, filters, start, end)]
+
+
+def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
+                   end: date | None) -> tuple[str, list]:
+    """Tests (by product or dates through their indexes), their features when needed, and their bugs
+    through bugs_test_facets, grouped by the dimensions."""
+    needed = {a for m in metrics for a in METRICS[m]}
+    columns = [METRIC_DIMENSIONS[d][0] for d in dimensions] + [METRIC_FILTERS[k] for k, v in filters.items() if v]
+    bug_level = any(c.startswith("b.") for c in columns)  # only tests with bugs in the group count
+    need_bugs = bug_level or bool(needed - {"tests", "features"})
+    need_tf = "features" in needed or "feature" in dimensions
     where, args = ["1 = 1"], []
-    for key, column in (("product_ids", "t.product_id"), ("test_statuses", "t.status"),
-                        ("testing_types", "t.testing_type"), ("severities", "b.severity"),
-                        ("bug_types", "b.bug_type"), ("bug_statuses", "b.status"), ("testers", "b.tester"),
-                        ("platforms", "b.platform"), ("rejection_reasons", "b.rejection_reason")):
-        values = filters.get(key)
+    for key, values in filters.items():
         if values:
-            clause, values = _in(column, values)
+            clause, values = _in(METRIC_FILTERS[key], values)
             where.append(clause)
             args += values
     lo, hi = day_bounds(start, end)
@@ -1699,18 +1743,45 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
         where.append("t.end_at < ?")
         args.append(hi)
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
-    aggs = [f"{expr if need_tf or name != 'features_tested' else 'NULL'} AS {name.lstrip('_')}"
-            for name, expr in METRIC_EXPRESSIONS.items()]  # tf is only joined when needed
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    sql = (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
-           f"GROUP BY {group}")
+    # a test's feature once, even when the test lists it twice (two snapshots of one feature)
+    joins = (" LEFT JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS (SELECT 1 FROM test_features x "
+             "WHERE x.test_id = t.id AND x.feature_id = tf.feature_id AND x.test_feature_id < tf.test_feature_id)"
+             if need_tf else "")
+    # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
+    # a feature's bugs span every test, and that path read all of them again for each test
+    on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
+    if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS}:
+        counts = [f"(SELECT count(*) FROM bugs b WHERE {on}{cond}) AS {a}"
+                  for a, cond in PER_TEST_COUNTS.items() if a in needed]
+        sums = ["count(*) AS tests"] + [f"sum({a}) AS {a}" for a in PER_TEST_COUNTS if a in needed]
+        return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} FROM tests t "
+                f"WHERE {' AND '.join(where)}) GROUP BY {group}"), args
+    if need_bugs:
+        joins += f" {'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
+    aggs = [f"{METRIC_AGGREGATES[a]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
+    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
+            f"GROUP BY {group}"), args
+
+
+def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
+                      start: date | None, end: date | None, sort_by: str | None, limit: int) -> list[dict]:
+    """A pivot: one row per combination of the dimensions with the requested metrics."""
+    if filters.get("product_ids"):
+        _require_products(conn, filters["product_ids"])
+    cells: dict[tuple, dict] = {}
+    for query in metrics_queries(metrics, dimensions, filters, start, end):
+        for r in conn.execute(*query):
+            cells.setdefault(tuple(r[f"d{i}"] for i in range(len(dimensions))), {}).update(zip(r.keys(), r))
     rows = []
-    for r in conn.execute(sql, args):
-        row = {d: r[f"d{i}"] for i, d in enumerate(dimensions)}
-        values = {"test_count": r["test_count"], "bug_count": r["bug_count"],
-                  "bugs_per_test": round(r["bug_count"] / r["test_count"], 3) if r["test_count"] else None,
-                  "active_testers": r["active_testers"], "features_tested": r["features_tested"],
-                  **bug_rates(r["accepted"], r["auto"], r["rejected"], r["bug_count"])}
+    for cell, got in cells.items():
+        row = dict(zip(dimensions, cell))
+        values = {"test_count": got.get("tests"), "bug_count": got.get("bugs"),
+                  "active_testers": got.get("testers"), "features_tested": got.get("features")}
+        if "tests" in got and "bugs" in got:
+            values["bugs_per_test"] = round(got["bugs"] / got["tests"], 3) if got["tests"] else None
+        if "rejected" in got:
+            values.update(bug_rates(got["accepted"], got["auto"], got["rejected"], got["bugs"]))
         row.update({m: values[m] for m in metrics})
         rows.append(row)
     _label_dimensions(conn, rows, dimensions)
@@ -1723,14 +1794,21 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
 
 
 def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
-    for dim, table in (("product", "products"), ("feature", "features")):
-        if dim in dimensions:
-            ids = sorted({r[dim] for r in rows if r[dim] is not None})
-            col = "name" if table == "products" else "title"
-            where, args = _in("id", ids)
-            names = dict(conn.execute(f"SELECT id, {col} FROM {table} WHERE {where}", args).fetchall())
-            for r in rows:
-                r[f"{dim}_name"] = names.get(r[dim])
+    """Names beside ids: product_name, and for a feature its title and its product (two products'
+    "Wishlist" features are different features)."""
+    if "product" in dimensions:
+        where, ids = _in("id", sorted({r["product"] for r in rows if r["product"] is not None}))
+        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", ids).fetchall())
+        for r in rows:
+            r["product_name"] = names.get(r["product"])
+    if "feature" in dimensions:
+        where, ids = _in("f.id", sorted({r["feature"] for r in rows if r["feature"] is not None}))
+        features = {f: (title, pid, name) for f, title, pid, name in conn.execute(
+            f"SELECT f.id, f.title, p.id, p.name FROM features f JOIN products p ON p.id = f.product_id "
+            f"WHERE {where}", ids)}
+        for r in rows:
+            title, pid, name = features.get(r["feature"], (None, None, None))
+            r["feature_name"], r["product_id"], r["product_name"] = title, pid, name
     if "known" in dimensions:
         for r in rows:
             r["known"] = None if r["known"] is None else bool(r["known"])
@@ -3996,7 +4074,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         test_status, testing_type, severity, bug_type, bug_status, tester, platform, rejection_reason,
         known). Grouping by a bug dimension counts only tests with bugs in that group. Example: "rejection
         rate per feature for product 5 this quarter"."""
-        metric_list = _arg_list(metrics, "metrics", METRICS)
+        metric_list = _arg_list(metrics, "metrics", list(METRICS))
         dims = _arg_list(dimensions, "dimensions", list(METRIC_DIMENSIONS))
         if not metric_list or not 1 <= len(dims) <= 2:
             raise ToolError(f"give at least one metric and one or two dimensions; got metrics={metrics!r}, "
