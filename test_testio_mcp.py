@@ -4316,7 +4316,7 @@ def test_http_on_a_non_loopback_host_without_allow_remote_exits_with_a_clear_mes
 
 def test_readme_team_setup_makes_a_token_the_server_accepts(env):
     readme = (HERE / "README.md").read_text(encoding="utf-8")
-    recipe = re.search(r'TESTIO_MCP_HTTP_TOKEN="\$\((python -c .*?)\)"', readme).group(1)
+    recipe = re.search(r'TESTIO_MCP_HTTP_TOKEN="\$\((python3 -c .*?)\)"', readme).group(1)
     made = subprocess.run([sys.executable, *shlex.split(recipe)[1:]], capture_output=True, text=True,
                           timeout=WAIT).stdout.strip()
     assert tm.Settings.from_env({"TESTIO_MCP_HTTP_TOKEN": made}).http_token == made
@@ -4396,6 +4396,14 @@ def test_every_readme_snippet_that_starts_the_server_names_this_distribution_or_
     # both launchers, from a checkout and by the distribution's name once it is published
     assert {(argv[0], origin == dist) for _, argv, origin in found if argv[0] in ("uvx", "pipx")} == {
         ("uvx", True), ("uvx", False), ("pipx", True), ("pipx", False)}
+
+
+def test_readme_never_runs_a_bare_python_which_a_stock_debian_does_not_have():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"`([^`\n]+)`", readme) + [text for lang, text in readme_code_blocks()
+                                                     if lang in ("bash", "sh", "")]
+    bare = [c for c in commands if re.search(r"(^|[\s($])python(?=\s)", c)]
+    assert bare == []
 
 
 def test_readme_names_no_file_outside_the_repository():
