@@ -184,8 +184,10 @@ CREATE TABLE IF NOT EXISTS problematic_tests (
 -- rowid = entity code << 40 | id (1 product, 2 feature, 3 test, 4 bug) so a row is replaced by rowid.
 -- Products and features (few rows) are indexed by triggers; tests and bugs are indexed in bulk by
 -- the statements that store them (per-row FTS5 writes from triggers tripled the cost of a sync).
+-- product_id is indexed (its id as a word), so search(product_ids) matches `product_id : ("7")` in the
+-- index and reads that product's matches only; the user's words are matched in title and body.
 CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
-    title, body, entity UNINDEXED, product_id UNINDEXED,
+    title, body, entity UNINDEXED, product_id,
     tokenize = 'unicode61 remove_diacritics 2'
 );
 

@@ -75,7 +75,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HTTP_TOKEN_CHARS = 16
 NEW_TOKEN_HINT = """python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -615,13 +615,15 @@ FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$
     coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
     coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
 
+# every search_fts row from what is stored (the product/feature UPDATEs fire their triggers)
+FTS_FILL = ("UPDATE products SET name = name; UPDATE features SET title = title; "
+            f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};")
+
 # Each step upgrades a database from the version before it. They run after schema.sql's tables and
 # triggers and before its indexes (idempotent, all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
-    # 2: full-text search over what is already stored (the product/feature UPDATEs fire their triggers)
-    2: "UPDATE products SET name = name; UPDATE features SET title = title; "
-       f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};",
+    2: "",  # full-text search over what is already stored: step 7 makes the table again and fills it
     # 3: tests and bugs indexed in bulk instead of by per-row triggers; covering bug indexes
     3: "DROP TRIGGER IF EXISTS tests_fts_ins; DROP TRIGGER IF EXISTS tests_fts_upd; "
        "DROP TRIGGER IF EXISTS bugs_fts_ins; DROP TRIGGER IF EXISTS bugs_fts_upd; "
@@ -636,6 +638,9 @@ MIGRATIONS = {
     # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
     #    bug row for those); schema.sql has built its successor bugs_test_facets
     6: "DROP INDEX IF EXISTS bugs_test_summary;",
+    # 7: search_fts indexes product_id, so a product-scoped search reads that product's matches only
+    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled)
+    7: lambda: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL}",
 }
 
 
@@ -677,6 +682,15 @@ def _schema_parts() -> tuple[str, str]:
     return "".join(parts[0]) + statement, "".join(parts[1])
 
 
+def _schema_statement(name: str) -> str:
+    """The statement of schema.sql that creates `name`."""
+    tables, _ = _schema_parts()
+    found = re.search(rf"CREATE [^;]*? IF NOT EXISTS {name} .*?;\n", tables, flags=re.S)
+    if found is None:
+        raise SchemaError(f"schema.sql does not create {name}; reinstall testio-mcp")
+    return found.group(0)
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -685,7 +699,8 @@ def migrate(conn: sqlite3.Connection) -> int:
                           f"knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} elsewhere")
     if version == SCHEMA_VERSION:
         return version
-    steps = "".join(MIGRATIONS[v] + "\n" for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
+    steps = "".join((step() if callable(step := MIGRATIONS[v]) else step) + "\n"
+                    for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
     tables, indexes = _schema_parts()
     try:
         conn.executescript(f"BEGIN IMMEDIATE;\n{tables}\n{steps}\n{indexes}\n"
@@ -1823,14 +1838,15 @@ FTS_ID_MASK = (1 << 40) - 1
 
 def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | None:
     """User text as a safe FTS5 query: every word quoted (operators become words), the last one a
-    prefix unless `prefix` is false; all words must match, or any of them with `any_word`."""
+    prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched in
+    title and body only (the product_id column is indexed for product scopes)."""
     words = re.findall(r"\w+", text, flags=re.UNICODE)
     if not words:
         return None
     quoted = [f'"{w}"' for w in words[:32]]
     if prefix:
         quoted[-1] += "*"
-    return (" OR " if any_word else " ").join(quoted)
+    return f"{{title body}} : ({(' OR ' if any_word else ' ').join(quoted)})"
 
 
 def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
@@ -1853,14 +1869,15 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
             product_ids: Sequence[int], limit: int) -> dict:
     if match is None:
         return {"results": [], "capped": []}
-    scope, scope_args = _in(" AND product_id", product_ids) if product_ids else ("", [])
+    if product_ids:  # in the index: the newest matches of these products, however many others have
+        match += f" AND product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
     candidates, capped = [], []
     for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range scan
         code = SEARCH_ENTITIES.index(kind) + 1
-        rows = conn.execute(
-            f"SELECT rowid, bm25(search_fts, 10.0, 1.0) FROM search_fts WHERE search_fts MATCH ? "
-            f"AND rowid BETWEEN ? AND ?{scope} ORDER BY rowid DESC LIMIT ?",
-            [match, code << 40, (code << 40) | FTS_ID_MASK, *scope_args, SEARCH_CANDIDATES]).fetchall()
+        rows = conn.execute(  # BM25 over title (10x) and body; the product id weighs nothing
+            f"SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts WHERE search_fts MATCH ? "
+            f"AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
+            [match, code << 40, (code << 40) | FTS_ID_MASK, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
             capped.append(kind)
