@@ -1759,10 +1759,13 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
         args.append(hi)
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    # a test's feature once, even when the test lists it twice (two snapshots of one feature)
-    joins = (" LEFT JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS (SELECT 1 FROM test_features x "
-             "WHERE x.test_id = t.id AND x.feature_id = tf.feature_id AND x.test_feature_id < tf.test_feature_id)"
-             if need_tf else "")
+    # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
+    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the order
+    # tests, their features, their bugs (the planner would start elsewhere and seek the rest per row)
+    inner = bug_level and "feature" in dimensions
+    joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS "
+             "(SELECT 1 FROM test_features x WHERE x.test_id = t.id AND x.feature_id = tf.feature_id "
+             "AND x.test_feature_id < tf.test_feature_id)" if need_tf else "")
     # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
     # a feature's bugs span every test, and that path read all of them again for each test
     on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
@@ -1773,7 +1776,7 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
         return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} FROM tests t "
                 f"WHERE {' AND '.join(where)}) GROUP BY {group}"), args
     if need_bugs:
-        joins += f" {'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
+        joins += f" {'CROSS JOIN' if inner else 'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
     aggs = [f"{METRIC_AGGREGATES[a]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
     return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
             f"GROUP BY {group}"), args
