@@ -84,8 +84,10 @@ CREATE INDEX IF NOT EXISTS bugs_test_facets
     ON bugs(test_id, feature_id, status, severity, bug_type, known, rejection_reason, tester, platform);
 -- list_bugs(product_ids, dates) and reports by product
 CREATE INDEX IF NOT EXISTS bugs_product_reported ON bugs(product_id, reported_at);
--- list_bugs(status / severity filters)
-CREATE INDEX IF NOT EXISTS bugs_product_status ON bugs(product_id, status, severity);
+-- list_bugs(status / severity filters); get_quality_report's breakdowns, grouped in this order (covering:
+-- a test id to keep the bugs of the tests in scope)
+CREATE INDEX IF NOT EXISTS bugs_product_status
+    ON bugs(product_id, status, severity, bug_type, known, rejection_reason, test_id);
 -- list_features: bugs and rejected bugs per feature (covering)
 CREATE INDEX IF NOT EXISTS bugs_feature_status ON bugs(feature_id, status);
 

@@ -1912,11 +1912,15 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
     assert db_rows(env, "SELECT count(*) FROM search_fts WHERE entity = 'bug'") == db_rows(env, "SELECT count(*) FROM bugs")
 
 
-def test_a_version_6_database_gets_a_full_text_index_that_matches_product_ids(env, capsys, lean_account):
+def test_a_version_6_database_gets_a_full_text_index_of_product_ids_and_the_wider_bugs_index(
+        env, capsys, lean_account):
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
-    fresh = db_rows(env, "SELECT sql FROM sqlite_master WHERE name = 'search_fts'")
-    conn = sqlite3.connect(env)  # what version 6 had: product_id stored, not indexed
+    schema = "SELECT name, sql FROM sqlite_master WHERE name IN ('search_fts', 'bugs_product_status') ORDER BY 1"
+    fresh = db_rows(env, schema)
+    conn = sqlite3.connect(env)  # what version 6 had: product_id stored, not indexed; a narrower index
     conn.executescript(f"""
+        DROP INDEX bugs_product_status;
+        CREATE INDEX bugs_product_status ON bugs(product_id, status, severity);
         DROP TABLE search_fts;
         CREATE VIRTUAL TABLE search_fts USING fts5(title, body, entity UNINDEXED, product_id UNINDEXED,
                                                    tokenize = 'unicode61 remove_diacritics 2');
@@ -1927,7 +1931,7 @@ def test_a_version_6_database_gets_a_full_text_index_that_matches_product_ids(en
     assert db_rows(env, "SELECT count(*) FROM search_fts WHERE search_fts MATCH ?", (f'product_id : "{pid}"',)) == [(0,)]
     assert cli(capsys, "sync", "--status")[0] == 0
     assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
-    assert db_rows(env, "SELECT sql FROM sqlite_master WHERE name = 'search_fts'") == fresh
+    assert db_rows(env, schema) == fresh and len(fresh) == 2
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         t[:-1]: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in ("products", "features", "tests", "bugs")}
     assert db_rows(env, "SELECT count(*) FROM search_fts WHERE search_fts MATCH ?", (f'product_id : "{pid}"',)) == \
