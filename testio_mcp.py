@@ -1760,15 +1760,22 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     where, args = ["1 = 1", *(c for c, _ in clauses)], [a for _, values in clauses for a in values]
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    if bug_level and not need_tf and all(METRIC_DIMENSIONS[d][0].startswith("b.") for d in dimensions):
-        # bug columns only: the bugs of the tests in scope, kept by a probe of those tests' ids (collected
-        # once) instead of a seek of each bug's test
+    if bug_level and (not need_tf or "feature" in dimensions) and all(
+            METRIC_DIMENSIONS[d][0].startswith("b.") or d == "feature" for d in dimensions):
+        # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their test
+        # lists), kept by a probe of those ids, collected once, instead of a seek of each bug's test (by
+        # feature, the planner would rather read a feature's bugs of every test)
         test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
-        aggs = [f"{'count(DISTINCT b.test_id)' if a == 'tests' else METRIC_AGGREGATES[a]} AS {a}"
-                for a in METRIC_AGGREGATES if a in needed]
-        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b WHERE b.test_id IN (SELECT t.id FROM tests t "
-                f"WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])}){''.join(f' AND {c}' for c, _ in bug)} "
-                f"GROUP BY {group}"), [a for _, values in test + bug for a in values]
+        scope = (("(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id",
+                  " JOIN test_features tf ON tf.test_id = t.id") if "feature" in dimensions else ("b.test_id", "t.id", ""))
+        own = {"tests": "count(DISTINCT b.test_id)", "features": "count(DISTINCT b.feature_id)"}
+        dims = [f"{'b.feature_id' if d == 'feature' else METRIC_DIMENSIONS[d][0]} AS d{i}"
+                for i, d in enumerate(dimensions)]
+        aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}" for a in METRIC_AGGREGATES if a in needed]
+        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {scope[0]} IN "
+                f"(SELECT {scope[1]} FROM tests t"
+                f"{scope[2]} WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])})"
+                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
     # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the order
     # tests, their features, their bugs (the planner would start elsewhere and seek the rest per row)
