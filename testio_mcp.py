@@ -1766,15 +1766,17 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
         # lists), kept by a probe of those ids, collected once, instead of a seek of each bug's test (by
         # feature, the planner would rather read a feature's bugs of every test)
         test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
-        scope = (("(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id",
-                  " JOIN test_features tf ON tf.test_id = t.id") if "feature" in dimensions else ("b.test_id", "t.id", ""))
+        if "feature" in dimensions:
+            probe, ids = "(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf "
+            ids += "ON tf.test_id = t.id"
+        else:
+            probe, ids = "b.test_id", "t.id FROM tests t"
         own = {"tests": "count(DISTINCT b.test_id)", "features": "count(DISTINCT b.feature_id)"}
         dims = [f"{'b.feature_id' if d == 'feature' else METRIC_DIMENSIONS[d][0]} AS d{i}"
                 for i, d in enumerate(dimensions)]
         aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}" for a in METRIC_AGGREGATES if a in needed]
-        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {scope[0]} IN "
-                f"(SELECT {scope[1]} FROM tests t"
-                f"{scope[2]} WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])})"
+        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {probe} IN "
+                f"(SELECT {ids} WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])})"
                 f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
     # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the order
