@@ -1760,12 +1760,24 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     where, args = ["1 = 1", *(c for c, _ in clauses)], [a for _, values in clauses for a in values]
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    if bug_level and (not need_tf or "feature" in dimensions) and all(
-            METRIC_DIMENSIONS[d][0].startswith("b.") or d == "feature" for d in dimensions):
+    of_test = [d for d in dimensions if d != "feature" and not METRIC_DIMENSIONS[d][0].startswith("b.")]
+    test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
+    if bug_level and not need_tf and of_test:
+        # a bug column and a test dimension: the tests in scope collected once with their values, then their
+        # bugs (the planner would read every bug, seek its test and reckon the test's values again)
+        values = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
+        dims = [f"s.d{i} AS d{i}" if d in of_test else f"{METRIC_DIMENSIONS[d][0]} AS d{i}"
+                for i, d in enumerate(dimensions)]
+        aggs = [f"{'count(DISTINCT s.id)' if a == 'tests' else METRIC_AGGREGATES[a]} AS {a}"
+                for a in METRIC_AGGREGATES if a in needed]
+        return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t "
+                f"WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])}) "
+                f"SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON b.test_id = s.id"
+                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+    if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
         # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their test
         # lists), kept by a probe of those ids, collected once, instead of a seek of each bug's test (by
         # feature, the planner would rather read a feature's bugs of every test)
-        test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
         if "feature" in dimensions:
             probe, ids = "(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf "
             ids += "ON tf.test_id = t.id"
