@@ -84,8 +84,10 @@ CREATE INDEX IF NOT EXISTS bugs_test_facets
     ON bugs(test_id, feature_id, status, severity, bug_type, known, rejection_reason, tester, platform);
 -- list_bugs(product_ids, dates) and reports by product
 CREATE INDEX IF NOT EXISTS bugs_product_reported ON bugs(product_id, reported_at);
--- list_bugs(status / severity filters)
-CREATE INDEX IF NOT EXISTS bugs_product_status ON bugs(product_id, status, severity);
+-- list_bugs(status / severity filters); get_quality_report's breakdowns, grouped in this order (covering:
+-- a test id to keep the bugs of the tests in scope)
+CREATE INDEX IF NOT EXISTS bugs_product_status
+    ON bugs(product_id, status, severity, bug_type, known, rejection_reason, test_id);
 -- list_features: bugs and rejected bugs per feature (covering)
 CREATE INDEX IF NOT EXISTS bugs_feature_status ON bugs(feature_id, status);
 
@@ -184,8 +186,10 @@ CREATE TABLE IF NOT EXISTS problematic_tests (
 -- rowid = entity code << 40 | id (1 product, 2 feature, 3 test, 4 bug) so a row is replaced by rowid.
 -- Products and features (few rows) are indexed by triggers; tests and bugs are indexed in bulk by
 -- the statements that store them (per-row FTS5 writes from triggers tripled the cost of a sync).
+-- product_id is indexed (its id as a word), so search(product_ids) matches `product_id : ("7")` in the
+-- index and reads that product's matches only; the user's words are matched in title and body.
 CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
-    title, body, entity UNINDEXED, product_id UNINDEXED,
+    title, body, entity UNINDEXED, product_id,
     tokenize = 'unicode61 remove_diacritics 2'
 );
 

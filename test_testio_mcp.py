@@ -1876,7 +1876,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 6
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 7
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -1910,6 +1910,34 @@ def test_a_version_2_database_loses_its_per_row_index_triggers_and_gets_the_cove
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
     assert_matches_truth(env, lean_account)
     assert db_rows(env, "SELECT count(*) FROM search_fts WHERE entity = 'bug'") == db_rows(env, "SELECT count(*) FROM bugs")
+
+
+def test_a_version_6_database_gets_a_full_text_index_of_product_ids_and_the_wider_bugs_index(
+        env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    schema = "SELECT name, sql FROM sqlite_master WHERE name IN ('search_fts', 'bugs_product_status') ORDER BY 1"
+    fresh = db_rows(env, schema)
+    conn = sqlite3.connect(env)  # what version 6 had: product_id stored, not indexed; a narrower index
+    conn.executescript(f"""
+        DROP INDEX bugs_product_status;
+        CREATE INDEX bugs_product_status ON bugs(product_id, status, severity);
+        DROP TABLE search_fts;
+        CREATE VIRTUAL TABLE search_fts USING fts5(title, body, entity UNINDEXED, product_id UNINDEXED,
+                                                   tokenize = 'unicode61 remove_diacritics 2');
+        {tm.FTS_FILL}
+        PRAGMA user_version = 6;""")
+    conn.close()
+    pid = lean_account.product_ids()[0]
+    assert db_rows(env, "SELECT count(*) FROM search_fts WHERE search_fts MATCH ?", (f'product_id : "{pid}"',)) == [(0,)]
+    assert cli(capsys, "sync", "--status")[0] == 0
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
+    assert db_rows(env, schema) == fresh and len(fresh) == 2
+    assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
+        t[:-1]: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in ("products", "features", "tests", "bugs")}
+    assert db_rows(env, "SELECT count(*) FROM search_fts WHERE search_fts MATCH ?", (f'product_id : "{pid}"',)) == \
+        db_rows(env, "SELECT 1 + (SELECT count(*) FROM features WHERE product_id = :p) + (SELECT count(*) FROM tests "
+                     "WHERE product_id = :p) + (SELECT count(*) FROM bugs WHERE product_id = :p)", {"p": pid})
+    assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_a_migration_step_can_add_a_column_that_an_index_of_schema_sql_covers(env, capsys, lean_account,
@@ -3025,6 +3053,33 @@ async def test_search_ranks_the_newest_matches_of_a_kind_says_so_and_completes_a
                               "product_ids to reach older ones")
     in_product = {b["id"] for b in bugs_of_product(P) if "untranslated" in b["title"].lower()}
     assert len(partial["results"]) == 3 and {r["id"] for r in partial["results"]} <= in_product
+
+
+def test_a_product_scoped_search_steps_through_that_products_matches_only(db):
+    """The product is matched in the full-text index: other products' matches (here newer and more
+    numerous) cost a product-scoped search nothing, and never stand in for its own."""
+    conn = tm.connect(db)
+    word = "untranslated"
+    steps = collections.Counter()
+
+    def scoped_search() -> set[int]:
+        steps.clear()
+        conn.set_progress_handler(lambda: steps.update(["op"]), 1)
+        found = tm.search_index(conn, word, ["bug"], [P], 200)
+        conn.set_progress_handler(None, 1)
+        assert {r["product_id"] for r in found["results"]} == {P} and found["capped"] == []
+        return {r["id"] for r in found["results"]}
+
+    mine = {b["id"] for b in bugs_of_product(P) if word in b["title"].lower()}
+    others = sum(word in b["title"].lower() for pid in PIDS if pid != P for b in bugs_of_product(pid))
+    assert len(mine) > 10 and others > len(mine)
+    assert scoped_search() == mine
+    with_others = steps["op"]
+    conn.execute("DELETE FROM search_fts WHERE rowid IN (SELECT (4 << 40) | id FROM bugs WHERE product_id != ?)",
+                 (P,))
+    assert scoped_search() == mine
+    assert with_others <= 1.2 * steps["op"], (with_others, steps["op"])
+    conn.close()
 
 
 @pytest.mark.parametrize("query", [

@@ -75,7 +75,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HTTP_TOKEN_CHARS = 16
 NEW_TOKEN_HINT = """python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -615,13 +615,15 @@ FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$
     coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
     coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
 
+# every search_fts row from what is stored (the product/feature UPDATEs fire their triggers)
+FTS_FILL = ("UPDATE products SET name = name; UPDATE features SET title = title; "
+            f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};")
+
 # Each step upgrades a database from the version before it. They run after schema.sql's tables and
 # triggers and before its indexes (idempotent, all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
-    # 2: full-text search over what is already stored (the product/feature UPDATEs fire their triggers)
-    2: "UPDATE products SET name = name; UPDATE features SET title = title; "
-       f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};",
+    2: "",  # full-text search over what is already stored: step 7 makes the table again and fills it
     # 3: tests and bugs indexed in bulk instead of by per-row triggers; covering bug indexes
     3: "DROP TRIGGER IF EXISTS tests_fts_ins; DROP TRIGGER IF EXISTS tests_fts_upd; "
        "DROP TRIGGER IF EXISTS bugs_fts_ins; DROP TRIGGER IF EXISTS bugs_fts_upd; "
@@ -636,6 +638,11 @@ MIGRATIONS = {
     # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
     #    bug row for those); schema.sql has built its successor bugs_test_facets
     6: "DROP INDEX IF EXISTS bugs_test_summary;",
+    # 7 (also): bugs_product_status covers a quality report's breakdowns (schema.sql builds it wider)
+    # 7: search_fts indexes product_id, so a product-scoped search reads that product's matches only
+    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled)
+    7: lambda: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
+               "DROP INDEX IF EXISTS bugs_product_status;",
 }
 
 
@@ -677,6 +684,15 @@ def _schema_parts() -> tuple[str, str]:
     return "".join(parts[0]) + statement, "".join(parts[1])
 
 
+def _schema_statement(name: str) -> str:
+    """The statement of schema.sql that creates `name`."""
+    tables, _ = _schema_parts()
+    found = re.search(rf"CREATE [^;]*? IF NOT EXISTS {name} .*?;\n", tables, flags=re.S)
+    if found is None:
+        raise SchemaError(f"schema.sql does not create {name}; reinstall testio-mcp")
+    return found.group(0)
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -685,7 +701,8 @@ def migrate(conn: sqlite3.Connection) -> int:
                           f"knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} elsewhere")
     if version == SCHEMA_VERSION:
         return version
-    steps = "".join(MIGRATIONS[v] + "\n" for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
+    steps = "".join((step() if callable(step := MIGRATIONS[v]) else step) + "\n"
+                    for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
     tables, indexes = _schema_parts()
     try:
         conn.executescript(f"BEGIN IMMEDIATE;\n{tables}\n{steps}\n{indexes}\n"
@@ -1430,7 +1447,8 @@ class JsonList(list):
 def bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence[Any],
                key: str = "NULL") -> dict[Any, list[tuple]]:
     """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one pass
-    over the covering index bugs_test_facets (one query per breakdown read the bugs four times)."""
+    over a covering index, bugs_test_facets by test or bugs_product_status by product (one query per
+    breakdown read the bugs four times)."""
     out: dict[Any, list[tuple]] = collections.defaultdict(list)
     for k, *facet in conn.execute(
             f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, count(*) "
@@ -1621,7 +1639,11 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
     """The executive report over the tests in scope: tests, bugs, rates, health, per product/test."""
     names = _require_products(conn, product_ids)
     where, args = _test_filters("t", product_ids, statuses, testing_type, start, end)
-    facets = bug_facets(conn, "tests t JOIN bugs b ON b.test_id = t.id", where, args, key="t.product_id")
+    # the bugs of these products in the order of bugs_product_status, each kept if its test is in scope (a
+    # probe of the tests in scope, once collected): no sort, no seek of a test per bug
+    products, product_args = _in("b.product_id", product_ids)
+    facets = bug_facets(conn, "bugs b", f"{products} AND b.test_id IN (SELECT t.id FROM tests t WHERE {where})",
+                        [*product_args, *args], key="b.product_id")
 
     def tests_by(column: str) -> dict[str, int]:
         return {str(k): n for k, n in conn.execute(
@@ -1729,25 +1751,52 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     bug_level = any(c.startswith("b.") for c in columns)  # only tests with bugs in the group count
     need_bugs = bug_level or bool(needed - {"tests", "features"})
     need_tf = "features" in needed or "feature" in dimensions
-    where, args = ["1 = 1"], []
-    for key, values in filters.items():
-        if values:
-            clause, values = _in(METRIC_FILTERS[key], values)
-            where.append(clause)
-            args += values
+    clauses = [_in(METRIC_FILTERS[key], values) for key, values in filters.items() if values]
     lo, hi = day_bounds(start, end)
     if lo:
-        where.append("t.end_at >= ?")
-        args.append(lo)
+        clauses.append(("t.end_at >= ?", [lo]))
     if hi:
-        where.append("t.end_at < ?")
-        args.append(hi)
+        clauses.append(("t.end_at < ?", [hi]))
+    where, args = ["1 = 1", *(c for c, _ in clauses)], [a for _, values in clauses for a in values]
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    # a test's feature once, even when the test lists it twice (two snapshots of one feature)
-    joins = (" LEFT JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS (SELECT 1 FROM test_features x "
-             "WHERE x.test_id = t.id AND x.feature_id = tf.feature_id AND x.test_feature_id < tf.test_feature_id)"
-             if need_tf else "")
+    of_test = [d for d in dimensions if d != "feature" and not METRIC_DIMENSIONS[d][0].startswith("b.")]
+    test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
+    if bug_level and not need_tf and of_test:
+        # a bug column and a test dimension: the tests in scope collected once with their values, then their
+        # bugs (the planner would read every bug, seek its test and reckon the test's values again)
+        values = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
+        dims = [f"s.d{i} AS d{i}" if d in of_test else f"{METRIC_DIMENSIONS[d][0]} AS d{i}"
+                for i, d in enumerate(dimensions)]
+        aggs = [f"{'count(DISTINCT s.id)' if a == 'tests' else METRIC_AGGREGATES[a]} AS {a}"
+                for a in METRIC_AGGREGATES if a in needed]
+        return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t "
+                f"WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])}) "
+                f"SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON b.test_id = s.id"
+                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+    if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
+        # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their test
+        # lists), kept by a probe of those ids, collected once, instead of a seek of each bug's test (by
+        # feature, the planner would rather read a feature's bugs of every test)
+        if "feature" in dimensions:
+            probe, ids = "(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf "
+            ids += "ON tf.test_id = t.id"
+        else:
+            probe, ids = "b.test_id", "t.id FROM tests t"
+        own = {"tests": "count(DISTINCT b.test_id)", "features": "count(DISTINCT b.feature_id)"}
+        dims = [f"{'b.feature_id' if d == 'feature' else METRIC_DIMENSIONS[d][0]} AS d{i}"
+                for i, d in enumerate(dimensions)]
+        aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}" for a in METRIC_AGGREGATES if a in needed]
+        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {probe} IN "
+                f"(SELECT {ids} WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])})"
+                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+    # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
+    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the order
+    # tests, their features, their bugs (the planner would start elsewhere and seek the rest per row)
+    inner = bug_level and "feature" in dimensions
+    joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS "
+             "(SELECT 1 FROM test_features x WHERE x.test_id = t.id AND x.feature_id = tf.feature_id "
+             "AND x.test_feature_id < tf.test_feature_id)" if need_tf else "")
     # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
     # a feature's bugs span every test, and that path read all of them again for each test
     on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
@@ -1758,7 +1807,7 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
         return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} FROM tests t "
                 f"WHERE {' AND '.join(where)}) GROUP BY {group}"), args
     if need_bugs:
-        joins += f" {'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
+        joins += f" {'CROSS JOIN' if inner else 'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
     aggs = [f"{METRIC_AGGREGATES[a]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
     return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
             f"GROUP BY {group}"), args
@@ -1823,14 +1872,15 @@ FTS_ID_MASK = (1 << 40) - 1
 
 def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | None:
     """User text as a safe FTS5 query: every word quoted (operators become words), the last one a
-    prefix unless `prefix` is false; all words must match, or any of them with `any_word`."""
+    prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched in
+    title and body only (the product_id column is indexed for product scopes)."""
     words = re.findall(r"\w+", text, flags=re.UNICODE)
     if not words:
         return None
     quoted = [f'"{w}"' for w in words[:32]]
     if prefix:
         quoted[-1] += "*"
-    return (" OR " if any_word else " ").join(quoted)
+    return f"{{title body}} : ({(' OR ' if any_word else ' ').join(quoted)})"
 
 
 def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
@@ -1853,14 +1903,15 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
             product_ids: Sequence[int], limit: int) -> dict:
     if match is None:
         return {"results": [], "capped": []}
-    scope, scope_args = _in(" AND product_id", product_ids) if product_ids else ("", [])
+    if product_ids:  # in the index: the newest matches of these products, however many others have
+        match += f" AND product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
     candidates, capped = [], []
     for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range scan
         code = SEARCH_ENTITIES.index(kind) + 1
-        rows = conn.execute(
-            f"SELECT rowid, bm25(search_fts, 10.0, 1.0) FROM search_fts WHERE search_fts MATCH ? "
-            f"AND rowid BETWEEN ? AND ?{scope} ORDER BY rowid DESC LIMIT ?",
-            [match, code << 40, (code << 40) | FTS_ID_MASK, *scope_args, SEARCH_CANDIDATES]).fetchall()
+        rows = conn.execute(  # BM25 over title (10x) and body; the product id weighs nothing
+            f"SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts WHERE search_fts MATCH ? "
+            f"AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
+            [match, code << 40, (code << 40) | FTS_ID_MASK, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
             capped.append(kind)
