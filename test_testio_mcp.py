@@ -4453,6 +4453,15 @@ def test_every_readme_snippet_that_starts_the_server_names_this_distribution_or_
         ("uvx", True), ("uvx", False), ("pipx", True), ("pipx", False)}
 
 
+def test_an_sqlite_older_than_the_queries_need_is_refused_in_one_sentence(env, capsys, monkeypatch):
+    monkeypatch.setattr(tm.sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(tm.sqlite3, "sqlite_version", "3.31.1")
+    code, _, err = cli(capsys, "sync", "--demo")
+    assert code == 1
+    assert one_line(err) == ("testio-mcp: this Python's SQLite is 3.31.1; testio-mcp needs 3.35.0 or newer: "
+                             "use a newer Python build")
+
+
 def test_readme_never_runs_a_bare_python_which_a_stock_debian_does_not_have():
     readme = (HERE / "README.md").read_text(encoding="utf-8")
     commands = re.findall(r"`([^`\n]+)`", readme) + [text for lang, text in readme_code_blocks()

@@ -76,6 +76,7 @@ MIN_HTTP_TOKEN_CHARS = 16
 NEW_TOKEN_HINT = """python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
 SCHEMA_VERSION = 7
+MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
@@ -695,6 +696,9 @@ def _schema_statement(name: str) -> str:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise SchemaError(f"this Python's SQLite is {sqlite3.sqlite_version}; testio-mcp needs "
+                          f"{'.'.join(map(str, MIN_SQLITE))} or newer: use a newer Python build")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this one "
