@@ -83,7 +83,7 @@ RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets the ful
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
 UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
-WRITER_PAUSE_S = 0.01                 # the longest a sync's writer waits at a time for tool calls (ToolsFirst)
+WRITER_PAUSE_S = 0.01                 # the longest a sync's writer waits at a time for tool calls
 WRITER_SLICE_S = 0.002                # ... and how long it then works before it waits again
 TOOL_LINGER_S = 0.01                  # ... and how long after a call it still waits (the answer's way out)
 PAUSE_EVERY = 32                      # bugs decoded/shaped/stored between two checks for tool calls
@@ -1130,10 +1130,9 @@ def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[
             pause: Callable[[], None] = _no_pause) -> None:
     """Replace the search_fts rows of these tests (code 3) or bugs (code 4), two statements per
     chunk of ids with pause() before each."""
-    step = 500 if pause is _no_pause else PAUSE_EVERY * 4
-    for start in range(0, len(ids), step):
+    for start in range(0, len(ids), PAUSE_EVERY * 4):  # SQLite does this work without the GIL
         pause()
-        chunk = list(ids[start:start + step])
+        chunk = list(ids[start:start + PAUSE_EVERY * 4])
         conn.execute(f"DELETE FROM search_fts WHERE rowid IN ({_placeholders(len(chunk))})",
                      [(code << 40) | i for i in chunk])
         conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})", chunk)
