@@ -1498,9 +1498,9 @@ async def test_tool_calls_during_a_sync_hold_back_its_writer(env, monkeypatch, l
     # left alone, the writer works through the calls, over half their time (it shares the GIL with
     # the loop serving them); held back, it finishes the few rows it is on when a call starts and, as
     # calls never stop here, works WRITER_SLICE_S after each WRITER_PAUSE_S wait: about a sixth of the
-    # time, a third with the rows it finishes after each slice (a loaded machine lowers both figures)
+    # time, a quarter with the rows it finishes after each slice (a loaded machine lowers both figures)
     share = sum(writer) / sum(calls)
-    assert share < 0.42, f"the writer worked {share:.0%} of the time tool calls were in flight"
+    assert share < 0.4, f"the writer worked {share:.0%} of the time tool calls were in flight"
 
 
 MALFORMED = {  # (target, name) -> body answered with HTTP 200

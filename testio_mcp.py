@@ -83,8 +83,8 @@ RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets the ful
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
 UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
-WRITER_PAUSE_S = 0.01                 # the longest a sync's writer waits at a time for tool calls
-WRITER_SLICE_S = 0.002                # ... and how long it then works before it waits again
+WRITER_PAUSE_S = 0.05                 # the longest a sync's writer waits at a time for tool calls
+WRITER_SLICE_S = 0.01                 # ... and how long it then works before it waits again
 TOOL_LINGER_S = 0.01                  # ... and how long after a call it still waits (the answer's way out)
 PAUSE_EVERY = 32                      # bugs decoded/shaped/stored between two checks for tool calls
 MAX_RETRIES = 4                       # retries after the first attempt (5xx, 524, timeouts, resets)
