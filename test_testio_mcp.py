@@ -1457,6 +1457,53 @@ def test_the_event_loop_stays_free_while_a_sync_decodes_and_stores_large_bug_bat
         f"takes {min(decode) * 1000:.1f} ms")
 
 
+def thread_cpu(prefix: str) -> float:
+    """CPU seconds spent so far by this process's live threads whose name starts with `prefix`."""
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threading.enumerate()
+               if t.name.startswith(prefix) and t.ident is not None)
+
+
+@pytest.mark.anyio
+async def test_tool_calls_during_a_sync_hold_back_its_writer(env, monkeypatch, large_batches):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    acc, answers = large_batches
+    answered = asyncio.Event()
+
+    async def replay(request):  # recorded: the writer, decoding and storing large batches, is the slow side
+        if "/bugs" in request.url.path:
+            answered.set()
+        return httpx.Response(200, content=answers[str(request.url)])
+
+    # per call: its wall time and the CPU the writer thread spent meanwhile (CPU, not wall time: a
+    # loaded machine stretches both sides alike)
+    calls, writer = [], []
+    gc.freeze()  # pytest's many objects out of the cyclic GC, as the event-loop test does
+    try:
+        with anyio.fail_after(WAIT):
+            async with mcp_client(replay) as client:
+                await answered.wait()  # from here on the writer has bug batches to decode and store
+                for tool in ("get_database_stats", "list_products") * 150:
+                    cpu, started = thread_cpu("testio-db-write"), time.perf_counter()
+                    result = await client.call_tool(tool, {})
+                    calls.append(time.perf_counter() - started)
+                    writer.append(thread_cpu("testio-db-write") - cpu)
+                    assert result.is_error is False
+                    if result.structured_content.get("sync") is None:  # the first sync has ended
+                        break
+                run = (await ok(client, "sync_data"))["run"]  # waits for the first sync (and holds no writer)
+    finally:
+        gc.unfreeze()
+    assert run["status"] == "success"
+    assert_matches_truth(env, acc)
+    assert len(calls) > 20
+    # left alone, the writer works through the calls, over half their time (it shares the GIL with
+    # the loop serving them); held back, it finishes the few rows it is on when a call starts and, as
+    # calls never stop here, works WRITER_SLICE_S after each WRITER_PAUSE_S wait: about a sixth of the
+    # time, a quarter with the rows it finishes after each slice (a loaded machine lowers both figures)
+    share = sum(writer) / sum(calls)
+    assert share < 0.4, f"the writer worked {share:.0%} of the time tool calls were in flight"
+
+
 MALFORMED = {  # (target, name) -> body answered with HTTP 200
     **{(target, "not-json"): b"{not json" for target in ("page", "bug-batch")},
     **{(target, "html"): b"<html><body>maintenance</body></html>" for target in ("page", "bug-batch")},

@@ -41,7 +41,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -84,6 +84,10 @@ RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets the ful
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
 UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
+WRITER_PAUSE_S = 0.05                 # the longest a sync's writer waits at a time for tool calls
+WRITER_SLICE_S = 0.01                 # ... and how long it then works before it waits again
+TOOL_LINGER_S = 0.01                  # ... and how long after a call it still waits (the answer's way out)
+PAUSE_EVERY = 32                      # bugs decoded/shaped/stored between two checks for tool calls
 MAX_RETRIES = 4                       # retries after the first attempt (5xx, 524, timeouts, resets)
 PAGE_RETRIES = 2                      # a poisoned page fails every time: split it sooner
 MAX_RATE_LIMITED = 6                  # 429 answers tolerated for one request
@@ -336,9 +340,10 @@ _JSON_WS = re.compile(r"[ \t\n\r]*")
 _JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # the C scanner behind json.loads
 
 
-def loads_keeping_raw(text: str, key: str) -> Any:
+def loads_keeping_raw(text: str, key: str, pause: Callable[[], None] | None = None) -> Any:
     """json.loads(text), except that the objects in the top-level list `key` come back as ApiObject
-    carrying their exact JSON text. ValueError on malformed JSON, like json.loads."""
+    carrying their exact JSON text, with pause() called every PAUSE_EVERY of them. ValueError on
+    malformed JSON, like json.loads."""
     skip, scan = _JSON_WS.match, _JSON_SCAN
     i = skip(text, 0).end()
     if text[i:i + 1] != "{":
@@ -362,6 +367,8 @@ def loads_keeping_raw(text: str, key: str) -> Any:
                         item = ApiObject(item)
                         item.raw = text[i:end]
                     value.append(item)
+                    if pause is not None and not len(value) % PAUSE_EVERY:
+                        pause()
                     i = skip(text, end).end()
                     if text[i:i + 1] == "]":
                         break
@@ -790,6 +797,79 @@ class Healed:
                 f"{self.at}, {state}; the damaged file is kept at {self.moved_to}")
 
 
+def _no_pause() -> None:
+    pass
+
+
+_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=False)  # in a tool call
+
+
+class ToolsFirst:
+    """Tool calls come before a sync's writes. The event loop counts the calls in flight; the writer,
+    at cheap points inside its work (every PAUSE_EVERY bugs or tests), waits while one is in flight
+    or ended less than TOOL_LINGER_S ago (the answer is still on its way to the client, whose next
+    call often follows at once). Waiting releases the GIL and the core that a call would otherwise
+    share with a writer running Python. It waits inside its transaction: readers see WAL
+    snapshots, so nobody waits on it, and no half batch is ever visible. A wait lasts at most
+    WRITER_PAUSE_S; after one that ran out the writer works WRITER_SLICE_S before the next, so a
+    stream of calls slows a sync but never stops it."""
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self._quiet = threading.Event()  # set while no call is in flight
+        self._quiet.set()
+        self._ended = -math.inf  # time.monotonic() when the last call ended
+        self._work_until = 0.0
+
+    def _count(self, n: int) -> None:
+        self._calls += n
+        if self._calls:
+            self._quiet.clear()
+        else:
+            self._ended = time.monotonic()
+            self._quiet.set()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count a tool call in flight (event loop only)."""
+        self._count(1)
+        token = _SERVING.set(True)
+        try:
+            yield
+        finally:
+            _SERVING.reset(token)
+            self._count(-1)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A call's own write (a read-through) waits for the writer: not counted meanwhile, else the
+        writer would wait for the call that waits for it."""
+        serving = _SERVING.get()
+        if serving:
+            self._count(-1)
+        try:
+            yield
+        finally:
+            if serving:
+                self._count(1)
+
+    def pause(self) -> None:
+        """Wait (bounded) while tool calls come first; nearly free when none came (writer only)."""
+        now = time.monotonic()
+        if now < self._work_until or (self._quiet.is_set() and now >= self._ended + TOOL_LINGER_S):
+            return
+        deadline = now + WRITER_PAUSE_S
+        while now < deadline:
+            if not self._quiet.is_set():
+                self._quiet.wait(deadline - now)
+            elif now < self._ended + TOOL_LINGER_S:
+                time.sleep(min(self._ended + TOOL_LINGER_S, deadline) - now)
+            else:
+                return
+            now = time.monotonic()
+        self._work_until = now + WRITER_SLICE_S
+
+
 class Database:
     """The one gateway to SQLite: a writer thread and a few reader threads, each with its connection."""
 
@@ -804,6 +884,7 @@ class Database:
         self.generation = 0  # bumped when a damaged file is replaced: each thread reconnects
         self.healed: Healed | None = None
         self.on_heal: Callable[[], None] | None = None  # called (on a DB thread) after a replacement
+        self.tools_first = ToolsFirst()
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -899,7 +980,10 @@ class Database:
                 if conn is not None and conn.in_transaction:  # a failed COMMIT and ROLLBACK
                     self._drop(conn)
 
-        return await asyncio.get_running_loop().run_in_executor(pool, call)
+        if pool is not self._writer:
+            return await asyncio.get_running_loop().run_in_executor(pool, call)
+        with self.tools_first.writing():
+            return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     async def write(self, fn: Callable, *args: Any) -> Any:
         """Run fn(conn, *args) in one write transaction on the writer thread."""
@@ -1031,12 +1115,16 @@ class PageWrite:
 
 
 def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], synced_at: str,
-                checkpoint: tuple[str, int, int] | None = None) -> PageWrite:
+                checkpoint: tuple[str, int, int] | None = None,
+                pause: Callable[[], None] = _no_pause) -> PageWrite:
     """Upsert a page of tests with their feature links, and the walk checkpoint, in one transaction.
 
-    `checkpoint` is (walk mode, next page, per_page) or None. Returns counts and the ids whose
-    bugs must be fetched."""
-    rows = [test_row(t, product_id, synced_at) for t in tests]
+    `checkpoint` is (walk mode, next page, per_page) or None; pause() is called every PAUSE_EVERY
+    tests (ToolsFirst). Returns counts and the ids whose bugs must be fetched."""
+    rows = []
+    for start in range(0, len(tests), PAUSE_EVERY):
+        pause()
+        rows += [test_row(t, product_id, synced_at) for t in tests[start:start + PAUSE_EVERY]]
     rows = list({r["id"]: r for r in rows}.values())  # drift can repeat a test within a read
     ids = [r["id"] for r in rows]
     before = dict(conn.execute(f"SELECT id, raw FROM tests WHERE id IN ({_placeholders(len(ids))})",
@@ -1062,10 +1150,13 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
     return PageWrite(new=new, updated=len(changed) - new, bugs_due=due)
 
 
-def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int]) -> None:
-    """Replace the search_fts rows of these tests (code 3) or bugs (code 4) in two statements."""
-    for start in range(0, len(ids), 500):
-        chunk = list(ids[start:start + 500])
+def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int],
+            pause: Callable[[], None] = _no_pause) -> None:
+    """Replace the search_fts rows of these tests (code 3) or bugs (code 4), two statements per
+    chunk of ids with pause() before each."""
+    for start in range(0, len(ids), PAUSE_EVERY * 4):  # SQLite does this work without the GIL
+        pause()
+        chunk = list(ids[start:start + PAUSE_EVERY * 4])
         conn.execute(f"DELETE FROM search_fts WHERE rowid IN ({_placeholders(len(chunk))})",
                      [(code << 40) | i for i in chunk])
         conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})", chunk)
@@ -1143,16 +1234,22 @@ def test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int,
 
 
 def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[dict],
-                 synced_at: str) -> int:
-    """Store the complete bug list of these tests (dropping bugs they no longer have); returns count."""
+                 synced_at: str, pause: Callable[[], None] = _no_pause) -> int:
+    """Store the complete bug list of these tests (dropping bugs they no longer have), pause() called
+    every PAUSE_EVERY bugs (ToolsFirst); returns count."""
     owners = test_product(conn, test_ids)
-    rows = [bug_row(b, owners[b["test"]["id"]], synced_at) for b in bugs
-            if isinstance(b.get("test"), dict) and b["test"].get("id") in owners]
+    rows = []
+    for start in range(0, len(bugs), PAUSE_EVERY):
+        pause()
+        rows += [bug_row(b, owners[b["test"]["id"]], synced_at) for b in bugs[start:start + PAUSE_EVERY]
+                 if isinstance(b.get("test"), dict) and b["test"].get("id") in owners]
     ids = list(owners)
     before = dict(conn.execute(f"SELECT id, raw FROM bugs WHERE test_id IN ({_placeholders(len(ids))})",
                                ids).fetchall()) if ids else {}
-    conn.executemany(UPSERT_BUG_SQL, rows)
-    reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]])
+    for start in range(0, len(rows), PAUSE_EVERY):
+        pause()
+        conn.executemany(UPSERT_BUG_SQL, rows[start:start + PAUSE_EVERY])
+    reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]], pause)
     gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
     conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) AND {gone}", (*ids, *args))
     conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({_placeholders(len(ids))})",
@@ -1160,19 +1257,20 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
     return len(rows)
 
 
-def store_bug_answer(conn: sqlite3.Connection, decode: Callable[[bytes], list[dict]],
-                     test_ids: Sequence[int], answer: bytes, synced_at: str) -> int:
-    """replace_bugs() of an API answer that `decode` turns into bugs, in one call on the writer
-    thread: decoding a large answer is CPU work that must not run on the event loop (it is done
+def store_bug_answer(conn: sqlite3.Connection, decode: Callable[..., list[dict]],
+                     test_ids: Sequence[int], answer: bytes, synced_at: str,
+                     pause: Callable[[], None] = _no_pause) -> int:
+    """replace_bugs() of an API answer that decode(answer, pause) turns into bugs, in one call on the
+    writer thread: decoding a large answer is CPU work that must not run on the event loop (it is done
     before the write transaction opens). Returns how many bugs were stored."""
     # the decoded bugs hold no cycles and go with their last reference: a cyclic collection meanwhile
     # would only rescan them, holding the GIL the event loop needs (tens of ms per large batch)
     collecting = gc.isenabled()
     gc.disable()
     try:
-        bugs = decode(answer)
+        bugs = decode(answer, pause)
         with transaction(conn):
-            return replace_bugs(conn, test_ids, bugs, synced_at)
+            return replace_bugs(conn, test_ids, bugs, synced_at, pause)
     finally:
         if collecting:
             gc.enable()
@@ -2138,11 +2236,12 @@ class TestioClient:
         """All bugs of a few tests, decoded on the calling thread."""
         return self.decode_bugs(await self.get_bug_answer(test_ids, retries))
 
-    def decode_bugs(self, content: bytes) -> list[dict]:
-        """The bugs of a GET bugs answer as ApiObject (keeping their JSON text);
-        MalformedResponseError. Thread-safe: it only counts a malformed answer in the metrics."""
+    def decode_bugs(self, content: bytes, pause: Callable[[], None] | None = None) -> list[dict]:
+        """The bugs of a GET bugs answer as ApiObject (keeping their JSON text), pause() called as
+        loads_keeping_raw() does; MalformedResponseError. Thread-safe: it only counts a malformed
+        answer in the metrics."""
         try:
-            body = loads_keeping_raw(content.decode("utf-8"), "bugs")
+            body = loads_keeping_raw(content.decode("utf-8"), "bugs", pause)
         except ValueError:  # UnicodeDecodeError included
             self.metrics.errors["malformed"] += 1
             raise MalformedResponseError("GET bugs answered malformed JSON", 200) from None
@@ -2456,7 +2555,8 @@ class SyncEngine:
         while True:
             tests, short = await self._read_page(pid, page, result, last_test)
             seen.update(t["id"] for t in tests)
-            write = await self.db.write(store_tests, pid, tests, iso(utc_now()), (mode, page + 1, PAGE_SIZE))
+            write = await self.db.write(store_tests, pid, tests, iso(utc_now()), (mode, page + 1, PAGE_SIZE),
+                                        self.db.tools_first.pause)
             result.pages += 1
             result.new_tests += write.new
             result.updated_tests += write.updated
@@ -2657,8 +2757,9 @@ class _BugFetcher:
                 answer = await client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
                 # decoded and stored in one call on the writer thread: the event loop, which serves
                 # the tools, only waits (a second thread decoding would compete with it for the GIL)
-                stored = await self.engine.db.run(store_bug_answer, client.decode_bugs, batch, answer,
-                                                  iso(utc_now()))
+                db = self.engine.db
+                stored = await db.run(store_bug_answer, client.decode_bugs, batch, answer, iso(utc_now()),
+                                      db.tools_first.pause)
             except (ServerError, MalformedResponseError) as exc:
                 failure = exc
             else:
@@ -3867,8 +3968,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
         def register(fn):
             name = fn.__name__
 
-            @functools.wraps(fn)
-            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def answer(*args: Any, **kwargs: Any) -> Any:
                 started = time.perf_counter()
                 state.tool_counts[name] += 1
                 try:
@@ -3893,6 +3993,13 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                     raise ToolError(f"{name} failed unexpectedly; the details are in the server log") from None
                 finally:
                     state.tool_calls[name].append(time.perf_counter() - started)
+
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not read:  # sync_data, which may wait for a whole sync, does not hold one back
+                    return await answer(*args, **kwargs)
+                with state.db.tools_first.serving():  # a sync's writer waits meanwhile
+                    return await answer(*args, **kwargs)
 
             annotations = read_only if read and not open_world else ToolAnnotations(
                 read_only_hint=read, idempotent_hint=read, open_world_hint=open_world)
