@@ -1,11 +1,11 @@
 """bench_testio_mcp: end-to-end performance figures of testio-mcp against a simulated TestIO API.
 
 Run it:
-    python bench_testio_mcp.py                      small + medium, 50 ms per API request (a few minutes)
-    python bench_testio_mcp.py --large              adds 100 products x 1,000 tests (long: many minutes)
-    python bench_testio_mcp.py --full               --large, and the tool matrix on large too (longer)
-    python bench_testio_mcp.py --json               the same figures as one JSON document on stdout
-    python bench_testio_mcp.py --sizes small --latency-ms 20 --concurrency 5 --calls 50 --keep-db /tmp/b
+    .venv/bin/python bench_testio_mcp.py                      small + medium, 50 ms per API request (a few minutes)
+    .venv/bin/python bench_testio_mcp.py --large              adds 100 products x 1,000 tests (long: many minutes)
+    .venv/bin/python bench_testio_mcp.py --full               --large, and the tool matrix on large too (longer)
+    .venv/bin/python bench_testio_mcp.py --json               the same figures as one JSON document on stdout
+    .venv/bin/python bench_testio_mcp.py --sizes small --latency-ms 20 --concurrency 5 --calls 50 --keep-db /tmp/b
 
 What it measures (each target of the performance issues is shown with PASS/FAIL): the cold sync
 is judged at a realistic 500 ms per request (wall <= 1.1x ceil(requests / concurrency) x latency,
@@ -1515,7 +1515,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                  + " | no |")
     passed = sum(t["result"] == "PASS" for t in report["targets"])
     lines += ["", f"{passed} of {len(report['targets'])} targets met (✓ met, ✗ missed); "
-              f"`python bench_testio_mcp.py` prints every figure and target."]
+              f"`.venv/bin/python bench_testio_mcp.py` prints every figure and target."]
     return "\n".join(lines)
 
 
