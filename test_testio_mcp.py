@@ -414,7 +414,7 @@ def test_a_weak_or_unsendable_http_token_exits_2_without_showing_it(env, capsys,
         code, out, err = cli(capsys, "serve", "--transport", "http", "--port", port)
     assert (code, out) == (2, "")
     assert one_line(err) == (f"testio-mcp: TESTIO_MCP_HTTP_TOKEN {problem}; make a random one with: "
-                             f"python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+                             f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
     assert not env.exists()
 
 
@@ -4401,7 +4401,7 @@ def test_http_off_loopback_without_a_token_refuses_to_start_with_one_sentence(en
                              "--allow-remote")
     assert (code, out) == (1, "")
     assert one_line(err) == (f"testio-mcp: --host {host} is reachable from other machines and "
-                             "TESTIO_MCP_HTTP_TOKEN is not set: set it to a random secret (python -c "
+                             "TESTIO_MCP_HTTP_TOKEN is not set: set it to a random secret (python3 -c "
                              "'import secrets; print(secrets.token_urlsafe(32))') and have clients send "
                              "Authorization: Bearer <that secret>")
     assert not env.exists()

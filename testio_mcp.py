@@ -73,7 +73,7 @@ DEMO_BASE_URL = "https://demo.testio-mcp.invalid/customer/v2"
 DEMO_TOKEN = "demo-token"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HTTP_TOKEN_CHARS = 16
-NEW_TOKEN_HINT = """python -c 'import secrets; print(secrets.token_urlsafe(32))'"""
+NEW_TOKEN_HINT = """python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
 SCHEMA_VERSION = 7
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
