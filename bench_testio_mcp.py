@@ -1495,10 +1495,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         row("database bytes per test / per bug", "", lambda n, r: f"{r['storage']['bytes_per_test']:,} / "
             f"{r['storage']['bytes_per_bug']:,} ({r['storage']['bytes'] / 2**20:.0f} MiB)"),
     ]
+    per_tool = [t for t in report["targets"] if t["target"].startswith("flat ")
+                and t["target"].endswith(" p50 in server")]
     growth = [t["measured"].split(" (")[-1].rstrip(")") + " " + t["target"].split(": ")[1].split(" p50")[0]
               + " (" + t["target"].split(":")[0].removeprefix("flat ") + ")"
-              for t in report["targets"] if t["target"].startswith("flat ") and t["result"] == "FAIL"]
-    flat = [t for t in report["targets"] if t["target"].startswith("flat ")]
+              for t in per_tool if t["result"] == "FAIL"]
+    flat = per_tool
+    shapes = [t for t in report["targets"] if t["target"].startswith("flat ") and t not in per_tool]
+    for t in shapes:  # the tool matrix's one-product shapes
+        lines.append(f"| {t['target']} | {t['measured']}" + " |" * (len(names) - 1)
+                     + f" | {t['limit']} |")
     if flat:
         pairs = sorted({t["target"].split(":")[0].removeprefix("flat ") for t in flat})
         lines.append(f"| tools not flat, {', '.join(pairs)} (p50 in server) | {len(flat) - len(growth)} of {len(flat)} "
