@@ -646,9 +646,9 @@ MIGRATIONS = {
     # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
     #    bug row for those); schema.sql has built its successor bugs_test_facets
     6: "DROP INDEX IF EXISTS bugs_test_summary;",
-    # 7 (also): bugs_product_status covers a quality report's breakdowns (schema.sql builds it wider)
     # 7: search_fts indexes product_id, so a product-scoped search reads that product's matches only
-    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled)
+    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled);
+    #    bugs_product_status covers a quality report's breakdowns (schema.sql builds it wider)
     7: lambda: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
                "DROP INDEX IF EXISTS bugs_product_status;",
 }
@@ -2438,11 +2438,11 @@ class SyncEngine:
             with contextlib.suppress(sqlite3.Error, TestioError, RuntimeError):
                 if result.run_id:
                     await asyncio.shield(self.db.write(finish_run, result.run_id, {
-                    "status": result.status, "products": len(result.products),
-                    "new_tests": result.total("new_tests"), "updated_tests": result.total("updated_tests"),
-                    "bugs": result.total("bugs"), "features": result.total("features"),
-                    "api_requests": result.api_requests, "recovery_attempts": result.recovery_attempts,
-                    "problems": result.total("problems"), "error": result.error}))
+                        "status": result.status, "products": len(result.products),
+                        "new_tests": result.total("new_tests"), "updated_tests": result.total("updated_tests"),
+                        "bugs": result.total("bugs"), "features": result.total("features"),
+                        "api_requests": result.api_requests, "recovery_attempts": result.recovery_attempts,
+                        "problems": result.total("problems"), "error": result.error}))
         return result
 
     async def _sync_products(self, wanted: Sequence[int], nuke: bool = False) -> list[dict]:
