@@ -3462,10 +3462,12 @@ async def test_without_a_token_the_server_answers_from_the_database_and_sync_dat
 ###############################################################################
 
 async def background_sync_ended(client) -> dict:
-    """health_check, polled until the server's background sync has ended (bounded by the caller)."""
+    """health_check, polled until the server's first background sync has started and ended (bounded
+    by the caller): "starting" is the state before the freshness loop has looked at the data."""
     while True:
         health = await ok(client, "health_check")
-        if health["background_sync"]["state"] != "syncing" and not health["background_sync"]["running_now"]:
+        background = health["background_sync"]
+        if background["state"] not in ("starting", "syncing") and not background["running_now"]:
             return health
 
 
