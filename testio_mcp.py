@@ -251,8 +251,6 @@ def _number(env: dict[str, str], name: str, default: str, *, integer: bool = Fal
 class TestioError(Exception):
     """Base of every error this module raises on purpose; its text is safe to show a user."""
 
-    __test__ = False  # not a pytest class
-
 
 class ConfigError(TestioError):
     """A setting or an argument is invalid."""
@@ -309,7 +307,7 @@ def utc_now() -> datetime:
 
 def iso(dt: datetime) -> str:
     """`dt` as the stored UTC text form, e.g. 2026-11-27T08:00:00Z."""
-    u = dt.astimezone(timezone.utc)  # formatted by hand: strftime costs 3x (a sync formats every date)
+    u = dt.astimezone(timezone.utc)  # by hand: strftime is slower, and a sync formats every date
     return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}Z"
 
 
@@ -4368,15 +4366,18 @@ async def get_problematic_tests(
 # Answering: what every tool call goes through, and its answer's two forms
 
 def _plain(value: Any) -> Any:
-    """A result dataclass as a dict; its dict/list fields already are JSON data (dataclasses.asdict
-    would deep-copy them)."""
+    """A result dataclass as a dict; its dict/list fields already are JSON data (pydantic_core's
+    to_jsonable_python would copy them all, and turn a JsonList into a list)."""
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    """Compact JSON text, non-ASCII as it is."""
+    from pydantic_core import to_json
+
+    return to_json(value).decode()
 
 
 def _with_cut_note(notes: dict[str, Any], tool: str, result: Any) -> dict[str, Any]:
@@ -4400,7 +4401,7 @@ def _render(result: Any, notes: dict[str, Any] | None = None) -> tuple[Any, str]
     JSON text). A top-level JsonList field brings its text along, so a page of rows is serialised
     once (by SQLite), not twice."""
     data = {**notes, **_plain(result)} if notes else _plain(result)
-    if not (isinstance(data, dict) and any(type(v) is JsonList for v in data.values())):
+    if not any(type(v) is JsonList for v in data.values()):
         return data, _dumps(data)
     text = "{" + ",".join(f"{_dumps(k)}:{v.json if type(v) is JsonList else _dumps(v)}"
                           for k, v in data.items()) + "}"
@@ -4583,9 +4584,9 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 def _freeze_startup_objects() -> None:
-    """Keep what the imports and tool registration built (~90,000 objects) out of every later garbage
-    collection: a full collection over them took ~55 ms, an outlier in any tool call it landed in.
-    (No gc.collect() first: it would cost those 55 ms before `initialize` for little garbage.)"""
+    """Keep what the imports and tool registration built out of every later garbage collection: a
+    full collection over them is an outlier in any tool call it lands in. (No gc.collect() first: it
+    would cost that much before `initialize`, for little garbage.)"""
     gc.freeze()
 
 
@@ -4655,8 +4656,9 @@ class _BearerTokenGate:
 async def _serve_http(server: Any, host: str, port: int, token: str | None) -> int:
     import uvicorn
 
-    # The host decides the Host/Origin checks; uvicorn is served by hand (not run_streamable_http_async)
-    # to turn its access log off, log through our redacting handler, and say when it is listening.
+    # The host decides the Host/Origin checks. uvicorn is run here, not by the SDK's
+    # run_streamable_http_async, to put the bearer token gate in front of the app, turn the access
+    # log off, log through our redacting handler, and say when it is listening.
     app = server.streamable_http_app(host=host, transport_security=_loopback_security(host))
     if token:  # also on loopback: a set token is required, e.g. behind a reverse proxy on this machine
         app = _BearerTokenGate(app, token)
@@ -4987,7 +4989,8 @@ async def _retry_mapped(db: Database, runtime: Runtime, product_id: int) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: dict[str | None, Callable[[argparse.Namespace, Runtime], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, Runtime], int]] = {
+    "serve": cmd_serve,
     "sync": cmd_sync,
     "problematic": cmd_problematic,
 }
@@ -5008,7 +5011,7 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTranspo
     if settings.demo and transport is None:
         transport = httpx.MockTransport(demo_account().handler)
     runtime = Runtime(settings, transport)
-    command = COMMANDS.get(args.command, cmd_serve)
+    command = COMMANDS[args.command or "serve"]
     try:
         try:
             return command(args, runtime)
