@@ -2578,9 +2578,10 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
         tools = (await client.list_tools()).tools
     offered = [(tool.name, enum) for tool in tools for enum in _enums(tool.input_schema)]
     assert len(offered) >= 14 and [(name, enum) for name, enum in offered if enum not in words.values()] == []
-    serve = tm.build_parser()._subparsers._group_actions[0].choices["serve"]
-    choices = [action.choices for action in serve._actions if action.choices]
-    assert choices == [tm.TRANSPORTS]
+    commands = tm.build_parser()._subparsers._group_actions[0].choices
+    assert [action.choices for action in commands["serve"]._actions if action.choices] == [tm.TRANSPORTS]
+    flags = {action.dest for action in commands["sync"]._actions}
+    assert [mode for mode in tm.SYNC_MODES if mode not in flags] == ["incremental"]  # the default
     for check in re.findall(r"CHECK\s*\(\s*\w+\s+IN\s*\(([^)]*)\)", (HERE / "schema.sql").read_text()):
         assert [w.strip(" '") for w in check.split(",")] in words.values(), check
     for subset in (tm.FINAL_STATUSES, tm.PRE_RUN_STATUSES, tm.EXECUTED_STATUSES):

@@ -1,7 +1,7 @@
 """testio-mcp: an MCP server over the TestIO Customer API, answering from a local SQLite copy.
 
 Run it:
-    testio-mcp                      stdio MCP server (what Claude Desktop / Claude Code / Cursor start)
+    testio-mcp                      the stdio MCP server (Claude Desktop, Claude Code, Cursor...)
     testio-mcp serve --transport http [--host 127.0.0.1] [--port 8080]
     testio-mcp sync [--force | --refresh | --nuke --yes] [--product-ids 1,2] [--since YYYY-MM-DD]
     testio-mcp sync --status        what the local copy holds
@@ -68,7 +68,7 @@ ENV_CONCURRENCY = "MAX_CONCURRENT_API_REQUESTS"
 ENV_TIMEOUT = "TESTIO_HTTP_TIMEOUT_SECONDS"
 ENV_LOG_LEVEL = "LOG_LEVEL"
 ENV_RETRY_BASE = "TESTIO_RETRY_BASE_SECONDS"
-ENV_HTTP_TOKEN = "TESTIO_MCP_HTTP_TOKEN"  # the bearer token HTTP clients of `serve --transport http` send
+ENV_HTTP_TOKEN = "TESTIO_MCP_HTTP_TOKEN"  # what clients of `serve --transport http` must send
 
 DEFAULT_BASE_URL = "https://api.test.io/customer/v2"
 DEFAULT_DB_PATH = "~/.testio-mcp/cache.db"
@@ -82,14 +82,14 @@ SCHEMA_VERSION = 7
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
-RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # poisoned pages are re-read over the same offsets at these sizes
-RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets the full recovery again after this
+RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # a poisoned page's offsets are re-read at these sizes
+RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets a full recovery after this
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
 BUG_BATCH_TESTS = 25                  # tests per bugs?filter_test_cycle_ids= request
-UNSTORED_BATCHES_PER_SLOT = 2          # bug batches in flight or awaiting storage, per concurrent request
+UNSTORED_BATCHES_PER_SLOT = 2         # bug batches in flight or awaiting storage, per request slot
 WRITER_PAUSE_S = 0.05                 # the longest a sync's writer waits at a time for tool calls
 WRITER_SLICE_S = 0.01                 # ... and how long it then works before it waits again
-TOOL_LINGER_S = 0.01                  # ... and how long after a call it still waits (the answer's way out)
+TOOL_LINGER_S = 0.01                  # ... and how long it still waits after a call (the answer)
 PAUSE_EVERY = 32                      # bugs decoded/shaped/stored between two checks for tool calls
 MAX_RETRIES = 4                       # retries after the first attempt (5xx, 524, timeouts, resets)
 PAGE_RETRIES = 2                      # a poisoned page fails every time: split it sooner
@@ -177,7 +177,8 @@ class Settings:
                               f"unset it to use {DEFAULT_BASE_URL}")
         level = get(ENV_LOG_LEVEL, "INFO").upper()
         if level not in LOG_LEVELS:
-            raise ConfigError(f"{ENV_LOG_LEVEL}={get(ENV_LOG_LEVEL, 'INFO')!r} is not one of {', '.join(LOG_LEVELS)}")
+            raise ConfigError(f"{ENV_LOG_LEVEL}={get(ENV_LOG_LEVEL, 'INFO')!r} is not one of "
+                              f"{', '.join(LOG_LEVELS)}")
         return cls(
             token=token,
             base_url=base_url,
@@ -219,15 +220,15 @@ def _read_env_file(explicit: str | None) -> list[tuple[str, str]]:
 
 
 def _http_token(value: str) -> str | None:
-    """The HTTP bearer token, or None when unset; a weak or unsendable one is refused without showing it."""
+    """The HTTP bearer token, or None when unset; a weak or unsendable one is refused, unshown."""
     if not value:
         return None
     if len(value) < MIN_HTTP_TOKEN_CHARS:
         raise ConfigError(f"{ENV_HTTP_TOKEN} is too short ({len(value)} characters, at least "
                           f"{MIN_HTTP_TOKEN_CHARS}); make a random one with: {NEW_TOKEN_HINT}")
     if not all("!" <= c <= "~" for c in value):  # what an HTTP header carries unchanged
-        raise ConfigError(f"{ENV_HTTP_TOKEN} may hold only printable ASCII without spaces; make a random "
-                          f"one with: {NEW_TOKEN_HINT}")
+        raise ConfigError(f"{ENV_HTTP_TOKEN} may hold only printable ASCII without spaces; make a "
+                          f"random one with: {NEW_TOKEN_HINT}")
     return value
 
 
@@ -261,7 +262,8 @@ class SchemaError(TestioError):
 
 
 class CacheRebuiltError(TestioError):
-    """The cache file turned out damaged and was replaced by a fresh one: the call can be made again."""
+    """The cache file turned out damaged and was replaced by a fresh one: the call can be made
+    again."""
 
 
 class SyncBusyError(TestioError):
@@ -327,7 +329,9 @@ def to_utc(value: Any) -> str | None:
 
 def parse_utc(text: str | None) -> datetime | None:
     """Stored UTC text back to an aware datetime (None stays None)."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if text else None
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
 def parse_date(value: str, name: str) -> date:
@@ -335,7 +339,8 @@ def parse_date(value: str, name: str) -> date:
     try:
         return date.fromisoformat(value.strip())
     except (ValueError, AttributeError):
-        raise ConfigError(f"{name}={value!r} is not a date; use YYYY-MM-DD, e.g. 2026-01-31") from None
+        raise ConfigError(f"{name}={value!r} is not a date; use YYYY-MM-DD, e.g. "
+                          f"2026-01-31") from None
 
 
 def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
@@ -348,8 +353,10 @@ def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
     ids = []
     for item in items:
         text = str(item).strip()
-        if isinstance(item, bool) or not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_ID:
-            raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use e.g. 123,456")
+        digits = text.isascii() and text.isdigit()
+        if isinstance(item, bool) or not digits or not 1 <= int(text) <= MAX_ID:
+            raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use "
+                              f"e.g. 123,456")
         ids.append(int(text))
     return tuple(dict.fromkeys(ids))
 
@@ -465,7 +472,8 @@ def sanitize_test(test: dict) -> dict:
 def _require_int(obj: Any, what: str) -> int:
     value = obj.get("id") if isinstance(obj, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise MalformedResponseError(f"the API sent a {what} without a numeric id: {str(obj)[:120]!r}")
+        raise MalformedResponseError(f"the API sent a {what} without a numeric id: "
+                                     f"{str(obj)[:120]!r}")
     return value
 
 
@@ -520,7 +528,7 @@ def bug_row(bug: dict, product_id: int, synced_at: str) -> dict:
         "known": 1 if bug.get("known") else 0,
         "rejection_reason": rejection_reason(bug),
         "reported_at": to_utc(bug.get("reported_at")),
-        "tester": (bug.get("author") or {}).get("name") if isinstance(bug.get("author"), dict) else None,
+        "tester": bug["author"].get("name") if isinstance(bug.get("author"), dict) else None,
         "platform": os_name,
         "exported_at": to_utc(bug.get("exported_at")),
         "raw": bug.raw if isinstance(bug, ApiObject) else json.dumps(bug, separators=(",", ":"),
@@ -540,7 +548,7 @@ def section_ids(product: dict) -> list[int]:
     return []
 
 
-HEALTH_THRESHOLDS = {  # (warning, critical, direction): customers' own thresholds, see testio-api.md
+HEALTH_THRESHOLDS = {  # (warning, critical, direction): the customers' own (see testio-api.md)
     "rejection_rate": (0.20, 0.35, "above"),
     "auto_acceptance_rate": (0.20, 0.40, "above"),
     "active_acceptance_rate": (0.35, 0.20, "below"),
@@ -566,16 +574,19 @@ def rate_health(rates: dict[str, float | None]) -> dict[str, str]:
         if value is None:
             health[name] = "unknown"
         elif direction == "above":
-            health[name] = "critical" if value >= critical else "warning" if value >= warning else "healthy"
+            health[name] = ("critical" if value >= critical else "warning" if value >= warning
+                            else "healthy")
         else:
-            health[name] = "critical" if value <= critical else "warning" if value <= warning else "healthy"
+            health[name] = ("critical" if value <= critical else "warning" if value <= warning
+                            else "healthy")
     return health
 
 
 def day_bounds(start: date | None, end: date | None) -> tuple[str | None, str | None]:
     """Inclusive dates as [start, end+1day) UTC text bounds for end_at / reported_at filters."""
     lo = f"{start.isoformat()}T00:00:00Z" if start else None
-    hi = f"{(end + timedelta(days=1)).isoformat()}T00:00:00Z" if end and end < date.max else None  # max: no bound
+    bounded = end and end < date.max  # date.max: no bound
+    hi = f"{(end + timedelta(days=1)).isoformat()}T00:00:00Z" if bounded else None
     return lo, hi
 
 
@@ -597,9 +608,10 @@ def reads_around(start: int, end: int, bad: set[int], sizes: Sequence[int] = REC
         if offset in bad:
             offset += 1
             continue
-        page, size = max(((offset // size + 1, size) for size in sizes
-                          if not any(offset // size * size <= b < (offset // size + 1) * size for b in bad)),
-                         key=lambda read: read[0] * read[1])  # size 1 always qualifies
+        clean = [size for size in sizes  # size 1 always qualifies
+                 if not any(offset // size * size <= b < (offset // size + 1) * size for b in bad)]
+        page, size = max(((offset // size + 1, size) for size in clean),
+                         key=lambda read: read[0] * read[1])
         reads.append((page, size))
         offset = page * size
     return reads
@@ -4564,18 +4576,20 @@ def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
         host, port, token = args.host, args.port, runtime.settings.http_token
         remote = not _is_loopback(host)
         if remote and not args.allow_remote:
-            raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach it could read "
-                              f"your TestIO data; to serve a team add --allow-remote and set {ENV_HTTP_TOKEN}")
+            raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach "
+                              f"it could read your TestIO data; to serve a team add --allow-remote "
+                              f"and set {ENV_HTTP_TOKEN}")
         if remote and not token:
-            raise ConfigError(f"--host {host} is reachable from other machines and {ENV_HTTP_TOKEN} is not "
-                              f"set: set it to a random secret ({NEW_TOKEN_HINT}) and have clients send "
-                              f"Authorization: Bearer <that secret>")
+            raise ConfigError(f"--host {host} is reachable from other machines and "
+                              f"{ENV_HTTP_TOKEN} is not set: set it to a random secret "
+                              f"({NEW_TOKEN_HINT}) and have clients send Authorization: Bearer "
+                              f"<that secret>")
         server = build_server(runtime)
         _freeze_startup_objects()
         if remote:
-            log.warning("serving on %s:%s to other machines: every request needs the bearer token; "
-                        "plain HTTP carries it in clear, so off a trusted network put TLS (a reverse proxy) "
-                        "in front", host, port)
+            log.warning("serving on %s:%s to other machines: every request needs the bearer "
+                        "token; plain HTTP carries it in clear, so off a trusted network put TLS "
+                        "(a reverse proxy) in front", host, port)
         return asyncio.run(_serve_http(server, host, port, token))
     server = build_server(runtime, exit_on_sigterm=True)
     _freeze_startup_objects()
@@ -4591,7 +4605,8 @@ def _freeze_startup_objects() -> None:
 
 
 def _is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1; 0.0.0.0, :: and every name or other address are remote."""
+    """True for localhost, 127.0.0.0/8 and ::1; 0.0.0.0, :: and every other name or address are
+    remote."""
     if host.lower() == "localhost":
         return True
     try:
@@ -4601,9 +4616,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def _loopback_security(host: str) -> Any:
-    """Host/Origin (DNS-rebinding) checks for a loopback bind; None (no checks) off loopback, where the
-    bearer token guards instead and the names clients use are not known. The SDK turns the checks on
-    by itself only for 127.0.0.1, localhost and ::1, not for the rest of 127.0.0.0/8."""
+    """Host/Origin (DNS-rebinding) checks for a loopback bind; None (no checks) off loopback, where
+    the bearer token guards instead and the names clients use are not known. The SDK turns the
+    checks on by itself only for 127.0.0.1, localhost and ::1, not for the rest of 127.0.0.0/8."""
     from mcp.server.transport_security import TransportSecuritySettings
 
     if not _is_loopback(host):
@@ -4615,11 +4630,13 @@ def _loopback_security(host: str) -> Any:
 
 
 class _BearerTokenGate:
-    """ASGI: every HTTP request must carry `Authorization: Bearer <TESTIO_MCP_HTTP_TOKEN>`, else 401.
+    """ASGI: every HTTP request must carry `Authorization: Bearer <TESTIO_MCP_HTTP_TOKEN>`, else
+    401.
 
-    A plain check rather than the SDK's TokenVerifier + AuthSettings: those make the server an OAuth
-    resource server, which needs an authorization server's issuer URL that a shared team secret has
-    not, and clients that see OAuth advertised may start OAuth discovery instead of sending the header.
+    A plain check rather than the SDK's TokenVerifier + AuthSettings: those make the server an
+    OAuth resource server, which needs an authorization server's issuer URL that a shared team
+    secret has not, and clients that see OAuth advertised may start OAuth discovery instead of
+    sending the header.
     """
 
     def __init__(self, app: Any, token: str) -> None:
@@ -4629,7 +4646,7 @@ class _BearerTokenGate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
-        if scope["type"] != "http":  # a websocket: none is served, and closing unanswered refuses it
+        if scope["type"] != "http":  # a websocket: none is served; closing unanswered refuses it
             return None
         given = next((value for name, value in scope["headers"] if name == b"authorization"), None)
         scheme, _, credentials = (given or b"").partition(b" ")
@@ -4660,9 +4677,10 @@ async def _serve_http(server: Any, host: str, port: int, token: str | None) -> i
     # run_streamable_http_async, to put the bearer token gate in front of the app, turn the access
     # log off, log through our redacting handler, and say when it is listening.
     app = server.streamable_http_app(host=host, transport_security=_loopback_security(host))
-    if token:  # also on loopback: a set token is required, e.g. behind a reverse proxy on this machine
+    if token:  # on loopback too: a set token is required (e.g. behind a reverse proxy here)
         app = _BearerTokenGate(app, token)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=None, access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=None,
+                            access_log=False)
     web = uvicorn.Server(config)
     serving = asyncio.create_task(web.serve())
     while not web.started and not serving.done():
@@ -4705,7 +4723,8 @@ class _RedactFilter(logging.Filter):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """A handler that writes to whatever sys.stderr is now (main() may run more than once in a process)."""
+    """A handler that writes to whatever sys.stderr is now (main() may run several times in a
+    process)."""
 
     @property
     def stream(self) -> Any:  # type: ignore[override]
@@ -4722,7 +4741,7 @@ def setup_logging(level: str, *secrets: str | None) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RedactFilter(*secrets))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
-    for noisy in ("httpx", "httpcore", "mcp", "uvicorn"):  # NOTSET: a later DEBUG call in-process undoes it
+    for noisy in ("httpx", "httpcore", "mcp", "uvicorn"):  # NOTSET: a later DEBUG run undoes it
         logging.getLogger(noisy).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
 
 
@@ -4730,9 +4749,11 @@ def _common_options() -> argparse.ArgumentParser:
     # SUPPRESS defaults let the same flags stand before or after the subcommand
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--demo", action="store_true", default=argparse.SUPPRESS,
-                        help="use the built-in simulated TestIO account (no token, its own demo.db)")
+                        help="use the built-in simulated TestIO account (no token, its own "
+                             "demo.db)")
     common.add_argument("--env-file", metavar="PATH", default=argparse.SUPPRESS,
-                        help="read settings from this .env file (default: ~/.testio-mcp.env, then ./.env)")
+                        help="read settings from this .env file (default: ~/.testio-mcp.env, then "
+                             "./.env)")
     return common
 
 
@@ -4740,44 +4761,56 @@ def build_parser() -> argparse.ArgumentParser:
     """The testio-mcp command line."""
     common = _common_options()
     parser = _Parser(prog="testio-mcp", parents=[common],
-                     description="TestIO data for AI assistants: an MCP server over a local SQLite copy "
-                                 "of the TestIO Customer API. Without a command it runs the stdio server.")
+                     description="TestIO data for AI assistants: an MCP server over a local SQLite "
+                                 "copy of the TestIO Customer API. Without a command it runs the "
+                                 "stdio server.")
     parser.add_argument("--version", action="version", version=f"testio-mcp {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,sync,problematic}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,sync,problematic}",
+                                parser_class=_Parser)
 
     serve = sub.add_parser("serve", parents=[common], help="run the MCP server (stdio by default)",
-                           description="Run the MCP server; a background sync keeps the data fresh.")
+                           description="Run the MCP server; a background sync keeps the data "
+                                       "fresh.")
     serve.add_argument("--transport", choices=TRANSPORTS, default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
     serve.add_argument("--allow-remote", action="store_true",
-                       help=f"required to bind HTTP to a non-loopback address; needs {ENV_HTTP_TOKEN}")
+                       help=f"required to bind HTTP to a non-loopback address; needs "
+                            f"{ENV_HTTP_TOKEN}")
 
-    sync = sub.add_parser("sync", parents=[common], help="fetch TestIO data into the local database",
-                          description="Fetch products, features, tests and bugs into the local database.")
+    sync = sub.add_parser("sync", parents=[common],
+                          help="fetch TestIO data into the local database",
+                          description="Fetch products, features, tests and bugs into the local "
+                                      "database.")
     how = sync.add_mutually_exclusive_group()
     how.add_argument("--force", action="store_true", help="re-read every page of every product")
     how.add_argument("--refresh", action="store_true",
                      help="incremental, plus re-read every test that is not final, and its bugs")
-    how.add_argument("--nuke", action="store_true", help="delete the local data and sync from scratch")
-    how.add_argument("--status", action="store_true", help="show what the local database holds and exit")
+    how.add_argument("--nuke", action="store_true",
+                     help="delete the local data and sync from scratch")
+    how.add_argument("--status", action="store_true",
+                     help="show what the local database holds and exit")
     sync.add_argument("--yes", action="store_true", help="confirm --nuke without asking")
     sync.add_argument("--product-ids", metavar="1,2", help="only these products (default: all, or "
                                                           f"{ENV_PRODUCT_IDS})")
-    sync.add_argument("--since", metavar="YYYY-MM-DD", help="stop reading history at tests that ended "
-                                                            "before this date")
+    sync.add_argument("--since", metavar="YYYY-MM-DD",
+                      help="stop reading history at tests that ended before this date")
     sync.add_argument("--lock-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for another running sync (default 60)")
 
-    problematic = sub.add_parser("problematic", parents=[common], help="pages/tests the API cannot serve",
-                                 description="Positions the API answered with HTTP 500 even one by one.")
+    problematic = sub.add_parser("problematic", parents=[common],
+                                 help="pages/tests the API cannot serve",
+                                 description="Positions the API answered with HTTP 500 even one by "
+                                             "one.")
     psub = problematic.add_subparsers(dest="action", metavar="{list,map-tests,retry,clear}",
                                       parser_class=_Parser, required=True)
     psub.add_parser("list", parents=[common], help="show the recorded events")
-    mapping = psub.add_parser("map-tests", parents=[common], help="attach test ids found by hand to an event")
+    mapping = psub.add_parser("map-tests", parents=[common],
+                              help="attach test ids found by hand to an event")
     mapping.add_argument("event_id")
     mapping.add_argument("test_ids", nargs="+", type=_positive_int, metavar="TEST_ID")
-    retry = psub.add_parser("retry", parents=[common], help="fetch the mapped tests of a product by id")
+    retry = psub.add_parser("retry", parents=[common],
+                            help="fetch the mapped tests of a product by id")
     retry.add_argument("product_id", type=_positive_int)
     clear = psub.add_parser("clear", parents=[common], help="forget every recorded event")
     clear.add_argument("--yes", action="store_true", help="confirm without asking")
@@ -4839,26 +4872,26 @@ class _Progress:
 
 
 def _print_summary(result: SyncResult) -> None:
-    rows = [[p.product_id, p.name[:40], p.new_tests, p.updated_tests, p.deleted_tests, p.bugs, p.features,
-             p.pages, p.problems, p.status] for p in result.products]
+    rows = [[p.product_id, p.name[:40], p.new_tests, p.updated_tests, p.deleted_tests, p.bugs,
+             p.features, p.pages, p.problems, p.status] for p in result.products]
     rows.append(["", "total", result.total("new_tests"), result.total("updated_tests"),
                  result.total("deleted_tests"), result.total("bugs"), result.total("features"),
                  result.total("pages"), result.total("problems"), result.status])
     print(_table(rows, ["product", "name", "new", "updated", "deleted", "bugs", "features", "pages",
                         "problems", "status"]), file=sys.stderr)
-    print(f"{result.mode} sync {result.status} in {result.seconds:.1f}s with {result.api_requests} API "
-          f"requests (run {result.run_id})", file=sys.stderr)
+    print(f"{result.mode} sync {result.status} in {result.seconds:.1f}s with "
+          f"{result.api_requests} API requests (run {result.run_id})", file=sys.stderr)
 
 
 def cmd_sync(args: argparse.Namespace, runtime: Runtime) -> int:
     """`testio-mcp sync`: fetch data (or --status: show what is stored)."""
     if args.status:
         return asyncio.run(_status(runtime))
-    mode = "force" if args.force else "refresh" if args.refresh else "nuke" if args.nuke else "incremental"
+    mode = next((mode for mode in SYNC_MODES if getattr(args, mode, False)), "incremental")
     product_ids = parse_id_list(args.product_ids, "--product-ids")
     since = parse_date(args.since, "--since") if args.since else None
-    if mode == "nuke" and not _confirm(f"Delete all local TestIO data in {runtime.settings.db_path}?",
-                                       args.yes):
+    question = f"Delete all local TestIO data in {runtime.settings.db_path}?"
+    if mode == "nuke" and not _confirm(question, args.yes):
         print("nothing deleted", file=sys.stderr)
         return 1
     return asyncio.run(_sync(runtime, mode, product_ids, since, args.lock_timeout))
@@ -4869,8 +4902,9 @@ async def _sync(runtime: Runtime, mode: str, product_ids: Sequence[int], since: 
     client = runtime.client()
     db = await runtime.database()
     try:
-        result = await run_locked_sync(runtime, db, client, mode, trigger="cli", product_ids=product_ids,
-                                       since=since, lock_timeout=lock_timeout, on_progress=_Progress())
+        result = await run_locked_sync(runtime, db, client, mode, trigger="cli",
+                                       product_ids=product_ids, since=since,
+                                       lock_timeout=lock_timeout, on_progress=_Progress())
     finally:
         await client.aclose()
         await db.aclose()
@@ -4892,8 +4926,9 @@ def _no_local_data(runtime: Runtime, stream: Any = None) -> bool:
     if path.exists():
         return False
     demo = " --demo" if runtime.settings.demo else ""
-    print(f"no local data yet: {path} does not exist; fetch it with `testio-mcp{demo} sync`"
-          + ("" if runtime.settings.token else f" once {ENV_TOKEN} is set (or try `testio-mcp --demo sync`)"),
+    once = ("" if runtime.settings.token
+            else f" once {ENV_TOKEN} is set (or try `testio-mcp --demo sync`)")
+    print(f"no local data yet: {path} does not exist; fetch it with `testio-mcp{demo} sync`{once}",
           file=stream or sys.stdout)
     return True
 
@@ -4906,30 +4941,32 @@ async def _status(runtime: Runtime) -> int:
         status = await db.read(db_status)
     finally:
         await db.aclose()
-    counts = status["counts"]
-    print(f"database   {runtime.settings.db_path} ({_file_size(runtime.settings.db_path) / 2**20:.1f} MiB)")
+    counts, path = status["counts"], runtime.settings.db_path
+    print(f"database   {path} ({_file_size(path) / 2**20:.1f} MiB)")
     print("contents   " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     print(f"tests end  {status['oldest_test_end'] or '-'} .. {status['newest_test_end'] or '-'}")
     print(f"last good  {status['last_successful_sync'] or 'never'}")
     if status["products"]:
         print()
-        print(_table([[p["id"], p["name"], p["type"], p["tests"], p["bugs"], p["last_synced_at"] or "never",
-                       "resume at page %s" % p["walk_next_page"] if p["walk_next_page"] else p["last_status"]]
-                      for p in status["products"]],
+        print(_table([[p["id"], p["name"], p["type"], p["tests"], p["bugs"],
+                       p["last_synced_at"] or "never",
+                       f"resume at page {p['walk_next_page']}" if p["walk_next_page"]
+                       else p["last_status"]] for p in status["products"]],
                      ["product", "name", "type", "tests", "bugs", "last synced", "state"]))
     if status["runs"]:
         print()
-        print(_table([[r["id"], r["mode"], r["trigger"], r["started_at"], r["status"], r["new_tests"],
-                       r["updated_tests"], r["bugs"], r["api_requests"], (r["error"] or "")[:60]]
-                      for r in status["runs"]],
-                     ["run", "mode", "trigger", "started", "status", "new", "updated", "bugs", "requests",
-                      "error"]))
+        print(_table([[r["id"], r["mode"], r["trigger"], r["started_at"], r["status"],
+                       r["new_tests"], r["updated_tests"], r["bugs"], r["api_requests"],
+                       (r["error"] or "")[:60]] for r in status["runs"]],
+                     ["run", "mode", "trigger", "started", "status", "new", "updated", "bugs",
+                      "requests", "error"]))
     return 0
 
 
 def cmd_problematic(args: argparse.Namespace, runtime: Runtime) -> int:
     """`testio-mcp problematic ...`: the positions the API cannot serve."""
-    if args.action == "clear" and not _confirm("Forget every recorded problematic event?", args.yes):
+    question = "Forget every recorded problematic event?"
+    if args.action == "clear" and not _confirm(question, args.yes):
         print("nothing cleared", file=sys.stderr)
         return 1
     return asyncio.run(_problematic(args, runtime))
@@ -4946,12 +4983,14 @@ async def _problematic(args: argparse.Namespace, runtime: Runtime) -> int:
             if not events:
                 print("no problematic events recorded")
             else:
-                print(_table([[e["event_id"], e["product_id"], e["page"], f"{e['offset_start']}-{e['offset_end']}",
-                               f"{e['before_id']} ({e['before_end_at']})", f"{e['after_id']} ({e['after_end_at']})",
-                               e["attempts"], e["last_seen_at"], ",".join(map(str, e["mapped_test_ids"])) or "-"]
+                print(_table([[e["event_id"], e["product_id"], e["page"],
+                               f"{e['offset_start']}-{e['offset_end']}",
+                               f"{e['before_id']} ({e['before_end_at']})",
+                               f"{e['after_id']} ({e['after_end_at']})", e["attempts"],
+                               e["last_seen_at"], ",".join(map(str, e["mapped_test_ids"])) or "-"]
                               for e in events],
-                             ["event", "product", "page", "offsets", "test before", "test after", "attempts",
-                              "last seen", "mapped tests"]))
+                             ["event", "product", "page", "offsets", "test before", "test after",
+                              "attempts", "last seen", "mapped tests"]))
         elif args.action == "map-tests":
             n = await db.write(map_problem_tests, args.event_id, args.test_ids)
             print(f"mapped {n} test(s) to event {args.event_id}; fetch them with "
@@ -4969,7 +5008,8 @@ async def _retry_mapped(db: Database, runtime: Runtime, product_id: int) -> int:
     rechecked = await db.write(recheck_problems, product_id)
     ids = await db.read(mapped_tests, product_id)
     if not ids:
-        again = f"; the next sync re-reads its {rechecked} unreadable position(s) in full" if rechecked else ""
+        again = (f"; the next sync re-reads its {rechecked} unreadable position(s) in full"
+                 if rechecked else "")
         print(f"no tests are mapped for product {product_id}; map them first with "
               f"`testio-mcp problematic map-tests EVENT_ID TEST_ID...`{again}", file=sys.stderr)
         return 1
@@ -4985,7 +5025,8 @@ async def _retry_mapped(db: Database, runtime: Runtime, product_id: int) -> int:
         await db.write(unmap_tests, stored)
     finally:
         await client.aclose()
-    print(f"stored {len(stored)} test(s) with their bugs" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"stored {len(stored)} test(s) with their bugs"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -4996,14 +5037,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Runtime], int]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *,
+         transport: httpx.AsyncBaseTransport | None = None) -> int:
     """Run the CLI; returns the exit code. `transport` replaces the network (tests, embedding)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
     try:
-        settings = Settings.from_env(env_file=getattr(args, "env_file", None), demo=getattr(args, "demo", False))
+        settings = Settings.from_env(env_file=getattr(args, "env_file", None),
+                                     demo=getattr(args, "demo", False))
     except ConfigError as exc:
         print(f"testio-mcp: {exc}", file=sys.stderr)
         return 2
@@ -5015,7 +5058,7 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.AsyncBaseTranspo
     try:
         try:
             return command(args, runtime)
-        except CacheRebuiltError:  # the damaged cache file was replaced (and said so): run on the fresh one
+        except CacheRebuiltError:  # the damaged cache file was replaced (and said so): run again
             return command(args, runtime)
     except (TestioError, sqlite3.Error, OSError) as exc:
         print(f"testio-mcp: {exc}", file=sys.stderr)
