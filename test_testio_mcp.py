@@ -717,8 +717,8 @@ def test_the_cli_commands_but_serve_never_import_the_mcp_sdk_or_pydantic(env, lo
               "print(codes, sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2:])))")
     heavy = ("mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "uvicorn")  # (httpx needs anyio)
     proc = subprocess.run([sys.executable, "-c", script, str(HERE), *heavy], capture_output=True, text=True,
-                          env={**os.environ, "TESTIO_CUSTOMER_API_BASE_URL": api.base_url, "LOG_LEVEL": "WARNING"},
-                          stdin=subprocess.DEVNULL, timeout=WAIT)
+                          stdin=subprocess.DEVNULL, timeout=WAIT,
+                          env={**os.environ, "TESTIO_CUSTOMER_API_BASE_URL": api.base_url, "LOG_LEVEL": "WARNING"})
     assert proc.stdout.splitlines()[-1] == "[0, 0, 0] []", proc.stdout + proc.stderr
 
 
@@ -2550,12 +2550,19 @@ async def test_every_registered_tool_is_listed_in_order_with_its_docstring_title
         assert tool.title == spec.title and f"`{tool.name}`" in readme, tool.name
         assert (tool.annotations.read_only_hint, tool.annotations.idempotent_hint,
                 tool.annotations.open_world_hint) == (spec.read_only, spec.read_only, spec.open_world)
-        assert list(inspect.signature(spec.fn).parameters)[0] == "state", tool.name
+        parameters = inspect.signature(spec.fn).parameters
+        assert list(parameters)[0] == "state", tool.name
+        for name, parameter in parameters.items():  # a list argument also takes "a,b" (_accepted says so)
+            meta = getattr(parameter.annotation, "__metadata__", ())
+            base = parameter.annotation.__origin__ if meta else parameter.annotation
+            if list in (getattr(base, "__origin__", None), *(getattr(a, "__origin__", None)
+                                                              for a in getattr(base, "__args__", ()))):
+                assert [m.commas for m in meta if isinstance(m, tm.Arg)] == [True], f"{tool.name}.{name}"
 
 
 VOCABULARIES = ("TEST_STATUSES", "TESTING_TYPES", "BUG_STATUSES", "SEVERITIES", "BUG_TYPES", "REASONS",
-                "PRODUCT_TYPES", "SEARCH_ENTITIES", "SYNC_MODES", "TOOL_SYNC_MODES", "SORT_ORDERS", "TRANSPORTS",
-                "METRICS", "METRIC_DIMENSIONS", "METRIC_FILTERS", "TEST_SORTS")
+                "PRODUCT_TYPES", "SEARCH_ENTITIES", "SYNC_MODES", "TOOL_SYNC_MODES", "SORT_ORDERS",
+                "TRANSPORTS", "METRICS", "METRIC_DIMENSIONS", "METRIC_FILTERS", "TEST_SORTS")
 
 
 def _enums(schema):
@@ -2586,7 +2593,8 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
         assert [w.strip(" '") for w in check.split(",")] in words.values(), check
     for subset in (tm.FINAL_STATUSES, tm.PRE_RUN_STATUSES, tm.EXECUTED_STATUSES):
         assert set(subset) <= set(tm.TEST_STATUSES)
-    assert set(tm.TOOL_SYNC_MODES) <= set(tm.SYNC_MODES) and set(tm.BUG_STATUS_ALIASES.values()) <= set(tm.BUG_STATUSES)
+    assert set(tm.TOOL_SYNC_MODES) <= set(tm.SYNC_MODES)
+    assert set(tm.BUG_STATUS_ALIASES.values()) <= set(tm.BUG_STATUSES)
     # the pure helpers map the API's words into the vocabularies, and the data a sync stored holds no other
     assert {tm.bug_type(severity) for severity in tm.SEVERITIES} == set(tm.BUG_TYPES)
     assert {tm.bug_status({"status": s, "auto_accepted": auto}) for s in ("forwarded", "accepted", "rejected")
@@ -2597,7 +2605,8 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
     stored = {key: {row[0] for row in db_rows(db, "SELECT DISTINCT {1} FROM {0} WHERE {1} IS NOT NULL".format(
         *key.split(".")))} for key in columns}
     assert all(stored.values())
-    assert {key: values - set(columns[key]) for key, values in stored.items()} == {key: set() for key in columns}
+    assert {key: values - set(columns[key]) for key, values in stored.items()} == {key: set()
+                                                                                   for key in columns}
 
 
 @pytest.mark.anyio
@@ -3360,7 +3369,8 @@ BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
     ("list_bugs", {"test_ids": [T], "product_ids": [P]}, ["exactly one of test_ids or product_ids",
                                                           f"test_ids=[{T}]", f"product_ids=[{P}]"]),
     ("list_bugs", {"test_ids": "1,x"}, ["test_ids: 'x' is not accepted", "whole number from 1", '"1,2"']),
-    ("list_bugs", {"test_ids": "99999999999999999999"}, ["test_ids: '99999999999999999999'", "to 9223372036854775807"]),
+    ("list_bugs", {"test_ids": "99999999999999999999"}, ["test_ids: '99999999999999999999'",
+                                                         "to 9223372036854775807"]),
     ("list_bugs", {"test_ids": [0]}, ["test_ids: 0", "a JSON list (each a whole number from 1", '"1,2"']),
     ("list_bugs", {"test_ids": [99]}, ["test 99 is not in the local data", "get_test_status"]),
     ("list_bugs", {"product_ids": "99"}, ["product 99 is not in the local data", "list_products"]),
