@@ -746,7 +746,7 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True):
 DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
-def is_damage(exc: BaseException) -> bool:
+def _is_damage(exc: BaseException) -> bool:
     """A SQLite error that means the file itself is damaged ("file is not a database", "database disk
     image is malformed"). "database is locked", a full disk or an I/O error are not: the file is sound."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -756,7 +756,7 @@ def is_damage(exc: BaseException) -> bool:
 SALVAGED_TABLES = ("problematic_events", "problematic_tests")  # the only data typed in by a person
 
 
-def salvage(path: Path) -> dict[str, list[dict]]:
+def _salvage(path: Path) -> dict[str, list[dict]]:
     """The rows of SALVAGED_TABLES still readable in a damaged file (none when unreadable)."""
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -772,7 +772,7 @@ def salvage(path: Path) -> dict[str, list[dict]]:
         conn.close()
 
 
-def restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
+def _restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
     """Put salvaged rows into a fresh database (the columns both schemas have)."""
     for table, rows in salvaged.items():
         columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if rows and r[1] in rows[0]]
@@ -913,7 +913,7 @@ class Database:
         with self._lock:
             if generation != self.generation:
                 return
-            salvaged = salvage(self.path)
+            salvaged = _salvage(self.path)
             stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
             aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
             for n in itertools.count(2):
@@ -929,7 +929,7 @@ class Database:
                 try:
                     migrate(conn)
                     with transaction(conn):
-                        restore(conn, salvaged)
+                        _restore(conn, salvaged)
                 finally:
                     conn.close()
             except (OSError, sqlite3.Error) as exc:
@@ -947,7 +947,7 @@ class Database:
         try:
             return migrate(self._conn())
         except sqlite3.DatabaseError as exc:
-            if not is_damage(exc):
+            if not _is_damage(exc):
                 raise
             self._replace(self.generation, exc)
         return migrate(self._conn())
@@ -972,7 +972,7 @@ class Database:
                 with transaction(conn, immediate):
                     return fn(conn, *args)
             except sqlite3.DatabaseError as exc:
-                if not is_damage(exc):
+                if not _is_damage(exc):
                     raise
                 self._replace(generation, exc)
                 raise CacheRebuiltError(self.healed.note() if self.healed else str(exc)) from None
@@ -1140,9 +1140,9 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
             "INSERT OR REPLACE INTO test_features (test_id, test_feature_id, feature_id, title) "
             "VALUES (:test_id, :test_feature_id, :feature_id, :title)",
             [fr for r in changed for fr in test_feature_rows(by_id[r["id"]])])
-        reindex(conn, 3, FTS_TESTS_SELECT, changed_ids)
+        _reindex(conn, 3, FTS_TESTS_SELECT, changed_ids)
     if checkpoint is not None:
-        set_checkpoint(conn, product_id, *checkpoint)
+        _set_checkpoint(conn, product_id, *checkpoint)
     due = [row[0] for row in conn.execute(
         f"SELECT id FROM tests WHERE id IN ({_placeholders(len(ids))}) AND bugs_synced_at IS NULL",
         ids)] if ids else []
@@ -1150,7 +1150,7 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
     return PageWrite(new=new, updated=len(changed) - new, bugs_due=due)
 
 
-def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int],
+def _reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int],
             pause: Callable[[], None] = _no_pause) -> None:
     """Replace the search_fts rows of these tests (code 3) or bugs (code 4), two statements per
     chunk of ids with pause() before each."""
@@ -1162,7 +1162,7 @@ def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[
         conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})", chunk)
 
 
-def set_checkpoint(conn: sqlite3.Connection, product_id: int, mode: str, next_page: int,
+def _set_checkpoint(conn: sqlite3.Connection, product_id: int, mode: str, next_page: int,
                    per_page: int) -> None:
     """Record how far an unfinished walk of a product got."""
     conn.execute(
@@ -1226,7 +1226,7 @@ def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
             "bug_ids": [r["id"] for r in rows if r["status"] not in PRE_RUN_STATUSES]}
 
 
-def test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int, int]:
+def _test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int, int]:
     """test id -> product id for the given tests that are stored."""
     ids = list(test_ids)
     return dict(conn.execute(f"SELECT id, product_id FROM tests WHERE id IN ({_placeholders(len(ids))})",
@@ -1237,7 +1237,7 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
                  synced_at: str, pause: Callable[[], None] = _no_pause) -> int:
     """Store the complete bug list of these tests (dropping bugs they no longer have), pause() called
     every PAUSE_EVERY bugs (ToolsFirst); returns count."""
-    owners = test_product(conn, test_ids)
+    owners = _test_product(conn, test_ids)
     rows = []
     for start in range(0, len(bugs), PAUSE_EVERY):
         pause()
@@ -1249,7 +1249,7 @@ def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[d
     for start in range(0, len(rows), PAUSE_EVERY):
         pause()
         conn.executemany(UPSERT_BUG_SQL, rows[start:start + PAUSE_EVERY])
-    reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]], pause)
+    _reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]], pause)
     gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
     conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) AND {gone}", (*ids, *args))
     conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({_placeholders(len(ids))})",
@@ -1383,7 +1383,7 @@ def clear_problems(conn: sqlite3.Connection) -> int:
     return conn.execute("DELETE FROM problematic_events").rowcount
 
 
-def wipe(conn: sqlite3.Connection) -> None:
+def _wipe(conn: sqlite3.Connection) -> None:
     """Delete all synced data (the run history stays)."""
     for table in ("bugs", "test_features", "tests", "features", "products", "product_sync",
                   "problematic_tests", "problematic_events", "counts"):
@@ -1391,8 +1391,8 @@ def wipe(conn: sqlite3.Connection) -> None:
 
 
 def wipe_and_store_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
-    """wipe() and upsert_products() in the caller's one transaction (--nuke)."""
-    wipe(conn)
+    """_wipe() and upsert_products() in the caller's one transaction (--nuke)."""
+    _wipe(conn)
     return upsert_products(conn, products, synced_at)
 
 
@@ -1546,7 +1546,7 @@ class JsonList(list):
         self.json = text
 
 
-def bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence[Any],
+def _bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence[Any],
                key: str = "NULL") -> dict[Any, list[tuple]]:
     """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one pass
     over a covering index, bugs_test_facets by test or bugs_product_status by product (one query per
@@ -1559,8 +1559,8 @@ def bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence
     return out
 
 
-def bug_summary(facets: Iterable[tuple]) -> dict:
-    """Totals, breakdowns, the five rates with health, and rejection reasons of bug_facets() rows."""
+def _bug_summary(facets: Iterable[tuple]) -> dict:
+    """Totals, breakdowns, the five rates with health, and rejection reasons of _bug_facets() rows."""
     by_status, by_severity, by_type, reasons = (collections.Counter() for _ in range(4))
     known = 0
     for status, severity, bug_type, is_known, reason, n in facets:
@@ -1620,7 +1620,7 @@ def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
     recent = [dict(r) for r in conn.execute(
         "SELECT id, title, severity, bug_type, status, known, reported_at, tester FROM bugs "
         "WHERE test_id = ? ORDER BY reported_at DESC, id DESC LIMIT 10", (test_id,))]
-    summary = bug_summary(bug_facets(conn, "bugs b", "b.test_id = ?", [test_id])[None])
+    summary = _bug_summary(_bug_facets(conn, "bugs b", "b.test_id = ?", [test_id])[None])
     return {"test": test, "bug_summary": summary, "recent_bugs": recent}
 
 
@@ -1675,10 +1675,10 @@ def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, deta
         f"SELECT {'b.*' if details else BUG_LIST_COLUMNS}, t.title AS test_title FROM bugs b "
         f"JOIN tests t ON t.id = b.test_id WHERE b.id IN (SELECT b.id FROM bugs b WHERE {clause} "
         f"ORDER BY {BUG_SORT} LIMIT ? OFFSET ?) ORDER BY {BUG_SORT}", [*args, per_page, (page - 1) * per_page])
-    return {"total": total, "bugs": [shape_bug(r, details) for r in rows]}
+    return {"total": total, "bugs": [_shape_bug(r, details) for r in rows]}
 
 
-def shape_bug(row: sqlite3.Row, details: bool) -> dict:
+def _shape_bug(row: sqlite3.Row, details: bool) -> dict:
     """A bug row as a tool returns it; `details` adds steps, results, devices and comments."""
     bug = {"id": row["id"], "title": row["title"], "test": {"id": row["test_id"], "title": row["test_title"]},
            "product_id": row["product_id"], "feature_id": row["feature_id"], "status": row["status"],
@@ -1712,7 +1712,7 @@ def query_bug(conn: sqlite3.Connection, bug_id: int) -> dict | None:
     """Everything stored about one bug; None if not stored."""
     row = conn.execute("SELECT b.*, t.title AS test_title FROM bugs b JOIN tests t ON t.id = b.test_id "
                        "WHERE b.id = ?", (bug_id,)).fetchone()
-    return shape_bug(row, True) if row else None
+    return _shape_bug(row, True) if row else None
 
 
 def query_features(conn: sqlite3.Connection, product_id: int, search: str | None) -> dict:
@@ -1744,7 +1744,7 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
     # the bugs of these products in the order of bugs_product_status, each kept if its test is in scope (a
     # probe of the tests in scope, once collected): no sort, no seek of a test per bug
     products, product_args = _in("b.product_id", product_ids)
-    facets = bug_facets(conn, "bugs b", f"{products} AND b.test_id IN (SELECT t.id FROM tests t WHERE {where})",
+    facets = _bug_facets(conn, "bugs b", f"{products} AND b.test_id IN (SELECT t.id FROM tests t WHERE {where})",
                         [*product_args, *args], key="b.product_id")
 
     def tests_by(column: str) -> dict[str, int]:
@@ -1754,12 +1754,12 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
     by_status = tests_by("status")
     report = {"tests": {"total": sum(by_status.values()), "by_status": by_status,
                         "by_testing_type": tests_by("testing_type")},
-              "bugs": bug_summary(f for rows in facets.values() for f in rows)}
+              "bugs": _bug_summary(f for rows in facets.values() for f in rows)}
     if len(product_ids) > 1:
         report["per_product"] = []
         tests = dict(conn.execute(f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1", args))
         for pid in product_ids:
-            summary = bug_summary(facets.get(pid, []))
+            summary = _bug_summary(facets.get(pid, []))
             report["per_product"].append({"product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
                                           "bugs": summary["total"], "by_status": summary["by_status"],
                                           "rates": summary["rates"], "health": summary["health"]})
