@@ -2372,6 +2372,74 @@ class SyncResult:
 ProgressFn = Callable[[ProductResult, str], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where an unfinished walk stopped: the first page it had not stored (at `per_page` tests a
+    page), whether it was a full walk, and the ids of the tests stored before it began."""
+
+    next_page: int
+    per_page: int
+    full: bool
+    known: set[int]
+
+    def resume_page(self) -> int:
+        """The page (of PAGE_SIZE tests) to go on from: the one before the page holding the next
+        position, as one page of overlap absorbs the tests that moved down meanwhile."""
+        return max(1, (self.next_page - 1) * self.per_page // PAGE_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class WalkStep:
+    """What a walk does after a page: read `page` next ("next", or "resume" an interrupted walk
+    from its checkpoint), or stop: "end" (the list ended: all of it was read) or "stop"."""
+
+    action: str
+    page: int | None = None
+
+
+class WalkRule:
+    """The stop/resume rule of a walk over a product's tests, newest first, PAGE_SIZE a page. Pure:
+    SyncEngine._walk reads and stores each page, then asks `after()` where to go.
+
+    A page shorter than PAGE_SIZE is the last. A full walk reads to the end. An incremental one stops
+    SAFETY_PAGES past the first page holding a `known` test, and reads at least `min_pages`. Where an
+    interrupted walk left a `checkpoint`, that walk then goes on from it in its own mode: a full one
+    to the end, an incremental one until the tests known before it began (the pages it stored hold
+    tests that only look known). With `since`, the walk stops after the first page whose tests all
+    ended before that day."""
+
+    def __init__(self, full: bool, known: set[int], *, checkpoint: Checkpoint | None = None,
+                 min_pages: int = 0, since: date | None = None) -> None:
+        self.full = full
+        self.known = known
+        self.checkpoint = checkpoint
+        self.min_pages = min_pages
+        self.since = iso(datetime.combine(since, datetime.min.time(), timezone.utc)) if since else None
+        self.boundary: int | None = None  # the first page that held a known test
+
+    @property
+    def mode(self) -> str:
+        """The walk mode a checkpoint written now records: "full" or "incremental"."""
+        return "full" if self.full else "incremental"
+
+    def after(self, page: int, tests: Sequence[dict], last: bool) -> WalkStep:
+        """The step after `page`, which held `tests` and was the `last` page of the list."""
+        if last:
+            return WalkStep("end")
+        if self.since and tests and all((to_utc(t.get("end_at")) or "") < self.since for t in tests):
+            return WalkStep("stop")
+        if not self.full:
+            if self.boundary is None and any(t["id"] in self.known for t in tests):
+                self.boundary = page
+            if self.boundary is not None and page >= max(self.boundary + SAFETY_PAGES, self.min_pages):
+                if self.checkpoint is None:
+                    return WalkStep("stop")
+                resumed, self.checkpoint, self.boundary = self.checkpoint, None, None
+                self.full, self.known = resumed.full, resumed.known
+                return WalkStep("resume", max(page + 1, resumed.resume_page()))
+        return WalkStep("next", page + 1)
+
+
 class SyncEngine:
     """Runs syncs: products concurrently, pages and bug batches bounded by the client's semaphore."""
 
@@ -2503,8 +2571,9 @@ class SyncEngine:
             plan = await self.db.read(refresh_plan, pid) if mode == "refresh" else None
             # --refresh reads the top pages when they hold every non-final test for fewer requests
             depth = plan["pages"] if plan and plan["pages"] < len(plan["ids"]) else 0
-            seen, complete = await self._walk(product, result, bugs, full=full, known=known, since=since,
-                                              resume=await self._resume_point(pid, state), min_pages=depth)
+            rule = WalkRule(full, known, checkpoint=await self._checkpoint(pid, state), min_pages=depth,
+                            since=since)
+            seen, complete = await self._walk(product, result, bugs, rule)
             if mode in ("force", "nuke") and result.problems == 0 and complete:
                 await self._verify_unseen(product, result, bugs, known - seen)
             if plan:
@@ -2530,33 +2599,26 @@ class SyncEngine:
         features = await self.client.get_features(product)
         result.features = await self.db.write(replace_features, product["id"], features, iso(utc_now()))
 
-    async def _resume_point(self, pid: int, state: dict) -> tuple[int, bool, set[int]] | None:
-        """Where an interrupted walk stopped: (its next page, was it full, tests known before it began)."""
+    async def _checkpoint(self, pid: int, state: dict) -> Checkpoint | None:
+        """Where an interrupted walk of the product stopped (None when its last walk ended)."""
         if not state.get("walk_next_page"):
             return None
         before = await self.db.read(known_test_ids, pid, state.get("walk_started_at"))
-        return state["walk_next_page"], state.get("walk_mode") == "full", before
+        return Checkpoint(state["walk_next_page"], state.get("walk_per_page") or PAGE_SIZE,
+                          state.get("walk_mode") == "full", before)
 
-    async def _walk(self, product: dict, result: ProductResult, bugs: "_BugFetcher", *, full: bool,
-                    known: set[int], since: date | None, resume: tuple[int, bool, set[int]] | None,
-                    min_pages: int = 0) -> tuple[set[int], bool]:
-        """Read pages newest-first, storing each with its checkpoint.
-
-        Incremental: stop after the first page holding a known test plus SAFETY_PAGES. An interrupted
-        walk is then continued from its checkpoint (one page of overlap absorbs drift): a full one to
-        the end, an incremental one until the tests known before it began (the pages it stored hold
-        tests that only look known). Reads at least `min_pages`. Returns the ids seen and whether the
-        walk read the whole list."""
+    async def _walk(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
+                    rule: WalkRule) -> tuple[set[int], bool]:
+        """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
+        ids seen and whether the walk read the whole list."""
         pid = product["id"]
-        mode = "full" if full else "incremental"
-        since_text = iso(datetime.combine(since, datetime.min.time(), timezone.utc)) if since else None
         seen: set[int] = set()
-        page, boundary, complete, last_test = 1, None, True, None
+        page, last_test = 1, None
         while True:
             tests, short = await self._read_page(pid, page, result, last_test)
             seen.update(t["id"] for t in tests)
-            write = await self.db.write(store_tests, pid, tests, iso(utc_now()), (mode, page + 1, PAGE_SIZE),
-                                        self.db.tools_first.pause)
+            write = await self.db.write(store_tests, pid, tests, iso(utc_now()),
+                                        (rule.mode, page + 1, PAGE_SIZE), self.db.tools_first.pause)
             result.pages += 1
             result.new_tests += write.new
             result.updated_tests += write.updated
@@ -2564,23 +2626,10 @@ class SyncEngine:
             self.on_progress(result, "tests")
             if tests:
                 last_test = tests[-1]
-            if short:
-                break
-            if since_text and tests and all((to_utc(t.get("end_at")) or "") < since_text for t in tests):
-                complete = False
-                break
-            if not full:
-                if boundary is None and any(t["id"] in known for t in tests):
-                    boundary = page
-                if boundary is not None and page >= max(boundary + SAFETY_PAGES, min_pages):
-                    if resume:
-                        page, full, known = max(page + 1, resume[0] - 1), resume[1], resume[2]
-                        mode, boundary, resume = "full" if full else "incremental", None, None
-                        continue
-                    complete = False
-                    break
-            page += 1
-        return seen, complete
+            step = rule.after(page, tests, short)
+            if step.page is None:
+                return seen, step.action == "end"
+            page = step.page
 
     async def _read_page(self, pid: int, page: int, result: ProductResult,
                          before: dict | None) -> tuple[list[dict], bool]:
