@@ -2232,10 +2232,6 @@ class TestioClient:
         return await self._request("bugs", {"filter_test_cycle_ids": ",".join(map(str, test_ids))},
                                    retries=retries, undecoded=True)
 
-    async def get_bugs(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> list[dict]:
-        """All bugs of a few tests, decoded on the calling thread."""
-        return self.decode_bugs(await self.get_bug_answer(test_ids, retries))
-
     def decode_bugs(self, content: bytes, pause: Callable[[], None] | None = None) -> list[dict]:
         """The bugs of a GET bugs answer as ApiObject (keeping their JSON text), pause() called as
         loads_keeping_raw() does; MalformedResponseError. Thread-safe: it only counts a malformed
@@ -2440,6 +2436,102 @@ class WalkRule:
         return WalkStep("next", page + 1)
 
 
+async def fetch_test(db: Database, client: TestioClient, test_id: int, *, product_id: int | None = None,
+                     queue_bugs: Callable[[Iterable[int]], None] | None = None) -> PageWrite:
+    """Read one test from the API into the store (read-through) and return what storing it changed;
+    NotFoundError when the API no longer shows it. For a tool (no `product_id`) the test's own
+    product is stored too, as it may be new here, and its bugs are read at once. The sync gives the
+    product it syncs (kept unless the test names another) and `queue_bugs`, which takes the test
+    when its bugs are due."""
+    test = await client.get_test(test_id)
+    named = test.get("product") if isinstance(test.get("product"), dict) else None
+    now = iso(utc_now())
+    if product_id is None:
+        if named is None or not isinstance(named.get("id"), int):
+            raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no product")
+        await db.write(upsert_products, [named], now)
+    write = await db.write(store_tests, named.get("id", product_id) if named else product_id, [test], now)
+    if queue_bugs is not None:
+        queue_bugs(write.bugs_due)
+    else:
+        answer = await client.get_bug_answer([test_id])
+        await db.run(store_bug_answer, client.decode_bugs, [test_id], answer, iso(utc_now()))
+    return write
+
+
+class _BugFetcher:
+    """Fetches and stores the bugs of tests as their ids arrive, BUG_BATCH_TESTS a request, splitting
+    a batch that fails (524, 5xx) down to single tests. It adds the bugs it stores to `result.bugs`
+    and calls progress() after each batch; it counts the batches it split (`splits`) and the tests
+    whose bugs it could not fetch (`failed`). `slots` bounds the batches requested and not yet
+    stored, across the products of a sync."""
+
+    def __init__(self, client: TestioClient, db: Database, slots: asyncio.Semaphore,
+                 result: ProductResult, progress: Callable[[], None]) -> None:
+        self.client = client
+        self.db = db
+        self.slots = slots
+        self.result = result
+        self.progress = progress
+        self.pending: list[int] = []
+        self.queued: set[int] = set()
+        self.tasks: list[asyncio.Task] = []
+        self.splits = 0
+        self.failed = 0
+
+    def add(self, test_ids: Iterable[int]) -> None:
+        """Queue tests (once each per sync); full batches start at once."""
+        for test_id in test_ids:
+            if test_id not in self.queued:
+                self.queued.add(test_id)
+                self.pending.append(test_id)
+        while len(self.pending) >= BUG_BATCH_TESTS:
+            self._start(self.pending[:BUG_BATCH_TESTS])
+            del self.pending[:BUG_BATCH_TESTS]
+
+    def _start(self, batch: list[int]) -> None:
+        task = asyncio.create_task(self._fetch(batch))
+        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no traceback
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.tasks.append(task)
+
+    async def finish(self) -> None:
+        """Start the last partial batch and wait for all of them."""
+        if self.pending:
+            self._start(self.pending)
+            self.pending = []
+        await asyncio.gather(*self.tasks)
+
+    def cancel(self) -> None:
+        """Stop the batches still in flight."""
+        for task in self.tasks:
+            task.cancel()
+
+    async def _fetch(self, batch: list[int]) -> None:
+        # a slot from request to stored: when the API answers faster than SQLite stores, the answers
+        # wait undecoded at the API instead of piling up decoded in memory
+        async with self.slots:
+            try:
+                answer = await self.client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                # decoded and stored in one call on the writer thread: the event loop, which serves
+                # the tools, only waits (a second thread decoding would compete with it for the GIL)
+                stored = await self.db.run(store_bug_answer, self.client.decode_bugs, batch, answer,
+                                           iso(utc_now()), self.db.tools_first.pause)
+            except (ServerError, MalformedResponseError) as exc:
+                failure = exc
+            else:
+                self.result.bugs += stored
+                self.progress()
+                return
+        if len(batch) == 1:  # the halves below take slots of their own, so this one is given back first
+            self.failed += 1
+            log.error("bugs of test %s could not be fetched: %s", batch[0], failure)
+            return
+        self.splits += 1
+        half = len(batch) // 2
+        await asyncio.gather(self._fetch(batch[:half]), self._fetch(batch[half:]))
+
+
 class SyncEngine:
     """Runs syncs: products concurrently, pages and bug batches bounded by the client's semaphore."""
 
@@ -2559,7 +2651,8 @@ class SyncEngine:
         known = await self.db.read(known_test_ids, pid)
         # incremental syncs re-read features only when a stored test points at an unknown one
         features = None
-        bugs = _BugFetcher(self, result)
+        bugs = _BugFetcher(self.client, self.db, self.unstored_batches, result,
+                           lambda: self.on_progress(result, "bugs"))
         if mode in ("incremental", "refresh"):
             fresh = iso(utc_now() - RECOVERY_RECHECK)
             self._known_bad[pid] = {e["offset_start"]: e for e in await self.db.read(problematic_events, pid)
@@ -2590,6 +2683,8 @@ class SyncEngine:
             if features is not None:
                 features.cancel()
             raise
+        finally:
+            self.recovery_attempts += bugs.splits
         result.status = "completed_with_problems" if result.problems or bugs.failed else "success"
         if bugs.failed:
             result.error = f"bugs of {bugs.failed} test(s) could not be fetched; the next sync retries them"
@@ -2607,7 +2702,7 @@ class SyncEngine:
         return Checkpoint(state["walk_next_page"], state.get("walk_per_page") or PAGE_SIZE,
                           state.get("walk_mode") == "full", before)
 
-    async def _walk(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
+    async def _walk(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                     rule: WalkRule) -> tuple[set[int], bool]:
         """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
         ids seen and whether the walk read the whole list."""
@@ -2730,13 +2825,13 @@ class SyncEngine:
             if len(tests) < size:
                 return  # the list ends inside this page
 
-    async def _verify_unseen(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
+    async def _verify_unseen(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                              unseen: set[int]) -> None:
         """After a complete walk, ask for each stored test it did not list: deleted or moved? (All at
         once: the client's semaphore bounds the requests in flight.)"""
         await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs) for t in sorted(unseen)))
 
-    async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
+    async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                                  seen: set[int], plan: dict) -> None:
         """--refresh: re-read every test that can still change (by id unless a page showed it), and
         the bugs of those that have started."""
@@ -2744,97 +2839,15 @@ class SyncEngine:
                                for t in plan["ids"] if t not in seen))
         bugs.add(plan["bug_ids"])
 
-    async def _refetch_test(self, pid: int, test_id: int, result: ProductResult, bugs: "_BugFetcher") -> None:
+    async def _refetch_test(self, pid: int, test_id: int, result: ProductResult, bugs: _BugFetcher) -> None:
+        """Read a stored test again by id: stored anew, or deleted when the API no longer shows it."""
         try:
-            test = await self.client.get_test(test_id)
+            write = await fetch_test(self.db, self.client, test_id, product_id=pid, queue_bugs=bugs.add)
         except NotFoundError:
-            deleted = await self.db.write(delete_tests, [test_id])
-            result.deleted_tests += deleted
+            result.deleted_tests += await self.db.write(delete_tests, [test_id])
             return
-        owner = (test.get("product") or {}).get("id", pid) if isinstance(test.get("product"), dict) else pid
-        write = await self.db.write(store_tests, owner, [test], iso(utc_now()))
         result.updated_tests += write.updated
         result.new_tests += write.new
-        bugs.add(write.bugs_due)
-
-
-class _BugFetcher:
-    """Fetches bug batches as test ids arrive, splitting batches that fail (524, 5xx) down to one test."""
-
-    def __init__(self, engine: SyncEngine, result: ProductResult) -> None:
-        self.engine = engine
-        self.result = result
-        self.pending: list[int] = []
-        self.queued: set[int] = set()
-        self.tasks: list[asyncio.Task] = []
-        self.failed = 0
-
-    def add(self, test_ids: Iterable[int]) -> None:
-        """Queue tests (once each per sync); full batches start at once."""
-        for test_id in test_ids:
-            if test_id not in self.queued:
-                self.queued.add(test_id)
-                self.pending.append(test_id)
-        while len(self.pending) >= BUG_BATCH_TESTS:
-            self._start(self.pending[:BUG_BATCH_TESTS])
-            del self.pending[:BUG_BATCH_TESTS]
-
-    def _start(self, batch: list[int]) -> None:
-        task = asyncio.create_task(self._fetch(batch))
-        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no traceback
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self.tasks.append(task)
-
-    async def finish(self) -> None:
-        """Start the last partial batch and wait for all of them."""
-        if self.pending:
-            self._start(self.pending)
-            self.pending = []
-        await asyncio.gather(*self.tasks)
-
-    def cancel(self) -> None:
-        """Stop the batches still in flight."""
-        for task in self.tasks:
-            task.cancel()
-
-    async def _fetch(self, batch: list[int]) -> None:
-        client = self.engine.client
-        # a slot from request to stored: when the API answers faster than SQLite stores, the answers
-        # wait undecoded at the API instead of piling up decoded in memory
-        async with self.engine.unstored_batches:
-            try:
-                answer = await client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
-                # decoded and stored in one call on the writer thread: the event loop, which serves
-                # the tools, only waits (a second thread decoding would compete with it for the GIL)
-                db = self.engine.db
-                stored = await db.run(store_bug_answer, client.decode_bugs, batch, answer, iso(utc_now()),
-                                      db.tools_first.pause)
-            except (ServerError, MalformedResponseError) as exc:
-                failure = exc
-            else:
-                self.result.bugs += stored
-                self.engine.on_progress(self.result, "bugs")
-                return
-        if len(batch) == 1:  # the halves below take slots of their own, so this one is given back first
-            self.failed += 1
-            log.error("bugs of test %s could not be fetched: %s", batch[0], failure)
-            return
-        self.engine.recovery_attempts += 1
-        half = len(batch) // 2
-        await asyncio.gather(self._fetch(batch[:half]), self._fetch(batch[half:]))
-
-
-async def fetch_test(db: Database, client: TestioClient, test_id: int) -> int:
-    """Read one test and its bugs from the API into the store (read-through); returns its product id."""
-    test = await client.get_test(test_id)
-    product = test.get("product") if isinstance(test.get("product"), dict) else None
-    if product is None or not isinstance(product.get("id"), int):
-        raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no product")
-    now = iso(utc_now())
-    await db.write(upsert_products, [product], now)
-    await db.write(store_tests, product["id"], [test], now)
-    await db.write(replace_bugs, [test_id], await client.get_bugs([test_id]), iso(utc_now()))
-    return product["id"]
 
 
 @dataclasses.dataclass
