@@ -1448,6 +1448,44 @@ class NotInCacheError(TestioError):
     """An id the tool was asked about is not in the local data."""
 
 
+class Where:
+    """The one WHERE builder of the read queries: conditions written here (their columns from the
+    whitelists of this section), every value bound. str() joins the conditions with AND ("1 = 1"
+    when there are none); `args` holds their values in the same order."""
+
+    def __init__(self) -> None:
+        self.conditions: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, condition: str, *args: Any) -> "Where":
+        """AND a condition with the values of its `?`."""
+        self.conditions.append(condition)
+        self.args += args
+        return self
+
+    def isin(self, column: str, values: Sequence[Any]) -> "Where":
+        """AND `column IN (values)` (no value: nothing matches)."""
+        condition, args = _in(column, values)
+        return self.add(condition, *args)
+
+    def days(self, column: str, start: date | None, end: date | None) -> "Where":
+        """AND `column` within the days start..end, both included (None: no bound)."""
+        lo, hi = day_bounds(start, end)
+        if lo:
+            self.add(f"{column} >= ?", lo)
+        if hi:
+            self.add(f"{column} < ?", hi)
+        return self
+
+    def __and__(self, other: "Where") -> "Where":
+        both = Where()
+        both.conditions, both.args = self.conditions + other.conditions, self.args + other.args
+        return both
+
+    def __str__(self) -> str:
+        return " AND ".join(self.conditions) or "1 = 1"
+
+
 def data_as_of(conn: sqlite3.Connection) -> str | None:
     """End of the last sync that completed (the freshness every answer reports)."""
     return conn.execute("SELECT max(ended_at) FROM sync_runs "
@@ -1456,8 +1494,8 @@ def data_as_of(conn: sqlite3.Connection) -> str | None:
 
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
     ids = list(product_ids)
-    where, args = _in("id", ids)
-    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", args).fetchall())
+    where = Where().isin("id", ids)
+    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", where.args).fetchall())
     missing = [p for p in ids if p not in names]
     if missing:
         raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; call "
@@ -1485,26 +1523,18 @@ def query_products(conn: sqlite3.Connection, search: str | None, product_type: s
 
 TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id", "title": "title COLLATE NOCASE",
               "status": "status"}
+SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 
-def _test_filters(alias: str, product_ids: Sequence[int], statuses: Sequence[str] | None,
-                  testing_type: str | None, start: date | None, end: date | None) -> tuple[str, list]:
-    lo, hi = day_bounds(start, end)
-    products, args = _in(f"{alias}.product_id", product_ids)
-    where = [products]
+def _test_where(product_ids: Sequence[int], statuses: Sequence[str] | None, testing_type: str | None,
+                start: date | None, end: date | None) -> Where:
+    """The tests (`t`) of these products, with these statuses and testing type, ended in the days."""
+    where = Where().isin("t.product_id", product_ids)
     if statuses:
-        where.append(f"{alias}.status IN ({_placeholders(len(statuses))})")
-        args += statuses
+        where.isin("t.status", statuses)
     if testing_type:
-        where.append(f"{alias}.testing_type = ?")
-        args.append(testing_type)
-    if lo:
-        where.append(f"{alias}.end_at >= ?")
-        args.append(lo)
-    if hi:
-        where.append(f"{alias}.end_at < ?")
-        args.append(hi)
-    return " AND ".join(where), args
+        where.add("t.testing_type = ?", testing_type)
+    return where.days("t.end_at", start, end)
 
 
 def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[str] | None,
@@ -1513,13 +1543,14 @@ def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[st
     """One page of a product's tests with their bug counts, the total, and the product. SQLite renders
     the tests as JSON (without the GIL); the page's text is kept with the parsed list (JsonList)."""
     names = _require_products(conn, [product_id])
-    where, args = _test_filters("t", [product_id], statuses, testing_type, start, end)
-    total = conn.execute(f"SELECT count(*) FROM tests t WHERE {where}", args).fetchone()[0]
-    order = f"{TEST_SORTS[sort_by]} {'DESC' if sort_order == 'desc' else 'ASC'}, id {sort_order.upper()}"
+    where = _test_where([product_id], statuses, testing_type, start, end)
+    total = conn.execute(f"SELECT count(*) FROM tests t WHERE {where}", where.args).fetchone()[0]
+    direction = SORT_ORDERS[sort_order]
     cur = conn.cursor()
     cur.row_factory = None
-    rows = cur.execute(f"SELECT {TEST_ROW_JSON} FROM tests t WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
-                       [*args, per_page, (page - 1) * per_page]).fetchall()
+    rows = cur.execute(f"SELECT {TEST_ROW_JSON} FROM tests t WHERE {where} "
+                       f"ORDER BY {TEST_SORTS[sort_by]} {direction}, id {direction} LIMIT ? OFFSET ?",
+                       [*where.args, per_page, (page - 1) * per_page]).fetchall()
     text = "[" + ",".join([r[0] for r in rows]) + "]"
     return {"product": {"id": product_id, "name": names[product_id]}, "total": total, "tests": JsonList(text)}
 
@@ -1546,15 +1577,14 @@ class JsonList(list):
         self.json = text
 
 
-def _bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence[Any],
-               key: str = "NULL") -> dict[Any, list[tuple]]:
+def _bug_facets(conn: sqlite3.Connection, where: Where, key: str = "NULL") -> dict[Any, list[tuple]]:
     """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one pass
     over a covering index, bugs_test_facets by test or bugs_product_status by product (one query per
     breakdown read the bugs four times)."""
     out: dict[Any, list[tuple]] = collections.defaultdict(list)
     for k, *facet in conn.execute(
             f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, count(*) "
-            f"FROM {source} WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", args):
+            f"FROM bugs b WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", where.args):
         out[k].append(tuple(facet))
     return out
 
@@ -1620,11 +1650,13 @@ def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
     recent = [dict(r) for r in conn.execute(
         "SELECT id, title, severity, bug_type, status, known, reported_at, tester FROM bugs "
         "WHERE test_id = ? ORDER BY reported_at DESC, id DESC LIMIT 10", (test_id,))]
-    summary = _bug_summary(_bug_facets(conn, "bugs b", "b.test_id = ?", [test_id])[None])
+    summary = _bug_summary(_bug_facets(conn, Where().add("b.test_id = ?", test_id))[None])
     return {"test": test, "bug_summary": summary, "recent_bugs": recent}
 
 
 BUG_SORT = "b.reported_at DESC, b.id DESC"
+BUG_FILTERS = {"status": "b.status", "severity": "b.severity", "bug_type": "b.bug_type",
+               "rejection_reason": "b.rejection_reason"}  # list_bugs' list filters -> column
 # the columns stored before `raw`: a list without details never reads the raw JSON (overflow pages)
 BUG_LIST_COLUMNS = ("b.id, b.title, b.test_id, b.product_id, b.feature_id, b.status, b.severity, b.bug_type, "
                     "b.known, b.rejection_reason, b.reported_at, b.tester, b.platform, b.exported_at")
@@ -1632,49 +1664,35 @@ BUG_LIST_COLUMNS = ("b.id, b.title, b.test_id, b.product_id, b.feature_id, b.sta
 
 def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, details: bool) -> dict:
     """One page of bugs matching the filters in `f`, and the total."""
-    where, args = ["1 = 1"], []
+    where = Where()
     if f.get("test_ids"):
         ids = f["test_ids"]
-        tests, test_args = _in("id", ids)
-        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {tests}", test_args)}
+        stored = Where().isin("id", ids)
+        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {stored}", stored.args)}
         missing = [t for t in ids if t not in found]
         if missing:
             raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; call "
                                   f"get_test_status(test_id) to fetch it, or list_tests to find ids")
-        clause, test_args = _in("b.test_id", ids)
-        where.append(clause)
-        args += test_args
+        where.isin("b.test_id", ids)
     else:
         _require_products(conn, f["product_ids"])
-        products, product_args = _in("b.product_id", f["product_ids"])
-        where.append(products)
-        args += product_args
-    for key, column in (("status", "b.status"), ("severity", "b.severity"), ("bug_type", "b.bug_type"),
-                        ("rejection_reason", "b.rejection_reason")):
+        where.isin("b.product_id", f["product_ids"])
+    for key, column in BUG_FILTERS.items():
         if f.get(key):
-            where.append(f"{column} IN ({_placeholders(len(f[key]))})")
-            args += f[key]
+            where.isin(column, f[key])
     if f.get("known") is not None:
-        where.append("b.known = ?")
-        args.append(1 if f["known"] else 0)
+        where.add("b.known = ?", 1 if f["known"] else 0)
     if f.get("tester"):
-        where.append("b.tester = ? COLLATE NOCASE")
-        args.append(f["tester"])
-    lo, hi = day_bounds(f.get("start_date"), f.get("end_date"))
-    if lo:
-        where.append("b.reported_at >= ?")
-        args.append(lo)
-    if hi:
-        where.append("b.reported_at < ?")
-        args.append(hi)
-    clause = " AND ".join(where)
-    total = conn.execute(f"SELECT count(*) FROM bugs b WHERE {clause}", args).fetchone()[0]
-    # the page's ids first, sorted within an index; then only those rows (several products' bugs sorted
-    # as whole rows read every matching bug)
+        where.add("b.tester = ? COLLATE NOCASE", f["tester"])
+    where.days("b.reported_at", f.get("start_date"), f.get("end_date"))
+    total = conn.execute(f"SELECT count(*) FROM bugs b WHERE {where}", where.args).fetchone()[0]
+    # the page's ids first, sorted within an index; then only those rows (several products' bugs
+    # sorted as whole rows read every matching bug)
     rows = conn.execute(
         f"SELECT {'b.*' if details else BUG_LIST_COLUMNS}, t.title AS test_title FROM bugs b "
-        f"JOIN tests t ON t.id = b.test_id WHERE b.id IN (SELECT b.id FROM bugs b WHERE {clause} "
-        f"ORDER BY {BUG_SORT} LIMIT ? OFFSET ?) ORDER BY {BUG_SORT}", [*args, per_page, (page - 1) * per_page])
+        f"JOIN tests t ON t.id = b.test_id WHERE b.id IN (SELECT b.id FROM bugs b WHERE {where} "
+        f"ORDER BY {BUG_SORT} LIMIT ? OFFSET ?) ORDER BY {BUG_SORT}",
+        [*where.args, per_page, (page - 1) * per_page])
     return {"total": total, "bugs": [_shape_bug(r, details) for r in rows]}
 
 
@@ -1740,16 +1758,16 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
                    testing_type: str | None, start: date | None, end: date | None) -> dict:
     """The executive report over the tests in scope: tests, bugs, rates, health, per product/test."""
     names = _require_products(conn, product_ids)
-    where, args = _test_filters("t", product_ids, statuses, testing_type, start, end)
-    # the bugs of these products in the order of bugs_product_status, each kept if its test is in scope (a
-    # probe of the tests in scope, once collected): no sort, no seek of a test per bug
-    products, product_args = _in("b.product_id", product_ids)
-    facets = _bug_facets(conn, "bugs b", f"{products} AND b.test_id IN (SELECT t.id FROM tests t WHERE {where})",
-                        [*product_args, *args], key="b.product_id")
+    where = _test_where(product_ids, statuses, testing_type, start, end)
+    # the bugs of these products in the order of bugs_product_status, each kept if its test is in
+    # scope (a probe of the tests in scope, once collected): no sort, no seek of a test per bug
+    in_scope = Where().isin("b.product_id", product_ids).add(
+        f"b.test_id IN (SELECT t.id FROM tests t WHERE {where})", *where.args)
+    facets = _bug_facets(conn, in_scope, key="b.product_id")
 
     def tests_by(column: str) -> dict[str, int]:
         return {str(k): n for k, n in conn.execute(
-            f"SELECT t.{column}, count(*) FROM tests t WHERE {where} GROUP BY 1 ORDER BY 2 DESC", args)}
+            f"SELECT t.{column}, count(*) FROM tests t WHERE {where} GROUP BY 1 ORDER BY 2 DESC", where.args)}
 
     by_status = tests_by("status")
     report = {"tests": {"total": sum(by_status.values()), "by_status": by_status,
@@ -1757,7 +1775,8 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
               "bugs": _bug_summary(f for rows in facets.values() for f in rows)}
     if len(product_ids) > 1:
         report["per_product"] = []
-        tests = dict(conn.execute(f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1", args))
+        tests = dict(conn.execute(f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1",
+                                  where.args))
         for pid in product_ids:
             summary = _bug_summary(facets.get(pid, []))
             report["per_product"].append({"product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
@@ -1774,7 +1793,7 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
         f" SELECT t.id FROM tests t WHERE {where} "
         f" ORDER BY (SELECT count(*) FROM bugs b WHERE b.test_id = t.id) DESC, t.end_at DESC "
         f" LIMIT {TOP_TESTS}) "
-        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", args)
+        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", where.args)
     report["top_tests"] = []
     for r in rows:
         row = dict(r)
@@ -1853,66 +1872,64 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     bug_level = any(c.startswith("b.") for c in columns)  # only tests with bugs in the group count
     need_bugs = bug_level or bool(needed - {"tests", "features"})
     need_tf = "features" in needed or "feature" in dimensions
-    clauses = [_in(METRIC_FILTERS[key], values) for key, values in filters.items() if values]
-    lo, hi = day_bounds(start, end)
-    if lo:
-        clauses.append(("t.end_at >= ?", [lo]))
-    if hi:
-        clauses.append(("t.end_at < ?", [hi]))
-    where, args = ["1 = 1", *(c for c, _ in clauses)], [a for _, values in clauses for a in values]
+    test, bug = Where(), Where()  # the conditions on tests, and those on bugs
+    for key, values in filters.items():
+        if values:
+            (test if METRIC_FILTERS[key].startswith("t.") else bug).isin(METRIC_FILTERS[key], values)
+    test.days("t.end_at", start, end)
     dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
     of_test = [d for d in dimensions if d != "feature" and not METRIC_DIMENSIONS[d][0].startswith("b.")]
-    test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
     if bug_level and not need_tf and of_test:
-        # a bug column and a test dimension: the tests in scope collected once with their values, then their
-        # bugs (the planner would read every bug, seek its test and reckon the test's values again)
+        # a bug column and a test dimension: the tests in scope collected once with their values, then
+        # their bugs (the planner would read every bug, seek its test and reckon the test's values again)
         values = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
         dims = [f"s.d{i} AS d{i}" if d in of_test else f"{METRIC_DIMENSIONS[d][0]} AS d{i}"
                 for i, d in enumerate(dimensions)]
         aggs = [f"{'count(DISTINCT s.id)' if a == 'tests' else METRIC_AGGREGATES[a]} AS {a}"
                 for a in METRIC_AGGREGATES if a in needed]
-        return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t "
-                f"WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])}) "
-                f"SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON b.test_id = s.id"
-                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+        on = Where().add("b.test_id = s.id") & bug
+        return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t WHERE {test}) "
+                f"SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON {on} GROUP BY {group}"), test.args + on.args
     if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
-        # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their test
-        # lists), kept by a probe of those ids, collected once, instead of a seek of each bug's test (by
-        # feature, the planner would rather read a feature's bugs of every test)
+        # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their
+        # test lists), kept by a probe of those ids, collected once, instead of a seek of each bug's
+        # test (by feature, the planner would rather read a feature's bugs of every test)
         if "feature" in dimensions:
-            probe, ids = "(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf "
-            ids += "ON tf.test_id = t.id"
+            probe = "(b.test_id, b.feature_id)"
+            ids = "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf ON tf.test_id = t.id"
         else:
             probe, ids = "b.test_id", "t.id FROM tests t"
         own = {"tests": "count(DISTINCT b.test_id)", "features": "count(DISTINCT b.feature_id)"}
         dims = [f"{'b.feature_id' if d == 'feature' else METRIC_DIMENSIONS[d][0]} AS d{i}"
                 for i, d in enumerate(dimensions)]
         aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}" for a in METRIC_AGGREGATES if a in needed]
-        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {probe} IN "
-                f"(SELECT {ids} WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])})"
-                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+        where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
+        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {where} "
+                f"GROUP BY {group}"), where.args
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
-    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the order
-    # tests, their features, their bugs (the planner would start elsewhere and seek the rest per row)
+    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the
+    # order tests, their features, their bugs (the planner would start elsewhere and seek the rest
+    # per row)
     inner = bug_level and "feature" in dimensions
     joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS "
              "(SELECT 1 FROM test_features x WHERE x.test_id = t.id AND x.feature_id = tf.feature_id "
              "AND x.test_feature_id < tf.test_feature_id)" if need_tf else "")
-    # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
-    # a feature's bugs span every test, and that path read all of them again for each test
+    # a bug is reached by its test (and feature) in bugs_test_facets, never through
+    # bugs_feature_status: a feature's bugs span every test, and that path read all of them again for
+    # each test
     on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
+    where = test & bug
     if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS}:
         counts = [f"(SELECT count(*) FROM bugs b WHERE {on}{cond}) AS {a}"
                   for a, cond in PER_TEST_COUNTS.items() if a in needed]
         sums = ["count(*) AS tests"] + [f"sum({a}) AS {a}" for a in PER_TEST_COUNTS if a in needed]
         return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} FROM tests t "
-                f"WHERE {' AND '.join(where)}) GROUP BY {group}"), args
+                f"WHERE {where}) GROUP BY {group}"), where.args
     if need_bugs:
         joins += f" {'CROSS JOIN' if inner else 'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
     aggs = [f"{METRIC_AGGREGATES[a]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
-    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
-            f"GROUP BY {group}"), args
+    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {where} GROUP BY {group}"), where.args
 
 
 def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
@@ -1948,15 +1965,15 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Se
     """Names beside ids: product_name, and for a feature its title and its product (two products'
     "Wishlist" features are different features)."""
     if "product" in dimensions:
-        where, ids = _in("id", sorted({r["product"] for r in rows if r["product"] is not None}))
-        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", ids).fetchall())
+        where = Where().isin("id", sorted({r["product"] for r in rows if r["product"] is not None}))
+        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", where.args).fetchall())
         for r in rows:
             r["product_name"] = names.get(r["product"])
     if "feature" in dimensions:
-        where, ids = _in("f.id", sorted({r["feature"] for r in rows if r["feature"] is not None}))
+        where = Where().isin("f.id", sorted({r["feature"] for r in rows if r["feature"] is not None}))
         features = {f: (title, pid, name) for f, title, pid, name in conn.execute(
             f"SELECT f.id, f.title, p.id, p.name FROM features f JOIN products p ON p.id = f.product_id "
-            f"WHERE {where}", ids)}
+            f"WHERE {where}", where.args)}
         for r in rows:
             title, pid, name = features.get(r["feature"], (None, None, None))
             r["feature_name"], r["product_id"], r["product_name"] = title, pid, name
