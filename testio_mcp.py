@@ -870,16 +870,19 @@ class ToolsFirst:
         self._work_until = now + WRITER_SLICE_S
 
 
+READER_THREADS = 4  # tool calls read in parallel, each on its own connection (WAL snapshots)
+
+
 class Database:
     """The one gateway to SQLite: a writer thread and a few reader threads, each with its connection."""
 
-    def __init__(self, path: Path, readers: int = 4) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="testio-db-write")
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="testio-db-read")
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="testio-db-read")
         self._closed = False
         self.generation = 0  # bumped when a damaged file is replaced: each thread reconnects
         self.healed: Healed | None = None
@@ -1434,11 +1437,6 @@ def _file_size(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
-def integrity_check(conn: sqlite3.Connection) -> str:
-    """PRAGMA integrity_check's first line ('ok' when healthy)."""
-    return conn.execute("PRAGMA integrity_check").fetchone()[0]
-
-
 ###############################################################################
 # Store: read queries behind the MCP tools (DB reader threads; every filter is bound,
 # every sort key and pivot dimension comes from a whitelist below)
@@ -1933,7 +1931,7 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
 
 
 def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
-                      start: date | None, end: date | None, sort_by: str | None, limit: int) -> list[dict]:
+                      start: date | None, end: date | None, sort_by: str | None) -> list[dict]:
     """A pivot: one row per combination of the dimensions with the requested metrics."""
     if filters.get("product_ids"):
         _require_products(conn, filters["product_ids"])
@@ -1958,7 +1956,7 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
         rows.sort(key=lambda row: (row[key] is None, -(row[key] or 0)))
     else:  # a dimension: in its natural order
         rows.sort(key=lambda row: (row[key] is None, str(row[key])))
-    return rows[:limit]
+    return rows
 
 
 def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
@@ -2069,17 +2067,18 @@ RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
 # Larger answers (a page of 100 tests is ~400 KB, ~5 ms of json.loads) are decoded on a thread of the
 # client, not on the event loop that serves the tools; bug batches are decoded where they are stored.
 DECODE_OFF_LOOP_BYTES = 64 * 1024
+METRIC_SAMPLES = 10_000  # the latest latencies and semaphore waits the percentiles are taken over
 
 
 class ApiMetrics:
     """In-memory request metrics: counts, errors by status, latency and semaphore-wait samples."""
 
-    def __init__(self, keep: int = 10_000) -> None:
+    def __init__(self) -> None:
         self.requests = 0
         self.retries = 0
         self.errors: collections.Counter[str] = collections.Counter()
-        self.latencies: collections.deque[float] = collections.deque(maxlen=keep)
-        self.waits: collections.deque[float] = collections.deque(maxlen=keep)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=METRIC_SAMPLES)
+        self.waits: collections.deque[float] = collections.deque(maxlen=METRIC_SAMPLES)
 
     def snapshot(self) -> dict:
         """Totals and p50/p95/p99 latency, p95 semaphore wait, in milliseconds."""
@@ -2101,8 +2100,6 @@ def _timeout_text(exc: httpx.TimeoutException, seconds: float) -> str:
 
 class TestioClient:
     """The TestIO Customer API, read-only, with retries; every request goes through `_request()`."""
-
-    __test__ = False
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -4325,7 +4322,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                             f"{', '.join(metric_list + dims)}")
         clean = _metric_filters(filters or {})
         lo, hi = _arg_dates(start_date, end_date)
-        rows, as_of = await read(query_metrics_sql, metric_list, dims, clean, lo, hi, sort_by, sys.maxsize)
+        rows, as_of = await read(query_metrics_sql, metric_list, dims, clean, lo, hi, sort_by)
         return MetricsResult(data_as_of=as_of, metrics=metric_list, dimensions=dims, rows=rows[:limit],
                              total_rows=len(rows))  # the whole pivot, so the model sees when rows were cut
 
