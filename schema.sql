@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS tests (
     start_at       TEXT,                          -- UTC
     end_at         TEXT,                          -- UTC; the API orders by it, newest first
     raw            TEXT NOT NULL,                 -- API JSON minus test_environment credentials
-    synced_at      TEXT NOT NULL,
+    changed_at     TEXT NOT NULL,                 -- when the stored test last changed (a sync that sees
+                                                  -- the same data leaves the row alone)
     bugs_synced_at TEXT                           -- NULL: the bugs must be (re)fetched
 );
 -- list_tests(product_id, dates) ordered by end_at; incremental sync boundaries
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS bugs (
     platform         TEXT,                        -- operating system of the first device
     exported_at      TEXT,
     raw              TEXT NOT NULL,
-    synced_at        TEXT NOT NULL
+    changed_at       TEXT NOT NULL                -- when the stored bug last changed (as tests.changed_at)
 );
 -- bug counts per test (list_tests, get_test_status, get_quality_report) and every query_metrics
 -- pivot, which reaches bugs by test (and feature): covering, no row reads (a row holds its raw JSON)

@@ -581,7 +581,7 @@ def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_accou
     pid = lean_account.product_ids()[0]
     conn = sqlite3.connect(env)
     with conn:
-        conn.execute("INSERT INTO tests (id, product_id, title, status, testing_type, raw, synced_at) "
+        conn.execute("INSERT INTO tests (id, product_id, title, status, testing_type, raw, changed_at) "
                      "VALUES (999999, ?, 'stale', 'archived', 'coverage', '{}', '2020-01-01T00:00:00Z')", (pid,))
         conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
                      "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 1, 100, 0, 1, 1, "
@@ -592,6 +592,26 @@ def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_accou
     assert_matches_truth(env, lean_account)
     assert db_rows(env, "SELECT count(*) FROM problematic_events") == [(0,)]
     assert runs(env) == [("incremental", "success"), ("nuke", "success")]
+
+
+def test_changed_at_moves_only_for_the_tests_and_bugs_whose_data_changed(env, capsys, lean_account):
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    long_ago = "2026-01-01T00:00:00Z"
+    conn = sqlite3.connect(env)
+    with conn:
+        conn.execute("UPDATE tests SET changed_at = ?", (long_ago,))
+        conn.execute("UPDATE bugs SET changed_at = ?", (long_ago,))
+    conn.close()
+    before = {t: dict(db_rows(env, f"SELECT id, raw FROM {t}")) for t in ("tests", "bugs")}
+    running = db_rows(env, "SELECT id FROM tests WHERE status = 'running' ORDER BY id LIMIT 1")[0][0]
+    lean_account.set_test_status(running, "locked")
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    changed = {t: {i for i, raw in db_rows(env, f"SELECT id, raw FROM {t}") if before[t].get(i) != raw}
+               for t in before}
+    assert changed["tests"] == {running} and changed["bugs"]
+    assert {t: {i for (i,) in db_rows(env, f"SELECT id FROM {t} WHERE changed_at > ?", (long_ago,))}
+            for t in before} == changed
 
 
 DATA_TABLES = ("products", "features", "tests", "test_features", "bugs", "counts", "product_sync",
@@ -749,7 +769,7 @@ def test_a_5000_test_product_syncs_completely(env, capsys, monkeypatch):
     assert_matches_truth(env, acc)
 
 
-def walk(rule: tm.WalkRule, tests: int, ends: list[str] | None = None) -> tuple[list[int], str, str]:
+def walk(rule: "tm.WalkRule", tests: int, ends: list[str] | None = None) -> tuple[list[int], str, str]:
     """Drive `rule` over a newest-first list of `tests` test ids 0, 1, ... (id = position), with
     their `ends` if given: (pages read, how the walk stopped, the checkpoint modes, one letter a page)."""
     pages, modes, page = [], "", 1
@@ -770,7 +790,7 @@ def known_from(position: int, tests: int = 1000) -> set[int]:
     return set(range(position, tests))
 
 
-def checkpoint(next_page: int, full: bool, known: set[int] = frozenset(), per_page: int = 100) -> tm.Checkpoint:
+def checkpoint(next_page: int, full: bool, known: set[int] = frozenset(), per_page: int = 100) -> "tm.Checkpoint":
     return tm.Checkpoint(next_page=next_page, per_page=per_page, full=full, known=set(known))
 
 
@@ -2000,7 +2020,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 7
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 8
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -2062,6 +2082,25 @@ def test_a_version_6_database_gets_a_full_text_index_of_product_ids_and_the_wide
         db_rows(env, "SELECT 1 + (SELECT count(*) FROM features WHERE product_id = :p) + (SELECT count(*) FROM tests "
                      "WHERE product_id = :p) + (SELECT count(*) FROM bugs WHERE product_id = :p)", {"p": pid})
     assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_version_7_database_keeps_each_test_and_bug_time_under_the_name_changed_at(env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    columns = {t: db_rows(env, f"PRAGMA table_info({t})") for t in ("tests", "bugs")}
+    times = {t: db_rows(env, f"SELECT id, changed_at FROM {t} ORDER BY id") for t in columns}
+    conn = sqlite3.connect(env)  # what version 7 had: the same times under the name synced_at
+    conn.executescript("""
+        ALTER TABLE tests RENAME COLUMN changed_at TO synced_at;
+        ALTER TABLE bugs RENAME COLUMN changed_at TO synced_at;
+        PRAGMA user_version = 7;""")
+    conn.close()
+    assert cli(capsys, "sync", "--status")[0] == 0
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
+    assert {t: db_rows(env, f"PRAGMA table_info({t})") for t in columns} == columns
+    assert {t: db_rows(env, f"SELECT id, changed_at FROM {t} ORDER BY id") for t in columns} == times
+    lean_account.add_tests(lean_account.product_ids()[0], 3)
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    assert_matches_truth(env, lean_account)
 
 
 def test_a_migration_step_can_add_a_column_that_an_index_of_schema_sql_covers(env, capsys, lean_account,
@@ -2859,7 +2898,7 @@ async def test_get_bug_returns_steps_results_devices_comments_and_the_rejection_
         "severity": rejected["severity"], "bug_type": shown_type(rejected["severity"]), "known": rejected["known"],
         "rejection_reason": reason_of(rejected), "reported_at": utc(rejected["reported_at"]),
         "tester": rejected["author"]["name"], "platform": device["operating_system"]["name"],
-        "synced_at": shown["synced_at"], "steps": rejected["steps"],
+        "changed_at": shown["changed_at"], "steps": rejected["steps"],
         "expected_result": rejected["expected_result"] or None, "actual_result": rejected["actual_result"] or None,
         "feature": {"id": rejected["feature"]["id"], "title": rejected["feature"]["title"]},
         "devices": [{"category": device["category"]["name"], "device": device["device"]["name"],
@@ -3442,7 +3481,7 @@ def age_test(db_path: Path, test_id: int, synced_at: str = "2026-01-01T00:00:00Z
     """Arrange a test synced long ago (the database file is a boundary; no clock is faked)."""
     conn = sqlite3.connect(str(db_path))
     with conn:
-        conn.execute("UPDATE tests SET synced_at = ?, bugs_synced_at = ? WHERE id = ?", (synced_at, synced_at, test_id))
+        conn.execute("UPDATE tests SET changed_at = ?, bugs_synced_at = ? WHERE id = ?", (synced_at, synced_at, test_id))
     conn.close()
 
 
@@ -3481,8 +3520,8 @@ async def test_get_test_status_answers_from_the_cache_with_a_warning_when_the_ap
         data = await ok(client, "get_test_status", {"test_id": RUNNING})
     assert (data["test"]["status"], data["bug_summary"]) == ("running", bug_summary(before))
     assert data["warning"] == (f"could not refresh this running test from the API (GET exploratory_tests/{RUNNING}: "
-                               f"HTTP 503 after 5 attempts); answering from the local copy synced at "
-                               f"2026-01-01T00:00:00Z")
+                               f"HTTP 503 after 5 attempts); answering from the local copy (last changed "
+                               f"2026-01-01T00:00:00Z)")
     assert faults.log == [f"{path}?"] * 5
 
 

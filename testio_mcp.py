@@ -75,7 +75,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HTTP_TOKEN_CHARS = 16
 NEW_TOKEN_HINT = """python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
@@ -627,8 +627,9 @@ FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$
 FTS_FILL = ("UPDATE products SET name = name; UPDATE features SET title = title; "
             f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};")
 
-# Each step upgrades a database from the version before it. They run after schema.sql's tables and
-# triggers and before its indexes (idempotent, all of them), so a step can add a column an index covers.
+# Each step upgrades a database from the version before it: SQL, or a function of the connection
+# that returns it. They run after schema.sql's tables and triggers and before its indexes (idempotent,
+# all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
     2: "",  # full-text search over what is already stored: step 7 makes the table again and fills it
@@ -649,8 +650,13 @@ MIGRATIONS = {
     # 7: search_fts indexes product_id, so a product-scoped search reads that product's matches only
     #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled);
     #    bugs_product_status covers a quality report's breakdowns (schema.sql builds it wider)
-    7: lambda: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
-               "DROP INDEX IF EXISTS bugs_product_status;",
+    7: lambda conn: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
+                    "DROP INDEX IF EXISTS bugs_product_status;",
+    # 8: a test's or bug's time is when its stored data last changed (an upsert of the same data
+    #    leaves the row alone), not when a sync last saw it: synced_at is renamed changed_at
+    8: lambda conn: "".join(f"ALTER TABLE {table} RENAME COLUMN synced_at TO changed_at; "
+                            for table in ("tests", "bugs")
+                            if "synced_at" in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}),
 }
 
 
@@ -712,7 +718,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                           f"knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} elsewhere")
     if version == SCHEMA_VERSION:
         return version
-    steps = "".join((step() if callable(step := MIGRATIONS[v]) else step) + "\n"
+    steps = "".join((step(conn) if callable(step := MIGRATIONS[v]) else step) + "\n"
                     for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
     tables, indexes = _schema_parts()
     try:
@@ -1033,18 +1039,19 @@ ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, title = excluded
     synced_at = excluded.synced_at
 """
 
-# A new test, or one whose status changed, gets its bugs (re)fetched: bugs_synced_at goes NULL,
-# except before the test runs, when no tester can have reported anything yet.
+# A stored test is rewritten only when its data changed (then changed_at is this sync's time). A new
+# test, or one whose status changed, gets its bugs (re)fetched: bugs_synced_at goes NULL, except
+# before the test runs, when no tester can have reported anything yet.
 UPSERT_TEST_SQL = """
 INSERT INTO tests (id, product_id, section_id, title, status, review_status, testing_type,
-                   start_at, end_at, raw, synced_at, bugs_synced_at)
+                   start_at, end_at, raw, changed_at, bugs_synced_at)
 VALUES (:id, :product_id, :section_id, :title, :status, :review_status, :testing_type,
         :start_at, :end_at, :raw, :synced_at,
         CASE WHEN :status IN ('initialized', 'customer_finalized', 'waiting') THEN :synced_at END)
 ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, section_id = excluded.section_id,
     title = excluded.title, status = excluded.status, review_status = excluded.review_status,
     testing_type = excluded.testing_type, start_at = excluded.start_at, end_at = excluded.end_at,
-    raw = excluded.raw, synced_at = excluded.synced_at,
+    raw = excluded.raw, changed_at = excluded.changed_at,
     bugs_synced_at = CASE WHEN tests.status = excluded.status THEN tests.bugs_synced_at
                           ELSE excluded.bugs_synced_at END
 WHERE tests.raw IS NOT excluded.raw OR tests.product_id IS NOT excluded.product_id
@@ -1052,7 +1059,7 @@ WHERE tests.raw IS NOT excluded.raw OR tests.product_id IS NOT excluded.product_
 
 UPSERT_BUG_SQL = """
 INSERT INTO bugs (id, test_id, product_id, feature_id, title, status, severity, bug_type, known,
-                  rejection_reason, reported_at, tester, platform, exported_at, raw, synced_at)
+                  rejection_reason, reported_at, tester, platform, exported_at, raw, changed_at)
 VALUES (:id, :test_id, :product_id, :feature_id, :title, :status, :severity, :bug_type, :known,
         :rejection_reason, :reported_at, :tester, :platform, :exported_at, :raw, :synced_at)
 ON CONFLICT(id) DO UPDATE SET test_id = excluded.test_id, product_id = excluded.product_id,
@@ -1060,7 +1067,7 @@ ON CONFLICT(id) DO UPDATE SET test_id = excluded.test_id, product_id = excluded.
     severity = excluded.severity, bug_type = excluded.bug_type, known = excluded.known,
     rejection_reason = excluded.rejection_reason, reported_at = excluded.reported_at,
     tester = excluded.tester, platform = excluded.platform, exported_at = excluded.exported_at,
-    raw = excluded.raw, synced_at = excluded.synced_at
+    raw = excluded.raw, changed_at = excluded.changed_at
 WHERE bugs.raw IS NOT excluded.raw OR bugs.test_id IS NOT excluded.test_id
 """
 
@@ -1191,11 +1198,11 @@ def product_sync_state(conn: sqlite3.Connection, product_id: int) -> dict:
     return dict(row) if row else {}
 
 
-def known_test_ids(conn: sqlite3.Connection, product_id: int, synced_before: str | None = None) -> set[int]:
-    """Ids of the tests of a product already stored (last written before `synced_before`, if given)."""
+def known_test_ids(conn: sqlite3.Connection, product_id: int, changed_before: str | None = None) -> set[int]:
+    """Ids of the tests of a product already stored (last changed before `changed_before`, if given)."""
     return {r[0] for r in conn.execute(
-        "SELECT id FROM tests WHERE product_id = ? AND (? IS NULL OR synced_at < ?)",
-        (product_id, synced_before, synced_before))}
+        "SELECT id FROM tests WHERE product_id = ? AND (? IS NULL OR changed_at < ?)",
+        (product_id, changed_before, changed_before))}
 
 
 def features_due(conn: sqlite3.Connection, product_id: int) -> bool:
@@ -1643,7 +1650,7 @@ def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
                          for f in raw.get("features") or [] if isinstance(f, dict)],
             "platforms": _platforms(raw),
             "environment": (raw.get("test_environment") or {}).get("title"),
-            "created_by": raw.get("created_by"), "synced_at": row["synced_at"],
+            "created_by": raw.get("created_by"), "changed_at": row["changed_at"],
             "bugs_synced_at": row["bugs_synced_at"]}
     recent = [dict(r) for r in conn.execute(
         "SELECT id, title, severity, bug_type, status, known, reported_at, tester FROM bugs "
@@ -1702,7 +1709,7 @@ def _shape_bug(row: sqlite3.Row, details: bool) -> dict:
            "rejection_reason": row["rejection_reason"], "reported_at": row["reported_at"],
            "tester": row["tester"], "platform": row["platform"]}
     if details:
-        bug["synced_at"] = row["synced_at"]
+        bug["changed_at"] = row["changed_at"]
         raw = json.loads(row["raw"])
         feature = raw.get("feature") if isinstance(raw.get("feature"), dict) else {}
         bug.update({
@@ -4197,7 +4204,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
                     found = (await read(query_test, test_id))[0] or found
                 except (ApiError, asyncio.TimeoutError) as exc:
                     warning = (f"could not refresh this running test from the API ({_api_failure(exc)}); "
-                               f"answering from the local copy synced at {found['test']['synced_at']}")
+                               f"answering from the local copy (last changed {found['test']['changed_at']})")
         return TestStatusResult(data_as_of=as_of, warning=warning, **found)
 
     @tool(title="List bugs")
