@@ -642,7 +642,7 @@ MIGRATIONS = {
        "(SELECT count(*) FROM tests t WHERE t.product_id = p.id), "
        "(SELECT count(*) FROM bugs b WHERE b.product_id = p.id) FROM products p;",
     # 5: the tester filter compares case-insensitively, which a BINARY index cannot serve: the index
-    #    only cost every bug insert (~13 us)
+    #    only slowed every bug insert
     5: "DROP INDEX IF EXISTS bugs_tester;",
     # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
     #    bug row for those); schema.sql has built its successor bugs_test_facets
@@ -1274,7 +1274,7 @@ def store_bug_answer(conn: sqlite3.Connection, decode: Callable[..., list[dict]]
     writer thread: decoding a large answer is CPU work that must not run on the event loop (it is done
     before the write transaction opens). Returns how many bugs were stored."""
     # the decoded bugs hold no cycles and go with their last reference: a cyclic collection meanwhile
-    # would only rescan them, holding the GIL the event loop needs (tens of ms per large batch)
+    # would only rescan them, holding the GIL the event loop needs
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -1560,8 +1560,8 @@ def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[st
     return {"product": {"id": product_id, "name": names[product_id]}, "total": total, "tests": JsonList(text)}
 
 
-# a test row of list_tests as JSON, rendered by SQLite (not synced_at: it sits after raw, overflow pages, 2.5x);
-# bug counts from the covering index bugs_test_facets
+# a test row of list_tests as JSON, rendered by SQLite (without changed_at, which sits after raw: on
+# overflow pages); bug counts from the covering index bugs_test_facets
 TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status, 'review_status', t.review_status,
     'testing_type', t.testing_type, 'start_at', t.start_at, 'end_at', t.end_at, 'bugs',
     (SELECT json_object('total', count(*), 'open', coalesce(sum(b.status = 'open'), 0),
@@ -1989,7 +1989,7 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Se
 
 SEARCH_ENTITIES = ("product", "feature", "test", "bug")  # search_fts rowid = (index + 1) << 40 | id
 # BM25 ranks the newest matches of each kind, at most this many: the cost of a search stays flat as
-# the data grows (ranking every match of a common word over 750,000 bugs took ~50 ms).
+# the data grows (a common word matches a large share of all bugs).
 SEARCH_CANDIDATES = 1000
 FTS_ID_MASK = (1 << 40) - 1
 
@@ -2044,7 +2044,7 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
         return {"results": [], "capped": capped}
     # snippets of the winners only, per kind: a scan of the rowid range of that kind's winners (within
     # its candidates, so bounded); `+rowid IN` keeps FTS5 from seeking each rowid, which re-reads the
-    # doclists every time (~0.6 ms a row)
+    # doclists every time
     details = {}
     for code in sorted({r[0] >> 40 for r in best}):
         rowids = [r[0] for r in best if r[0] >> 40 == code]
@@ -2071,8 +2071,8 @@ RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
 # the request counter of the sync run the current task belongs to (its tasks inherit it): a run counts
 # its own requests, not those a tool makes meanwhile on the same client
 RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests", default=None)
-# Larger answers (a page of 100 tests is ~400 KB, ~5 ms of json.loads) are decoded on a thread of the
-# client, not on the event loop that serves the tools; bug batches are decoded where they are stored.
+# Larger answers (a page of 100 tests) are decoded on a thread of the client, not on the event loop
+# that serves the tools; bug batches are decoded where they are stored.
 DECODE_OFF_LOOP_BYTES = 64 * 1024
 METRIC_SAMPLES = 10_000  # the latest latencies and semaphore waits the percentiles are taken over
 
@@ -2121,8 +2121,8 @@ class TestioClient:
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._transport = transport
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")  # see DECODE_OFF_LOOP_BYTES
-        self._http: httpx.AsyncClient | None = None  # made on first use: its TLS setup costs ~70 ms,
-        #                                             which the server would pay before `initialize`
+        # made on first use: the server would otherwise set up TLS before it answers `initialize`
+        self._http: httpx.AsyncClient | None = None
 
     def _connection_pool(self) -> httpx.AsyncClient:
         if self._http is None:
