@@ -617,22 +617,25 @@ def _schema_sql() -> str:
 
 # search_fts rows of tests and bugs, written in bulk by the statements that store them
 FTS_INSERT_SQL = "INSERT INTO search_fts (rowid, title, body, entity, product_id) "
-FTS_TESTS_SELECT = """SELECT (3 << 40) | id, title, coalesce(json_extract(raw, '$.goal_text'), '') || ' ' ||
+FTS_TESTS_SELECT = """SELECT (3 << 40) | id, title,
+    coalesce(json_extract(raw, '$.goal_text'), '') || ' ' ||
     coalesce(json_extract(raw, '$.instructions_text'), ''), 'test', product_id FROM tests"""
-FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$.actual_result'), '') || ' ' ||
+FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title,
+    coalesce(json_extract(raw, '$.actual_result'), '') || ' ' ||
     coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
-    coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
+    coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''),
+    'bug', product_id FROM bugs"""
 
 # every search_fts row from what is stored (the product/feature UPDATEs fire their triggers)
 FTS_FILL = ("UPDATE products SET name = name; UPDATE features SET title = title; "
             f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};")
 
 # Each step upgrades a database from the version before it: SQL, or a function of the connection
-# that returns it. They run after schema.sql's tables and triggers and before its indexes (idempotent,
-# all of them), so a step can add a column an index covers.
+# that returns it. They run after schema.sql's tables and triggers and before its indexes
+# (idempotent, all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
-    2: "",  # full-text search over what is already stored: step 7 makes the table again and fills it
+    2: "",  # full-text search over what is already stored: step 7 makes the table again, filled
     # 3: tests and bugs indexed in bulk instead of by per-row triggers; covering bug indexes
     3: "DROP TRIGGER IF EXISTS tests_fts_ins; DROP TRIGGER IF EXISTS tests_fts_upd; "
        "DROP TRIGGER IF EXISTS bugs_fts_ins; DROP TRIGGER IF EXISTS bugs_fts_upd; "
@@ -648,24 +651,29 @@ MIGRATIONS = {
     #    bug row for those); schema.sql has built its successor bugs_test_facets
     6: "DROP INDEX IF EXISTS bugs_test_summary;",
     # 7: search_fts indexes product_id, so a product-scoped search reads that product's matches only
-    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled);
-    #    bugs_product_status covers a quality report's breakdowns (schema.sql builds it wider)
+    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and
+    #    filled); bugs_product_status covers a quality report's breakdowns (schema.sql builds it
+    #    wider)
     7: lambda conn: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
                     "DROP INDEX IF EXISTS bugs_product_status;",
     # 8: a test's or bug's time is when its stored data last changed (an upsert of the same data
     #    leaves the row alone), not when a sync last saw it: synced_at is renamed changed_at
     8: lambda conn: "".join(f"ALTER TABLE {table} RENAME COLUMN synced_at TO changed_at; "
-                            for table in ("tests", "bugs")
-                            if "synced_at" in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}),
+                            for table in ("tests", "bugs") if "synced_at" in _columns(conn, table)),
 }
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the per-connection pragmas: WAL, busy_timeout, NORMAL sync, foreign keys."""
+    """A connection with its pragmas: WAL, busy_timeout, NORMAL sync, foreign keys."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
-        conn.execute("PRAGMA journal_mode=WAL")  # the first read of the file: "not a database" shows here
+        # the first read of the file: "not a database" shows here
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -714,8 +722,9 @@ def migrate(conn: sqlite3.Connection) -> int:
                           f"{'.'.join(map(str, MIN_SQLITE))} or newer: use a newer Python build")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this one "
-                          f"knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} elsewhere")
+        raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this "
+                          f"one knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} "
+                          f"elsewhere")
     if version == SCHEMA_VERSION:
         return version
     steps = "".join((step(conn) if callable(step := MIGRATIONS[v]) else step) + "\n"
@@ -733,9 +742,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection, immediate: bool = True):
-    """BEGIN (IMMEDIATE for writers) ... COMMIT; on any error, COMMIT's included, ROLLBACK and re-raise
-    that error. SQLite may have rolled back already (SQLITE_FULL, IOERR): then there is nothing to undo,
-    and a failing ROLLBACK is logged, never raised in place of the error that caused it."""
+    """BEGIN (IMMEDIATE for writers) ... COMMIT; on any error, COMMIT's included, ROLLBACK and
+    re-raise that error. SQLite may have rolled back already (SQLITE_FULL, IOERR): then there is
+    nothing to undo, and a failing ROLLBACK is logged, never raised in place of the error that
+    caused it."""
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
@@ -753,10 +763,12 @@ DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _is_damage(exc: BaseException) -> bool:
-    """A SQLite error that means the file itself is damaged ("file is not a database", "database disk
-    image is malformed"). "database is locked", a full disk or an I/O error are not: the file is sound."""
+    """A SQLite error that means the file itself is damaged ("file is not a database", "database
+    disk image is malformed"). "database is locked", a full disk or an I/O error are not: the file
+    is sound."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+    return (isinstance(exc, sqlite3.DatabaseError) and code is not None
+            and code & 0xFF in DAMAGE_CODES)
 
 
 SALVAGED_TABLES = ("problematic_events", "problematic_tests")  # the only data typed in by a person
@@ -770,7 +782,8 @@ def _salvage(path: Path) -> dict[str, list[dict]]:
         return {}
     conn.row_factory = sqlite3.Row
     try:
-        return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")] for table in SALVAGED_TABLES}
+        return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
+                for table in SALVAGED_TABLES}
     except sqlite3.Error as exc:
         log.info("no problematic-test mappings could be read from the damaged cache: %s", exc)
         return {}
@@ -781,7 +794,7 @@ def _salvage(path: Path) -> dict[str, list[dict]]:
 def _restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
     """Put salvaged rows into a fresh database (the columns both schemas have)."""
     for table, rows in salvaged.items():
-        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if rows and r[1] in rows[0]]
+        columns = [c for c in _columns(conn, table) if rows and c in rows[0]]
         if columns:
             conn.executemany(f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
                              f"VALUES ({', '.join(':' + c for c in columns)})", rows)
@@ -807,15 +820,16 @@ def _no_pause() -> None:
     pass
 
 
-_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=False)  # in a tool call
+# True within a tool call
+_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=False)
 
 
 class ToolsFirst:
-    """Tool calls come before a sync's writes. The event loop counts the calls in flight; the writer,
-    at cheap points inside its work (every PAUSE_EVERY bugs or tests), waits while one is in flight
-    or ended less than TOOL_LINGER_S ago (the answer is still on its way to the client, whose next
-    call often follows at once). Waiting releases the GIL and the core that a call would otherwise
-    share with a writer running Python. It waits inside its transaction: readers see WAL
+    """Tool calls come before a sync's writes. The event loop counts the calls in flight; the
+    writer, at cheap points inside its work (every PAUSE_EVERY bugs or tests), waits while one is in
+    flight or ended less than TOOL_LINGER_S ago (the answer is still on its way to the client, whose
+    next call often follows at once). Waiting releases the GIL and the core that a call would
+    otherwise share with a writer running Python. It waits inside its transaction: readers see WAL
     snapshots, so nobody waits on it, and no half batch is ever visible. A wait lasts at most
     WRITER_PAUSE_S; after one that ran out the writer works WRITER_SLICE_S before the next, so a
     stream of calls slows a sync but never stops it."""
@@ -880,7 +894,7 @@ READER_THREADS = 4  # tool calls read in parallel, each on its own connection (W
 
 
 class Database:
-    """The one gateway to SQLite: a writer thread and a few reader threads, each with its connection."""
+    """The one gateway to SQLite: a writer thread and reader threads, each with its connection."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -892,7 +906,7 @@ class Database:
         self._closed = False
         self.generation = 0  # bumped when a damaged file is replaced: each thread reconnects
         self.healed: Healed | None = None
-        self.on_heal: Callable[[], None] | None = None  # called (on a DB thread) after a replacement
+        self.on_heal: Callable[[], None] | None = None  # called on a DB thread after a replacement
         self.tools_first = ToolsFirst()
 
     def _conn(self) -> sqlite3.Connection:
@@ -942,12 +956,13 @@ class Database:
                 finally:
                     conn.close()
             except (OSError, sqlite3.Error) as exc:
-                raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could not be "
-                                  f"replaced ({exc}); move it away and start again") from None
+                raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could "
+                                  f"not be replaced ({exc}); move it away and start again"
+                                  ) from None
             self.healed = Healed(str(aside), iso(utc_now()), str(damage))
             self.generation += 1
-        log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, which "
-                    "the next sync fills from the TestIO API", self.path, damage, aside)
+        log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, "
+                    "which the next sync fills from the TestIO API", self.path, damage, aside)
         if self.on_heal is not None:
             self.on_heal()
 
@@ -999,7 +1014,7 @@ class Database:
         return await self._run(self._writer, fn, *args, tx=True, immediate=True)
 
     async def read(self, fn: Callable, *args: Any) -> Any:
-        """Run fn(conn, *args) in one read transaction (a consistent snapshot) on a reader thread."""
+        """Run fn(conn, *args) in one read transaction (one snapshot) on a reader thread."""
         return await self._run(self._readers, fn, *args, tx=True, immediate=False)
 
     async def run(self, fn: Callable, *args: Any) -> Any:
@@ -1031,7 +1046,8 @@ ON CONFLICT(id) DO UPDATE SET name = excluded.name, type = excluded.type,
 """
 
 UPSERT_FEATURE_SQL = """
-INSERT INTO features (id, product_id, title, description, howtofind, user_stories, section_ids, synced_at)
+INSERT INTO features (id, product_id, title, description, howtofind, user_stories, section_ids,
+                      synced_at)
 VALUES (:id, :product_id, :title, :description, :howtofind, :user_stories, :section_ids, :synced_at)
 ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, title = excluded.title,
     description = excluded.description, howtofind = excluded.howtofind,
@@ -1076,7 +1092,7 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
-INLINE_IN_VALUES = 250  # longer IN lists bind one JSON array: some SQLite builds allow 999 variables
+INLINE_IN_VALUES = 250  # longer IN lists bind one JSON array (some SQLite builds allow 999 values)
 
 
 def _in(expr: str, values: Sequence[Any], op: str = "IN") -> tuple[str, list]:
@@ -1091,11 +1107,13 @@ def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: s
     rows = []
     for product in products:
         rows.append({
-            "id": _require_int(product, "product"), "name": str(product.get("name") or product["id"]),
+            "id": _require_int(product, "product"),
+            "name": str(product.get("name") or product["id"]),
             "type": product.get("type"), "description": product.get("description"),
             "has_sections": 1 if section_ids(product) else 0,
             "section_ids": json.dumps(section_ids(product)),
-            "raw": json.dumps(product, separators=(",", ":"), sort_keys=True), "synced_at": synced_at})
+            "raw": json.dumps(product, separators=(",", ":"), sort_keys=True),
+            "synced_at": synced_at})
     conn.executemany(UPSERT_PRODUCT_SQL, rows)
     return len(rows)
 
@@ -1106,7 +1124,8 @@ def replace_features(conn: sqlite3.Connection, product_id: int, features: list[d
     rows = [{"id": _require_int(f, "feature"), "product_id": product_id,
              "title": str(f.get("title") or f["id"]), "description": f.get("description"),
              "howtofind": f.get("howtofind"),
-             "user_stories": json.dumps([s for s in f.get("user_stories") or [] if isinstance(s, str)]),
+             "user_stories": json.dumps([s for s in f.get("user_stories") or []
+                                         if isinstance(s, str)]),
              "section_ids": json.dumps(f.get("_section_ids", [])), "synced_at": synced_at}
             for f in features]
     conn.executemany(UPSERT_FEATURE_SQL, rows)
@@ -1143,8 +1162,9 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
     changed = [r for r in rows if before.get(r["id"]) != r["raw"]]
     if changed:
         changed_ids = [r["id"] for r in changed]
-        conn.execute(f"DELETE FROM test_features WHERE test_id IN ({_placeholders(len(changed_ids))})",
-                     changed_ids)
+        conn.execute(
+            f"DELETE FROM test_features WHERE test_id IN ({_placeholders(len(changed_ids))})",
+            changed_ids)
         by_id = {t.get("id"): t for t in tests}
         conn.executemany(
             "INSERT OR REPLACE INTO test_features (test_id, test_feature_id, feature_id, title) "
@@ -1169,16 +1189,18 @@ def _reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence
         chunk = list(ids[start:start + PAUSE_EVERY * 4])
         conn.execute(f"DELETE FROM search_fts WHERE rowid IN ({_placeholders(len(chunk))})",
                      [(code << 40) | i for i in chunk])
-        conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})", chunk)
+        conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})",
+                     chunk)
 
 
 def _set_checkpoint(conn: sqlite3.Connection, product_id: int, mode: str, next_page: int,
                    per_page: int) -> None:
     """Record how far an unfinished walk of a product got."""
     conn.execute(
-        "INSERT INTO product_sync (product_id, walk_mode, walk_next_page, walk_per_page, walk_started_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET walk_mode = excluded.walk_mode, "
-        "walk_next_page = excluded.walk_next_page, walk_per_page = excluded.walk_per_page, "
+        "INSERT INTO product_sync (product_id, walk_mode, walk_next_page, walk_per_page, "
+        "walk_started_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
+        "walk_mode = excluded.walk_mode, walk_next_page = excluded.walk_next_page, "
+        "walk_per_page = excluded.walk_per_page, "
         "walk_started_at = coalesce(product_sync.walk_started_at, excluded.walk_started_at)",
         (product_id, mode, next_page, per_page, iso(utc_now())))
 
@@ -1198,8 +1220,9 @@ def product_sync_state(conn: sqlite3.Connection, product_id: int) -> dict:
     return dict(row) if row else {}
 
 
-def known_test_ids(conn: sqlite3.Connection, product_id: int, changed_before: str | None = None) -> set[int]:
-    """Ids of the tests of a product already stored (last changed before `changed_before`, if given)."""
+def known_test_ids(conn: sqlite3.Connection, product_id: int,
+                   changed_before: str | None = None) -> set[int]:
+    """Ids of the stored tests of a product (last changed before `changed_before`, if given)."""
     return {r[0] for r in conn.execute(
         "SELECT id FROM tests WHERE product_id = ? AND (? IS NULL OR changed_at < ?)",
         (product_id, changed_before, changed_before))}
@@ -1216,14 +1239,17 @@ def features_due(conn: sqlite3.Connection, product_id: int) -> bool:
 def tests_due_for_bugs(conn: sqlite3.Connection, product_id: int) -> list[int]:
     """Tests whose bugs must be fetched (new, status changed, or an interrupted fetch)."""
     return [r[0] for r in conn.execute(
-        "SELECT id FROM tests WHERE product_id = ? AND bugs_synced_at IS NULL ORDER BY id", (product_id,))]
+        "SELECT id FROM tests WHERE product_id = ? AND bugs_synced_at IS NULL ORDER BY id",
+        (product_id,))]
 
 
 def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
-    """What --refresh re-reads: the tests that can still change (`ids`), those of them that can have
-    bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of margin)."""
+    """What --refresh re-reads: the tests that can still change (`ids`), those of them that can
+    have bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of
+    margin)."""
     rows = conn.execute("SELECT id, status, end_at FROM tests WHERE product_id = ? "
-                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id", (product_id,)).fetchall()
+                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id",
+                        (product_id,)).fetchall()
     ends = [r["end_at"] for r in rows]
     pages = 0
     if rows and None not in ends:
@@ -1239,42 +1265,45 @@ def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
 def _test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int, int]:
     """test id -> product id for the given tests that are stored."""
     ids = list(test_ids)
-    return dict(conn.execute(f"SELECT id, product_id FROM tests WHERE id IN ({_placeholders(len(ids))})",
+    in_ids = _placeholders(len(ids))
+    return dict(conn.execute(f"SELECT id, product_id FROM tests WHERE id IN ({in_ids})",
                              ids).fetchall()) if ids else {}
 
 
 def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[dict],
                  synced_at: str, pause: Callable[[], None] = _no_pause) -> int:
-    """Store the complete bug list of these tests (dropping bugs they no longer have), pause() called
-    every PAUSE_EVERY bugs (ToolsFirst); returns count."""
+    """Store the complete bug list of these tests (dropping bugs they no longer have), pause()
+    called every PAUSE_EVERY bugs (ToolsFirst); returns count."""
     owners = _test_product(conn, test_ids)
     rows = []
     for start in range(0, len(bugs), PAUSE_EVERY):
         pause()
-        rows += [bug_row(b, owners[b["test"]["id"]], synced_at) for b in bugs[start:start + PAUSE_EVERY]
+        rows += [bug_row(b, owners[b["test"]["id"]], synced_at)
+                 for b in bugs[start:start + PAUSE_EVERY]
                  if isinstance(b.get("test"), dict) and b["test"].get("id") in owners]
     ids = list(owners)
-    before = dict(conn.execute(f"SELECT id, raw FROM bugs WHERE test_id IN ({_placeholders(len(ids))})",
+    in_ids = _placeholders(len(ids))
+    before = dict(conn.execute(f"SELECT id, raw FROM bugs WHERE test_id IN ({in_ids})",
                                ids).fetchall()) if ids else {}
     for start in range(0, len(rows), PAUSE_EVERY):
         pause()
         conn.executemany(UPSERT_BUG_SQL, rows[start:start + PAUSE_EVERY])
-    _reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]], pause)
+    changed = [r["id"] for r in rows if before.get(r["id"]) != r["raw"]]
+    _reindex(conn, 4, FTS_BUGS_SELECT, changed, pause)
     gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
-    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) AND {gone}", (*ids, *args))
-    conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({_placeholders(len(ids))})",
-                 (synced_at, *ids))
+    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({in_ids}) AND {gone}", (*ids, *args))
+    conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({in_ids})", (synced_at, *ids))
     return len(rows)
 
 
 def store_bug_answer(conn: sqlite3.Connection, decode: Callable[..., list[dict]],
                      test_ids: Sequence[int], answer: bytes, synced_at: str,
                      pause: Callable[[], None] = _no_pause) -> int:
-    """replace_bugs() of an API answer that decode(answer, pause) turns into bugs, in one call on the
-    writer thread: decoding a large answer is CPU work that must not run on the event loop (it is done
-    before the write transaction opens). Returns how many bugs were stored."""
-    # the decoded bugs hold no cycles and go with their last reference: a cyclic collection meanwhile
-    # would only rescan them, holding the GIL the event loop needs
+    """replace_bugs() of an API answer that decode(answer, pause) turns into bugs, in one call on
+    the writer thread: decoding a large answer is CPU work that must not run on the event loop (it
+    is done before the write transaction opens). Returns how many bugs were stored."""
+    # the decoded bugs hold no cycles and go with their last reference: a cyclic collection
+    # meanwhile would only rescan them, holding the GIL the event loop needs
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -1296,10 +1325,11 @@ def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
 
 def start_run(conn: sqlite3.Connection, mode: str, trigger: str, status: str = "running",
               error: str | None = None) -> int:
-    """Record a sync run; returns its id. Runs left 'running' by a dead process become 'interrupted'."""
+    """Record a sync run; returns its id. Runs left 'running' by a dead process become
+    'interrupted'."""
     if status == "running":
-        conn.execute("UPDATE sync_runs SET status = 'interrupted', error = 'the process ended before the "
-                     "sync finished' WHERE status = 'running'")
+        conn.execute("UPDATE sync_runs SET status = 'interrupted', error = 'the process ended "
+                     "before the sync finished' WHERE status = 'running'")
     now = iso(utc_now())
     cur = conn.execute(
         "INSERT INTO sync_runs (mode, trigger, started_at, ended_at, status, pid, error) "
@@ -1312,8 +1342,9 @@ def finish_run(conn: sqlite3.Connection, run_id: int, fields: dict) -> None:
     """Close a sync run with its status and counts."""
     cols = ("status", "products", "new_tests", "updated_tests", "bugs", "features", "api_requests",
             "recovery_attempts", "problems", "error")
-    conn.execute(f"UPDATE sync_runs SET ended_at = ?, {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
-                 (iso(utc_now()), *(fields.get(c) for c in cols), run_id))
+    conn.execute(
+        f"UPDATE sync_runs SET ended_at = ?, {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+        (iso(utc_now()), *(fields.get(c) for c in cols), run_id))
 
 
 def record_problem(conn: sqlite3.Connection, event: dict) -> str:
@@ -1323,18 +1354,20 @@ def record_problem(conn: sqlite3.Connection, event: dict) -> str:
         "AND ifnull(after_id, 0) = ?",
         (event["product_id"], event.get("before_id") or 0, event.get("after_id") or 0)).fetchone()
     if row:
-        conn.execute("UPDATE problematic_events SET attempts = attempts + ?, last_seen_at = ?, page = ?, "
-                     "per_page = ?, offset_start = ?, offset_end = ?, run_id = ? WHERE event_id = ?",
+        conn.execute("UPDATE problematic_events SET attempts = attempts + ?, last_seen_at = ?, "
+                     "page = ?, per_page = ?, offset_start = ?, offset_end = ?, run_id = ? "
+                     "WHERE event_id = ?",
                      (event["attempts"], event["seen_at"], event["page"], event["per_page"],
                       event["offset_start"], event["offset_end"], event.get("run_id"), row[0]))
         return row[0]
-    event_id = hashlib.sha1(f"{event['product_id']}:{event.get('before_id')}:{event.get('after_id')}:"
-                            f"{event['seen_at']}".encode()).hexdigest()[:12]
+    event_id = hashlib.sha1(f"{event['product_id']}:{event.get('before_id')}:"
+                            f"{event.get('after_id')}:{event['seen_at']}".encode()).hexdigest()[:12]
     conn.execute(
-        "INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, offset_end, "
-        "before_id, before_end_at, after_id, after_end_at, attempts, first_seen_at, last_seen_at, run_id) "
-        "VALUES (:event_id, :product_id, :page, :per_page, :offset_start, :offset_end, :before_id, "
-        ":before_end_at, :after_id, :after_end_at, :attempts, :seen_at, :seen_at, :run_id)",
+        "INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+        "offset_end, before_id, before_end_at, after_id, after_end_at, attempts, first_seen_at, "
+        "last_seen_at, run_id) VALUES (:event_id, :product_id, :page, :per_page, :offset_start, "
+        ":offset_end, :before_id, :before_end_at, :after_id, :after_end_at, :attempts, :seen_at, "
+        ":seen_at, :run_id)",
         {"event_id": event_id, "before_id": None, "before_end_at": None, "after_id": None,
          "after_end_at": None, "run_id": None, **event})
     return event_id
@@ -1349,7 +1382,8 @@ def problematic_events(conn: sqlite3.Connection, product_id: int | None = None) 
     events = [dict(r) for r in conn.execute(sql + " ORDER BY first_seen_at, event_id", args)]
     for event in events:
         event["mapped_test_ids"] = [r[0] for r in conn.execute(
-            "SELECT test_id FROM problematic_tests WHERE event_id = ? ORDER BY test_id", (event["event_id"],))]
+            "SELECT test_id FROM problematic_tests WHERE event_id = ? ORDER BY test_id",
+            (event["event_id"],))]
     return events
 
 
@@ -1362,19 +1396,21 @@ def recheck_problems(conn: sqlite3.Connection, product_id: int) -> int:
 
 def map_problem_tests(conn: sqlite3.Connection, event_id: str, test_ids: Sequence[int]) -> int:
     """Attach test ids (found by a person) to an event; ConfigError for an unknown event."""
-    if not conn.execute("SELECT 1 FROM problematic_events WHERE event_id = ?", (event_id,)).fetchone():
+    if not conn.execute("SELECT 1 FROM problematic_events WHERE event_id = ?",
+                        (event_id,)).fetchone():
         raise ConfigError(f"no problematic event {event_id!r}; see `testio-mcp problematic list`")
     now = iso(utc_now())
-    conn.executemany("INSERT OR IGNORE INTO problematic_tests (event_id, test_id, mapped_at) VALUES (?, ?, ?)",
-                     [(event_id, t, now) for t in test_ids])
+    conn.executemany("INSERT OR IGNORE INTO problematic_tests (event_id, test_id, mapped_at) "
+                     "VALUES (?, ?, ?)", [(event_id, t, now) for t in test_ids])
     return len(test_ids)
 
 
 def mapped_tests(conn: sqlite3.Connection, product_id: int) -> list[int]:
     """Test ids mapped to the events of a product."""
     return [r[0] for r in conn.execute(
-        "SELECT DISTINCT t.test_id FROM problematic_tests t JOIN problematic_events e USING (event_id) "
-        "WHERE e.product_id = ? ORDER BY t.test_id", (product_id,))]
+        "SELECT DISTINCT t.test_id FROM problematic_tests t "
+        "JOIN problematic_events e USING (event_id) WHERE e.product_id = ? ORDER BY t.test_id",
+        (product_id,))]
 
 
 def unmap_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> None:
@@ -1420,14 +1456,18 @@ def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
 def db_status(conn: sqlite3.Connection) -> dict:
     """Counts, oldest/newest test, per-product state and the last runs: `sync --status`."""
     # every figure comes from an index or the counts table: flat however many bugs are stored
-    tests, bugs = conn.execute("SELECT coalesce(sum(tests), 0), coalesce(sum(bugs), 0) FROM counts").fetchone()
-    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("products", "features")}
+    tests, bugs = conn.execute(
+        "SELECT coalesce(sum(tests), 0), coalesce(sum(bugs), 0) FROM counts").fetchone()
+    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("products", "features")}
     counts.update(tests=tests, bugs=bugs)
     counts.update({t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                    for t in ("sync_runs", "problematic_events")})
     span = conn.execute(
-        "SELECT min(lo), max(hi) FROM (SELECT (SELECT min(end_at) FROM tests t WHERE t.product_id = p.id) AS lo, "
-        "(SELECT max(end_at) FROM tests t WHERE t.product_id = p.id) AS hi FROM products p)").fetchone()
+        "SELECT min(lo), max(hi) FROM (SELECT "
+        "(SELECT min(end_at) FROM tests t WHERE t.product_id = p.id) AS lo, "
+        "(SELECT max(end_at) FROM tests t WHERE t.product_id = p.id) AS hi FROM products p)"
+    ).fetchone()
     products = [dict(r) for r in conn.execute(
         "SELECT p.id, p.name, p.type, coalesce(c.tests, 0) AS tests, coalesce(c.bugs, 0) AS bugs, "
         "s.last_synced_at, s.last_status, s.walk_next_page FROM products p "
