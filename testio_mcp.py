@@ -1540,15 +1540,23 @@ def data_as_of(conn: sqlite3.Connection) -> str | None:
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
     ids = list(product_ids)
     where = Where().isin("id", ids)
-    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", where.args).fetchall())
+    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}",
+                              where.args).fetchall())
     missing = [p for p in ids if p not in names]
     if missing:
-        raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; call "
-                              f"list_products to see the known ids, or sync_data if the product is new")
+        raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; "
+                              f"call list_products to see the known ids, or sync_data if the "
+                              f"product is new")
     return names
 
 
-def query_products(conn: sqlite3.Connection, search: str | None, product_type: str | None) -> list[dict]:
+def _like_literal(text: str) -> str:
+    """`text` for LIKE ... ESCAPE '\\': its % and _ are characters, not wildcards."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def query_products(conn: sqlite3.Connection, search: str | None,
+                   product_type: str | None) -> list[dict]:
     """Products with test counts, recent activity and sync time."""
     since = iso(utc_now() - timedelta(days=30))
     rows = conn.execute(
@@ -1556,24 +1564,26 @@ def query_products(conn: sqlite3.Connection, search: str | None, product_type: s
         " coalesce((SELECT c.tests FROM counts c WHERE c.product_id = p.id), 0) AS test_count, "
         " (SELECT count(*) FROM tests t WHERE t.product_id = p.id AND t.end_at >= :since "
         "  AND t.end_at <= :now) AS tests_last_30_days, "
-        " (SELECT max(end_at) FROM tests t WHERE t.product_id = p.id AND t.end_at <= :now) AS newest_test_end, "
+        " (SELECT max(end_at) FROM tests t WHERE t.product_id = p.id AND t.end_at <= :now) "
+        "  AS newest_test_end, "
         " s.last_synced_at FROM products p LEFT JOIN product_sync s ON s.product_id = p.id "
         "WHERE (:search IS NULL OR p.name LIKE '%' || :search || '%' ESCAPE '\\' "
         "       OR cast(p.id AS TEXT) = :search) "
         "AND (:type IS NULL OR p.type = :type) ORDER BY p.name, p.id",
         {"since": since, "now": iso(utc_now()), "type": product_type,
-         "search": search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None})
+         "search": _like_literal(search) if search else None})
     return [dict(r) for r in rows]
 
 
-TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id", "title": "title COLLATE NOCASE",
-              "status": "status"}
+TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id",
+              "title": "title COLLATE NOCASE", "status": "status"}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 
-def _test_where(product_ids: Sequence[int], statuses: Sequence[str] | None, testing_type: str | None,
-                start: date | None, end: date | None) -> Where:
-    """The tests (`t`) of these products, with these statuses and testing type, ended in the days."""
+def _test_where(product_ids: Sequence[int], statuses: Sequence[str] | None,
+                testing_type: str | None, start: date | None, end: date | None) -> Where:
+    """The tests (`t`) of these products with these statuses and testing type, ended in the
+    days."""
     where = Where().isin("t.product_id", product_ids)
     if statuses:
         where.isin("t.status", statuses)
@@ -1585,8 +1595,9 @@ def _test_where(product_ids: Sequence[int], statuses: Sequence[str] | None, test
 def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[str] | None,
                 testing_type: str | None, start: date | None, end: date | None, sort_by: str,
                 sort_order: str, page: int, per_page: int) -> dict:
-    """One page of a product's tests with their bug counts, the total, and the product. SQLite renders
-    the tests as JSON (without the GIL); the page's text is kept with the parsed list (JsonList)."""
+    """One page of a product's tests with their bug counts, the total, and the product. SQLite
+    renders the tests as JSON (without the GIL); the page's text is kept with the parsed list
+    (JsonList)."""
     names = _require_products(conn, [product_id])
     where = _test_where([product_id], statuses, testing_type, start, end)
     total = conn.execute(f"SELECT count(*) FROM tests t WHERE {where}", where.args).fetchone()[0]
@@ -1594,16 +1605,19 @@ def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[st
     cur = conn.cursor()
     cur.row_factory = None
     rows = cur.execute(f"SELECT {TEST_ROW_JSON} FROM tests t WHERE {where} "
-                       f"ORDER BY {TEST_SORTS[sort_by]} {direction}, id {direction} LIMIT ? OFFSET ?",
+                       f"ORDER BY {TEST_SORTS[sort_by]} {direction}, id {direction} "
+                       f"LIMIT ? OFFSET ?",
                        [*where.args, per_page, (page - 1) * per_page]).fetchall()
     text = "[" + ",".join([r[0] for r in rows]) + "]"
-    return {"product": {"id": product_id, "name": names[product_id]}, "total": total, "tests": JsonList(text)}
+    return {"product": {"id": product_id, "name": names[product_id]}, "total": total,
+            "tests": JsonList(text)}
 
 
 # a test row of list_tests as JSON, rendered by SQLite (without changed_at, which sits after raw: on
 # overflow pages); bug counts from the covering index bugs_test_facets
-TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status, 'review_status', t.review_status,
-    'testing_type', t.testing_type, 'start_at', t.start_at, 'end_at', t.end_at, 'bugs',
+TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status,
+    'review_status', t.review_status, 'testing_type', t.testing_type, 'start_at', t.start_at,
+    'end_at', t.end_at, 'bugs',
     (SELECT json_object('total', count(*), 'open', coalesce(sum(b.status = 'open'), 0),
                         'accepted', coalesce(sum(b.status = 'accepted'), 0),
                         'auto_accepted', coalesce(sum(b.status = 'auto_accepted'), 0),
@@ -1613,7 +1627,7 @@ TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status,
 
 
 class JsonList(list):
-    """A list parsed from compact JSON text that is kept (`.json`): a tool's text block reuses it."""
+    """A list parsed from compact JSON text, which it keeps (`.json`) for a tool's text block."""
 
     __slots__ = ("json",)
 
@@ -1622,20 +1636,22 @@ class JsonList(list):
         self.json = text
 
 
-def _bug_facets(conn: sqlite3.Connection, where: Where, key: str = "NULL") -> dict[Any, list[tuple]]:
-    """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one pass
-    over a covering index, bugs_test_facets by test or bugs_product_status by product (one query per
-    breakdown read the bugs four times)."""
+def _bug_facets(conn: sqlite3.Connection, where: Where,
+                key: str = "NULL") -> dict[Any, list[tuple]]:
+    """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one
+    pass over a covering index, bugs_test_facets by test or bugs_product_status by product (one
+    query per breakdown read the bugs four times)."""
     out: dict[Any, list[tuple]] = collections.defaultdict(list)
     for k, *facet in conn.execute(
-            f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, count(*) "
-            f"FROM bugs b WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", where.args):
+            f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, "
+            f"count(*) FROM bugs b WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", where.args):
         out[k].append(tuple(facet))
     return out
 
 
 def _bug_summary(facets: Iterable[tuple]) -> dict:
-    """Totals, breakdowns, the five rates with health, and rejection reasons of _bug_facets() rows."""
+    """Totals, breakdowns, the five rates with health, and rejection reasons of _bug_facets()
+    rows."""
     by_status, by_severity, by_type, reasons = (collections.Counter() for _ in range(4))
     known = 0
     for status, severity, bug_type, is_known, reason, n in facets:
@@ -1646,12 +1662,13 @@ def _bug_summary(facets: Iterable[tuple]) -> dict:
         if status == "rejected":
             reasons[reason] += n
 
-    def ordered(counts: collections.Counter) -> dict[str, int]:  # most first, then by value (None first)
-        return {str(k): n for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None,
-                                                                               kv[0] or ""))}
+    def ordered(counts: collections.Counter) -> dict[str, int]:  # most first, then None, then A-Z
+        order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None, kv[0] or ""))
+        return {str(k): n for k, n in order}
 
     total = sum(by_status.values())
-    rates = bug_rates(by_status["accepted"], by_status["auto_accepted"], by_status["rejected"], total)
+    rates = bug_rates(by_status["accepted"], by_status["auto_accepted"], by_status["rejected"],
+                      total)
     return {"total": total,
             "by_status": {s: by_status[s] for s in BUG_STATUSES},
             "by_severity": ordered(by_severity), "by_type": ordered(by_type),
@@ -1667,7 +1684,8 @@ def _platforms(test: dict) -> list[str]:
         os_name = (req.get("operating_system") or {}).get("name")
         low = (req.get("min_operating_system_version") or {}).get("name")
         category = (req.get("category") or {}).get("name")
-        browsers = ", ".join(b.get("name", "") for b in req.get("browsers") or [] if isinstance(b, dict))
+        browsers = ", ".join(b.get("name", "") for b in req.get("browsers") or []
+                             if isinstance(b, dict))
         out.append(" ".join(x for x in (category and f"{category}:", os_name, low and f">= {low}",
                                         browsers and f"({browsers})") if x))
     return out
@@ -1675,14 +1693,18 @@ def _platforms(test: dict) -> list[str]:
 
 def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
     """A test with its bug summary and most recent bugs; None if not stored."""
-    row = conn.execute("SELECT t.*, p.name AS product_name FROM tests t JOIN products p ON p.id = t.product_id "
-                       "WHERE t.id = ?", (test_id,)).fetchone()
+    row = conn.execute("SELECT t.*, p.name AS product_name FROM tests t "
+                       "JOIN products p ON p.id = t.product_id WHERE t.id = ?",
+                       (test_id,)).fetchone()
     if row is None:
         return None
     raw = json.loads(row["raw"])
-    test = {"id": row["id"], "title": row["title"], "product": {"id": row["product_id"], "name": row["product_name"]},
-            "status": row["status"], "review_status": row["review_status"], "testing_type": row["testing_type"],
-            "start_at": row["start_at"], "end_at": row["end_at"], "goal": raw.get("goal_text") or raw.get("goal"),
+    test = {"id": row["id"], "title": row["title"],
+            "product": {"id": row["product_id"], "name": row["product_name"]},
+            "status": row["status"], "review_status": row["review_status"],
+            "testing_type": row["testing_type"], "start_at": row["start_at"],
+            "end_at": row["end_at"],
+            "goal": raw.get("goal_text") or raw.get("goal"),
             "instructions": raw.get("instructions_text") or raw.get("instructions"),
             "out_of_scope": raw.get("out_of_scope_text") or raw.get("out_of_scope"),
             "features": [{"feature_id": f.get("feature_id"), "title": f.get("title"),
@@ -1703,8 +1725,9 @@ BUG_SORT = "b.reported_at DESC, b.id DESC"
 BUG_FILTERS = {"status": "b.status", "severity": "b.severity", "bug_type": "b.bug_type",
                "rejection_reason": "b.rejection_reason"}  # list_bugs' list filters -> column
 # the columns stored before `raw`: a list without details never reads the raw JSON (overflow pages)
-BUG_LIST_COLUMNS = ("b.id, b.title, b.test_id, b.product_id, b.feature_id, b.status, b.severity, b.bug_type, "
-                    "b.known, b.rejection_reason, b.reported_at, b.tester, b.platform, b.exported_at")
+BUG_LIST_COLUMNS = ("b.id, b.title, b.test_id, b.product_id, b.feature_id, b.status, b.severity, "
+                    "b.bug_type, b.known, b.rejection_reason, b.reported_at, b.tester, b.platform, "
+                    "b.exported_at")
 
 
 def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, details: bool) -> dict:
@@ -1716,8 +1739,9 @@ def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, deta
         found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {stored}", stored.args)}
         missing = [t for t in ids if t not in found]
         if missing:
-            raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; call "
-                                  f"get_test_status(test_id) to fetch it, or list_tests to find ids")
+            raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; "
+                                  f"call get_test_status(test_id) to fetch it, or list_tests to "
+                                  f"find ids")
         where.isin("b.test_id", ids)
     else:
         _require_products(conn, f["product_ids"])
@@ -1743,8 +1767,10 @@ def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, deta
 
 def _shape_bug(row: sqlite3.Row, details: bool) -> dict:
     """A bug row as a tool returns it; `details` adds steps, results, devices and comments."""
-    bug = {"id": row["id"], "title": row["title"], "test": {"id": row["test_id"], "title": row["test_title"]},
-           "product_id": row["product_id"], "feature_id": row["feature_id"], "status": row["status"],
+    bug = {"id": row["id"], "title": row["title"],
+           "test": {"id": row["test_id"], "title": row["test_title"]},
+           "product_id": row["product_id"], "feature_id": row["feature_id"],
+           "status": row["status"],
            "severity": row["severity"], "bug_type": row["bug_type"], "known": bool(row["known"]),
            "rejection_reason": row["rejection_reason"], "reported_at": row["reported_at"],
            "tester": row["tester"], "platform": row["platform"]}
@@ -1756,16 +1782,19 @@ def _shape_bug(row: sqlite3.Row, details: bool) -> dict:
             "steps": [s for s in raw.get("steps") or [] if isinstance(s, str)],
             "expected_result": raw.get("expected_result") or None,
             "actual_result": raw.get("actual_result") or None,
-            "feature": {"id": feature.get("id"), "title": feature.get("title")} if feature else None,
+            "feature": ({"id": feature.get("id"), "title": feature.get("title")} if feature
+                        else None),
             "devices": [{"category": (d.get("category") or {}).get("name"),
                          "device": (d.get("device") or {}).get("name"),
                          "operating_system": (d.get("operating_system") or {}).get("name"),
                          "os_version": (d.get("operating_system_version") or {}).get("name"),
-                         "browsers": [b.get("name") for b in d.get("browsers") or [] if isinstance(b, dict)]}
+                         "browsers": [b.get("name") for b in d.get("browsers") or []
+                                      if isinstance(b, dict)]}
                         for d in raw.get("devices") or [] if isinstance(d, dict)],
             "comments": [{"author": (c.get("author") or {}).get("name"), "body": c.get("body")}
                          for c in raw.get("comments") or [] if isinstance(c, dict)],
-            "attachments": [a.get("url") for a in raw.get("attachments") or [] if isinstance(a, dict)],
+            "attachments": [a.get("url") for a in raw.get("attachments") or []
+                            if isinstance(a, dict)],
             "exported": bool(row["exported_at"]), "exported_at": row["exported_at"],
             "language": raw.get("language"), "location": raw.get("location")})
     return bug
@@ -1773,35 +1802,40 @@ def _shape_bug(row: sqlite3.Row, details: bool) -> dict:
 
 def query_bug(conn: sqlite3.Connection, bug_id: int) -> dict | None:
     """Everything stored about one bug; None if not stored."""
-    row = conn.execute("SELECT b.*, t.title AS test_title FROM bugs b JOIN tests t ON t.id = b.test_id "
-                       "WHERE b.id = ?", (bug_id,)).fetchone()
+    row = conn.execute("SELECT b.*, t.title AS test_title FROM bugs b "
+                       "JOIN tests t ON t.id = b.test_id WHERE b.id = ?", (bug_id,)).fetchone()
     return _shape_bug(row, True) if row else None
 
 
 def query_features(conn: sqlite3.Connection, product_id: int, search: str | None) -> dict:
     """A product and its features with user stories and how many tests and bugs touched each."""
     names = _require_products(conn, [product_id])
-    literal = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None
-    pattern = f"%{literal}%" if search else None  # % and _ in the search are text, not wildcards
+    pattern = f"%{_like_literal(search.lower())}%" if search else None
     rows = conn.execute(
-        "SELECT f.*, (SELECT count(DISTINCT tf.test_id) FROM test_features tf WHERE tf.feature_id = f.id) "
+        "SELECT f.*, "
+        " (SELECT count(DISTINCT tf.test_id) FROM test_features tf WHERE tf.feature_id = f.id) "
         "  AS tests, (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id) AS bugs, "
-        " (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id AND b.status = 'rejected') AS rejected_bugs "
-        "FROM features f WHERE f.product_id = ? AND (? IS NULL OR lower(f.title) LIKE ? ESCAPE '\\' "
-        " OR EXISTS (SELECT 1 FROM json_each(f.user_stories) s WHERE lower(s.value) LIKE ? ESCAPE '\\')) "
+        " (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id AND b.status = 'rejected') "
+        "  AS rejected_bugs "
+        "FROM features f WHERE f.product_id = ? "
+        "AND (? IS NULL OR lower(f.title) LIKE ? ESCAPE '\\' "
+        " OR EXISTS (SELECT 1 FROM json_each(f.user_stories) s "
+        "            WHERE lower(s.value) LIKE ? ESCAPE '\\')) "
         "ORDER BY f.title, f.id", (product_id, pattern, pattern, pattern))
-    features = [{"id": r["id"], "title": r["title"], "description": r["description"], "howtofind": r["howtofind"],
-                 "user_stories": json.loads(r["user_stories"]), "tests": r["tests"], "bugs": r["bugs"],
-                 "rejected_bugs": r["rejected_bugs"], "synced_at": r["synced_at"]} for r in rows]
+    features = [{"id": r["id"], "title": r["title"], "description": r["description"],
+                 "howtofind": r["howtofind"], "user_stories": json.loads(r["user_stories"]),
+                 "tests": r["tests"], "bugs": r["bugs"], "rejected_bugs": r["rejected_bugs"],
+                 "synced_at": r["synced_at"]} for r in rows]
     return {"product": {"id": product_id, "name": names[product_id]}, "features": features}
 
 
-TOP_TESTS = 20  # tests a quality report lists by bugs: its totals cover every test, the list stays small
+TOP_TESTS = 20  # tests a quality report lists by bugs (its totals cover every test): a small list
 
 
 def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuses: Sequence[str],
                    testing_type: str | None, start: date | None, end: date | None) -> dict:
-    """The executive report over the tests in scope: tests, bugs, rates, health, per product/test."""
+    """The executive report over the tests in scope: tests, bugs, rates, health, per product and
+    test."""
     names = _require_products(conn, product_ids)
     where = _test_where(product_ids, statuses, testing_type, start, end)
     # the bugs of these products in the order of bugs_product_status, each kept if its test is in
@@ -1812,7 +1846,8 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
 
     def tests_by(column: str) -> dict[str, int]:
         return {str(k): n for k, n in conn.execute(
-            f"SELECT t.{column}, count(*) FROM tests t WHERE {where} GROUP BY 1 ORDER BY 2 DESC", where.args)}
+            f"SELECT t.{column}, count(*) FROM tests t WHERE {where} GROUP BY 1 ORDER BY 2 DESC",
+            where.args)}
 
     by_status = tests_by("status")
     report = {"tests": {"total": sum(by_status.values()), "by_status": by_status,
@@ -1820,18 +1855,20 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
               "bugs": _bug_summary(f for rows in facets.values() for f in rows)}
     if len(product_ids) > 1:
         report["per_product"] = []
-        tests = dict(conn.execute(f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1",
-                                  where.args))
+        tests = dict(conn.execute(
+            f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1", where.args))
         for pid in product_ids:
             summary = _bug_summary(facets.get(pid, []))
-            report["per_product"].append({"product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
-                                          "bugs": summary["total"], "by_status": summary["by_status"],
-                                          "rates": summary["rates"], "health": summary["health"]})
+            report["per_product"].append({
+                "product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
+                "bugs": summary["total"], "by_status": summary["by_status"],
+                "rates": summary["rates"], "health": summary["health"]})
     rows = conn.execute(
-        f"SELECT t.id, t.title, t.product_id, t.status, t.testing_type, t.end_at, count(b.id) AS bugs, "
-        f" sum(b.status = 'open') AS open, sum(b.status = 'accepted') AS accepted, "
-        f" sum(b.status = 'auto_accepted') AS auto_accepted, sum(b.status = 'rejected') AS rejected, "
-        f" sum(b.severity = 'critical') AS critical "
+        f"SELECT t.id, t.title, t.product_id, t.status, t.testing_type, t.end_at, "
+        f" count(b.id) AS bugs, sum(b.status = 'open') AS open, "
+        f" sum(b.status = 'accepted') AS accepted, "
+        f" sum(b.status = 'auto_accepted') AS auto_accepted, "
+        f" sum(b.status = 'rejected') AS rejected, sum(b.severity = 'critical') AS critical "
         f"FROM tests t LEFT JOIN bugs b ON b.test_id = t.id WHERE t.id IN ("
         # the top tests first, each test's bugs counted in the index: grouping every test in scope
         # sorted them all
@@ -1844,7 +1881,8 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
         row = dict(r)
         for key in ("open", "accepted", "auto_accepted", "rejected", "critical"):
             row[key] = row[key] or 0
-        row["rates"] = bug_rates(row["accepted"], row["auto_accepted"], row["rejected"], row["bugs"])
+        row["rates"] = bug_rates(row["accepted"], row["auto_accepted"], row["rejected"],
+                                 row["bugs"])
         report["top_tests"].append(row)
     return report
 
@@ -1868,7 +1906,8 @@ METRIC_DIMENSIONS = {
     "known": ("b.known", False),
 }
 # The aggregates behind the metrics. Each bug joins at most once: the test_features join takes a
-# test's feature once, and features_tested (which repeats a test's bugs per feature) is counted apart.
+# test's feature once, and features_tested (which repeats a test's bugs per feature) is counted
+# apart.
 METRIC_AGGREGATES = {
     "tests": "count(DISTINCT t.id)",
     "bugs": "count(b.id)",
@@ -1880,9 +1919,10 @@ METRIC_AGGREGATES = {
 }
 _RATE_AGGREGATES = ("bugs", "accepted", "auto", "rejected")
 # Grouped by test dimensions only, a test's bugs are counted in the index, one test at a time: the
-# grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more than
-# they save)
-PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'", "auto": " AND b.status = 'auto_accepted'",
+# grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more
+# than they save)
+PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'",
+                   "auto": " AND b.status = 'auto_accepted'",
                    "rejected": " AND b.status = 'rejected'"}
 METRICS = {  # metric -> the aggregates it is computed from
     "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
@@ -1897,95 +1937,110 @@ METRIC_FILTERS = {  # filter key -> column
 }
 
 
-def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
-                    end: date | None) -> list[tuple[str, list]]:
-    """The pivot's SQL and arguments, one query or two whose rows join on the dimensions (d0, d1)."""
-    # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is by
-    # feature anyway, it is counted on its own and the other metrics without that join
+def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
+                    start: date | None, end: date | None) -> list[tuple[str, list]]:
+    """The pivot's SQL and arguments: one query, or two whose rows join on the dimensions (d0,
+    d1)."""
+    # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is
+    # by feature anyway, it is counted on its own and the other metrics without that join
     if "features_tested" in metrics and "feature" not in dimensions and len(metrics) > 1:
-        return [_metrics_query([m for m in metrics if m != "features_tested"], dimensions, filters, start, end),
+        others = [m for m in metrics if m != "features_tested"]
+        return [_metrics_query(others, dimensions, filters, start, end),
                 _metrics_query(["features_tested"], dimensions, filters, start, end)]
     return [_metrics_query(metrics, dimensions, filters, start, end)]
 
 
-def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
-                   end: date | None) -> tuple[str, list]:
+def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
+                   start: date | None, end: date | None) -> tuple[str, list]:
     """Tests (by product or dates through their indexes), their features when needed, and their bugs
     through bugs_test_facets, grouped by the dimensions."""
+    expr = {d: METRIC_DIMENSIONS[d][0] for d in dimensions}
     needed = {a for m in metrics for a in METRICS[m]}
-    columns = [METRIC_DIMENSIONS[d][0] for d in dimensions] + [METRIC_FILTERS[k] for k, v in filters.items() if v]
+    columns = [*expr.values(), *(METRIC_FILTERS[k] for k, v in filters.items() if v)]
     bug_level = any(c.startswith("b.") for c in columns)  # only tests with bugs in the group count
     need_bugs = bug_level or bool(needed - {"tests", "features"})
     need_tf = "features" in needed or "feature" in dimensions
     test, bug = Where(), Where()  # the conditions on tests, and those on bugs
     for key, values in filters.items():
         if values:
-            (test if METRIC_FILTERS[key].startswith("t.") else bug).isin(METRIC_FILTERS[key], values)
+            column = METRIC_FILTERS[key]
+            (test if column.startswith("t.") else bug).isin(column, values)
     test.days("t.end_at", start, end)
-    dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
+    dims = [f"{expr[d]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    of_test = [d for d in dimensions if d != "feature" and not METRIC_DIMENSIONS[d][0].startswith("b.")]
+    of_test = [d for d in dimensions if d != "feature" and not expr[d].startswith("b.")]
     if bug_level and not need_tf and of_test:
-        # a bug column and a test dimension: the tests in scope collected once with their values, then
-        # their bugs (the planner would read every bug, seek its test and reckon the test's values again)
-        values = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
-        dims = [f"s.d{i} AS d{i}" if d in of_test else f"{METRIC_DIMENSIONS[d][0]} AS d{i}"
+        # a bug column and a test dimension: the tests in scope collected once with their values,
+        # then their bugs (the planner would read every bug, seek its test and reckon the test's
+        # values again)
+        values = [f"{expr[d]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
+        dims = [f"s.d{i} AS d{i}" if d in of_test else f"{expr[d]} AS d{i}"
                 for i, d in enumerate(dimensions)]
         aggs = [f"{'count(DISTINCT s.id)' if a == 'tests' else METRIC_AGGREGATES[a]} AS {a}"
                 for a in METRIC_AGGREGATES if a in needed]
         on = Where().add("b.test_id = s.id") & bug
-        return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t WHERE {test}) "
-                f"SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON {on} GROUP BY {group}"), test.args + on.args
+        return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t "
+                f"WHERE {test}) SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON {on} "
+                f"GROUP BY {group}"), test.args + on.args
     if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
         # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their
         # test lists), kept by a probe of those ids, collected once, instead of a seek of each bug's
         # test (by feature, the planner would rather read a feature's bugs of every test)
         if "feature" in dimensions:
             probe = "(b.test_id, b.feature_id)"
-            ids = "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf ON tf.test_id = t.id"
+            ids = ("tf.test_id, tf.feature_id FROM tests t "
+                   "JOIN test_features tf ON tf.test_id = t.id")
         else:
             probe, ids = "b.test_id", "t.id FROM tests t"
         own = {"tests": "count(DISTINCT b.test_id)", "features": "count(DISTINCT b.feature_id)"}
-        dims = [f"{'b.feature_id' if d == 'feature' else METRIC_DIMENSIONS[d][0]} AS d{i}"
+        dims = [f"{'b.feature_id' if d == 'feature' else expr[d]} AS d{i}"
                 for i, d in enumerate(dimensions)]
-        aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}" for a in METRIC_AGGREGATES if a in needed]
+        aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}"
+                for a in METRIC_AGGREGATES if a in needed]
         where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
-        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {where} "
-                f"GROUP BY {group}"), where.args
+        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets "
+                f"WHERE {where} GROUP BY {group}"), where.args
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
-    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the
-    # order tests, their features, their bugs (the planner would start elsewhere and seek the rest
-    # per row)
+    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps
+    # the order tests, their features, their bugs (the planner would start elsewhere and seek the
+    # rest per row)
     inner = bug_level and "feature" in dimensions
-    joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS "
-             "(SELECT 1 FROM test_features x WHERE x.test_id = t.id AND x.feature_id = tf.feature_id "
-             "AND x.test_feature_id < tf.test_feature_id)" if need_tf else "")
+    joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id "
+             "AND NOT EXISTS (SELECT 1 FROM test_features x WHERE x.test_id = t.id "
+             "AND x.feature_id = tf.feature_id AND x.test_feature_id < tf.test_feature_id)"
+             if need_tf else "")
     # a bug is reached by its test (and feature) in bugs_test_facets, never through
-    # bugs_feature_status: a feature's bugs span every test, and that path read all of them again for
-    # each test
-    on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
+    # bugs_feature_status: a feature's bugs span every test, and that path read all of them again
+    # for each test
+    on = "b.test_id = t.id"
+    if "feature" in dimensions:
+        on += " AND b.feature_id = tf.feature_id"
     where = test & bug
     if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS}:
         counts = [f"(SELECT count(*) FROM bugs b WHERE {on}{cond}) AS {a}"
                   for a, cond in PER_TEST_COUNTS.items() if a in needed]
         sums = ["count(*) AS tests"] + [f"sum({a}) AS {a}" for a in PER_TEST_COUNTS if a in needed]
-        return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} FROM tests t "
-                f"WHERE {where}) GROUP BY {group}"), where.args
+        return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} "
+                f"FROM tests t WHERE {where}) GROUP BY {group}"), where.args
     if need_bugs:
-        joins += f" {'CROSS JOIN' if inner else 'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
+        join = "CROSS JOIN" if inner else "JOIN" if bug_level else "LEFT JOIN"
+        joins += f" {join} bugs b ON {on}"
     aggs = [f"{METRIC_AGGREGATES[a]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
-    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {where} GROUP BY {group}"), where.args
+    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {where} "
+            f"GROUP BY {group}"), where.args
 
 
-def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
-                      start: date | None, end: date | None, sort_by: str | None) -> list[dict]:
+def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str],
+                      filters: dict, start: date | None, end: date | None,
+                      sort_by: str | None) -> list[dict]:
     """A pivot: one row per combination of the dimensions with the requested metrics."""
     if filters.get("product_ids"):
         _require_products(conn, filters["product_ids"])
     cells: dict[tuple, dict] = {}
     for query in metrics_queries(metrics, dimensions, filters, start, end):
         for r in conn.execute(*query):
-            cells.setdefault(tuple(r[f"d{i}"] for i in range(len(dimensions))), {}).update(zip(r.keys(), r))
+            cell = tuple(r[f"d{i}"] for i in range(len(dimensions)))
+            cells.setdefault(cell, {}).update(zip(r.keys(), r))
     rows = []
     for cell, got in cells.items():
         row = dict(zip(dimensions, cell))
@@ -2006,19 +2061,21 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
     return rows
 
 
-def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
+def _label_dimensions(conn: sqlite3.Connection, rows: list[dict],
+                      dimensions: Sequence[str]) -> None:
     """Names beside ids: product_name, and for a feature its title and its product (two products'
     "Wishlist" features are different features)."""
     if "product" in dimensions:
-        where = Where().isin("id", sorted({r["product"] for r in rows if r["product"] is not None}))
-        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", where.args).fetchall())
+        where = Where().isin("id", sorted({r["product"] for r in rows} - {None}))
+        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}",
+                                  where.args).fetchall())
         for r in rows:
             r["product_name"] = names.get(r["product"])
     if "feature" in dimensions:
-        where = Where().isin("f.id", sorted({r["feature"] for r in rows if r["feature"] is not None}))
+        where = Where().isin("f.id", sorted({r["feature"] for r in rows} - {None}))
         features = {f: (title, pid, name) for f, title, pid, name in conn.execute(
-            f"SELECT f.id, f.title, p.id, p.name FROM features f JOIN products p ON p.id = f.product_id "
-            f"WHERE {where}", where.args)}
+            f"SELECT f.id, f.title, p.id, p.name FROM features f "
+            f"JOIN products p ON p.id = f.product_id WHERE {where}", where.args)}
         for r in rows:
             title, pid, name = features.get(r["feature"], (None, None, None))
             r["feature_name"], r["product_id"], r["product_name"] = title, pid, name
@@ -2036,8 +2093,8 @@ FTS_ID_MASK = (1 << 40) - 1
 
 def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | None:
     """User text as a safe FTS5 query: every word quoted (operators become words), the last one a
-    prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched in
-    title and body only (the product_id column is indexed for product scopes)."""
+    prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched
+    in title and body only (the product_id column is indexed for product scopes)."""
     words = re.findall(r"\w+", text, flags=re.UNICODE)
     if not words:
         return None
@@ -2049,11 +2106,11 @@ def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | N
 
 def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
                  product_ids: Sequence[int], limit: int) -> dict:
-    """BM25-ranked matches (title weighted 10x) over products, features, tests and bugs: the rows with
-    every word; if they are fewer than `limit`, the last word also as a prefix ("check" finds
+    """BM25-ranked matches (title weighted 10x) over products, features, tests and bugs: the rows
+    with every word; if they are fewer than `limit`, the last word also as a prefix ("check" finds
     "checkout"); if none, the rows with any word. Returns {"results", "capped"}: "capped" names the
-    kinds with more than SEARCH_CANDIDATES matches, of which only the newest were ranked. (The exact
-    pass comes first because a prefix query reads every matching term's whole doclist.)"""
+    kinds with more than SEARCH_CANDIDATES matches, of which only the newest were ranked. (The
+    exact pass comes first because a prefix query reads every matching term's whole doclist.)"""
     _require_products(conn, product_ids)  # a mistyped id must not look like "nothing found"
     found = _search(conn, fts_query(query, prefix=False), entities, product_ids, limit)
     if len(found["results"]) < limit:
@@ -2070,11 +2127,11 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
     if product_ids:  # in the index: the newest matches of these products, however many others have
         match += f" AND product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
     candidates, capped = [], []
-    for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range scan
+    for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range
         code = SEARCH_ENTITIES.index(kind) + 1
         rows = conn.execute(  # BM25 over title (10x) and body; the product id weighs nothing
-            f"SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts WHERE search_fts MATCH ? "
-            f"AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
+            "SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts "
+            "WHERE search_fts MATCH ? AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
             [match, code << 40, (code << 40) | FTS_ID_MASK, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
@@ -2082,16 +2139,18 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
     best = sorted(candidates, key=lambda r: (r[1], -r[0]))[:limit]
     if not best:
         return {"results": [], "capped": capped}
-    # snippets of the winners only, per kind: a scan of the rowid range of that kind's winners (within
-    # its candidates, so bounded); `+rowid IN` keeps FTS5 from seeking each rowid, which re-reads the
-    # doclists every time
+    # snippets of the winners only, per kind: a scan of the rowid range of that kind's winners
+    # (within its candidates, so bounded); `+rowid IN` keeps FTS5 from seeking each rowid, which
+    # re-reads the doclists every time
     details = {}
     for code in sorted({r[0] >> 40 for r in best}):
         rowids = [r[0] for r in best if r[0] >> 40 == code]
         details.update((r["rowid"], r) for r in conn.execute(
-            f"SELECT rowid, entity, product_id, title, snippet(search_fts, 1, '[', ']', '...', 12) AS snippet "
+            f"SELECT rowid, entity, product_id, title, "
+            f"snippet(search_fts, 1, '[', ']', '...', 12) AS snippet "
             f"FROM search_fts WHERE search_fts MATCH ? AND rowid BETWEEN ? AND ? "
-            f"AND +rowid IN ({_placeholders(len(rowids))})", [match, min(rowids), max(rowids), *rowids]))
+            f"AND +rowid IN ({_placeholders(len(rowids))})",
+            [match, min(rowids), max(rowids), *rowids]))
     results = [{"entity": d["entity"], "id": rowid & FTS_ID_MASK, "product_id": d["product_id"],
                 "title": d["title"], "snippet": d["snippet"], "score": round(-score, 3)}
                for rowid, score in best if (d := details.get(rowid)) is not None]
@@ -2100,7 +2159,8 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
 
 def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
     """The most recent sync runs, newest first."""
-    return [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT ?", (limit,))]
+    return [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT ?",
+                                          (limit,))]
 
 
 ###############################################################################
