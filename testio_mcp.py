@@ -2168,9 +2168,10 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 ###############################################################################
 
 RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
-# the request counter of the sync run the current task belongs to (its tasks inherit it): a run counts
-# its own requests, not those a tool makes meanwhile on the same client
-RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests", default=None)
+# the request counter of the sync run the current task belongs to (its tasks inherit it): a run
+# counts its own requests, not those a tool makes meanwhile on the same client
+RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests",
+                                                                               default=None)
 # Larger answers (a page of 100 tests) are decoded on a thread of the client, not on the event loop
 # that serves the tools; bug batches are decoded where they are stored.
 DECODE_OFF_LOOP_BYTES = 64 * 1024
@@ -2212,15 +2213,17 @@ class TestioClient:
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         if not settings.token:
-            raise ConfigError(f"{ENV_TOKEN} is not set: create a token in TestIO under Integrations -> API "
-                              f"and put it in the environment or ~/.testio-mcp.env (or try --demo)")
+            raise ConfigError(f"{ENV_TOKEN} is not set: create a token in TestIO under "
+                              f"Integrations -> API and put it in the environment or "
+                              f"~/.testio-mcp.env (or try --demo)")
         self.settings = settings
         self.metrics = ApiMetrics()
         self._sleep = sleep
         self._rand = rand
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._transport = transport
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")  # see DECODE_OFF_LOOP_BYTES
+        # answers over DECODE_OFF_LOOP_BYTES are decoded here
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")
         # made on first use: the server would otherwise set up TLS before it answers `initialize`
         self._http: httpx.AsyncClient | None = None
 
@@ -2231,7 +2234,8 @@ class TestioClient:
                 base_url=settings.base_url.rstrip("/") + "/",
                 headers={"Authorization": f"Token {settings.token}", "Accept": "application/json",
                          "User-Agent": f"testio-mcp/{__version__}"},
-                timeout=httpx.Timeout(settings.http_timeout, connect=min(10.0, settings.http_timeout)),
+                timeout=httpx.Timeout(settings.http_timeout,
+                                      connect=min(10.0, settings.http_timeout)),
                 limits=httpx.Limits(max_connections=settings.max_concurrency,
                                     max_keepalive_connections=settings.max_concurrency),
                 transport=self._transport,
@@ -2281,23 +2285,27 @@ class TestioClient:
                         return response.json()
                     except ValueError:  # UnicodeDecodeError included
                         self.metrics.errors["malformed"] += 1
-                        raise MalformedResponseError(f"{where} answered malformed JSON", status) from None
+                        raise MalformedResponseError(f"{where} answered malformed JSON",
+                                                     status) from None
                 self.metrics.errors[str(status)] += 1
                 if status == 401:
-                    raise AuthError(f"the TestIO API rejected the token (HTTP 401 on {where}): check "
-                                    f"{ENV_TOKEN}, or create a new token in TestIO under Integrations -> API",
-                                    status)
+                    raise AuthError(f"the TestIO API rejected the token (HTTP 401 on {where}): "
+                                    f"check {ENV_TOKEN}, or create a new token in TestIO under "
+                                    f"Integrations -> API", status)
                 if status in (403, 404):
-                    raise NotFoundError(f"{where}: HTTP {status}, not visible to this token", status)
+                    raise NotFoundError(f"{where}: HTTP {status}, not visible to this token",
+                                        status)
                 if status == 429:
                     limited += 1
                     wait = parse_retry_after(response.headers.get("Retry-After"), time.time())
                     if wait is not None and wait > RETRY_AFTER_CAP:
-                        raise RateLimitedError(f"{where}: rate limited, the API asks to wait {wait:.0f}s "
-                                               f"(more than {RETRY_AFTER_CAP:.0f}s); try again later", status)
+                        raise RateLimitedError(
+                            f"{where}: rate limited, the API asks to wait {wait:.0f}s (more than "
+                            f"{RETRY_AFTER_CAP:.0f}s); try again later", status)
                     if limited > MAX_RATE_LIMITED:
-                        raise RateLimitedError(f"{where}: still rate limited after {limited} tries; "
-                                               f"lower {ENV_CONCURRENCY} or try again later", status)
+                        raise RateLimitedError(
+                            f"{where}: still rate limited after {limited} tries; lower "
+                            f"{ENV_CONCURRENCY} or try again later", status)
                     if wait is None:
                         wait = backoff_delay(limited - 1, self.settings.retry_base, self._rand())
                     self.metrics.retries += 1
@@ -2310,10 +2318,12 @@ class TestioClient:
                 status = None
                 self.metrics.errors["timeout" if "timeout" in failure else "connection"] += 1
             if attempt >= (retries_500 if status == 500 and retries_500 is not None else retries):
-                base = re.sub(r"//[^/@]*@", "//", self.settings.base_url)  # never a user:password@ in it
+                # the base URL without a user:password@ in it
+                base = re.sub(r"//[^/@]*@", "//", self.settings.base_url)
                 unreachable = "" if status else (f" from {base}; check the network, or "
                                                  f"{ENV_BASE_URL} if that is not the API's address")
-                raise ServerError(f"{where}: {failure} after {attempt + 1} attempts{unreachable}", status)
+                raise ServerError(f"{where}: {failure} after {attempt + 1} attempts{unreachable}",
+                                  status)
             self.metrics.retries += 1
             await self._sleep(backoff_delay(attempt, self.settings.retry_base, self._rand()))
             attempt += 1
@@ -2324,11 +2334,15 @@ class TestioClient:
             raise MalformedResponseError(f"{where}: expected a JSON object with {key!r}")
         value = body[key]
         if isinstance(value, list) and many:
-            bad = next((v for v in value if not isinstance(v, dict) or not isinstance(v.get("id"), int)), None)
+            bad = next((v for v in value
+                        if not isinstance(v, dict) or not isinstance(v.get("id"), int)), None)
             if bad is not None:
-                raise MalformedResponseError(f"{where}: an item of {key!r} has no numeric id: {str(bad)[:80]}")
-        elif many or not isinstance(value, dict):  # a list endpoint answering an object would be iterated by key
-            raise MalformedResponseError(f"{where}: {key!r} is not a {'list' if many else 'JSON object'}")
+                raise MalformedResponseError(f"{where}: an item of {key!r} has no numeric id: "
+                                             f"{str(bad)[:80]}")
+        # a list endpoint answering an object would be iterated by key
+        elif many or not isinstance(value, dict):
+            raise MalformedResponseError(f"{where}: {key!r} is not a "
+                                         f"{'list' if many else 'JSON object'}")
         return value
 
     async def get_products(self) -> list[dict]:
@@ -2339,7 +2353,8 @@ class TestioClient:
                              retries_500: int = PAGE_RETRIES) -> list[dict]:
         """One page of a product's tests, newest first by end_at."""
         path = f"products/{product_id}/exploratory_tests"
-        body = await self._request(path, {"page": page, "per_page": per_page}, retries_500=retries_500)
+        body = await self._request(path, {"page": page, "per_page": per_page},
+                                   retries_500=retries_500)
         return self._items(body, "exploratory_tests", f"GET {path}")
 
     async def get_test(self, test_id: int) -> dict:
@@ -2382,8 +2397,8 @@ class TestioClient:
             body = await self._request(f"products/{product['id']}")
             product = self._items(body, "product", "GET product", many=False)
             sections = section_ids(product)
-        pages = await asyncio.gather(*(self._request(f"products/{product['id']}/sections/{s}/features")
-                                       for s in sections))
+        pages = await asyncio.gather(*(
+            self._request(f"products/{product['id']}/sections/{s}/features") for s in sections))
         merged: dict[int, dict] = {}
         for section, body in zip(sections, pages):
             for feature in self._items(body, "features", "GET section features"):
