@@ -2496,7 +2496,8 @@ class SyncResult:
     def as_dict(self) -> dict:
         """The result as plain JSON-able data."""
         data = dataclasses.asdict(self)
-        for name in ("new_tests", "updated_tests", "deleted_tests", "bugs", "features", "pages", "problems"):
+        for name in ("new_tests", "updated_tests", "deleted_tests", "bugs", "features", "pages",
+                     "problems"):
             data[name] = self.total(name)
         return data
 
@@ -2530,15 +2531,15 @@ class WalkStep:
 
 
 class WalkRule:
-    """The stop/resume rule of a walk over a product's tests, newest first, PAGE_SIZE a page. Pure:
-    SyncEngine._walk reads and stores each page, then asks `after()` where to go.
+    """The stop/resume rule of a walk over a product's tests, newest first, PAGE_SIZE a page.
+    Pure: SyncEngine._walk reads and stores each page, then asks `after()` where to go.
 
-    A page shorter than PAGE_SIZE is the last. A full walk reads to the end. An incremental one stops
-    SAFETY_PAGES past the first page holding a `known` test, and reads at least `min_pages`. Where an
-    interrupted walk left a `checkpoint`, that walk then goes on from it in its own mode: a full one
-    to the end, an incremental one until the tests known before it began (the pages it stored hold
-    tests that only look known). With `since`, the walk stops after the first page whose tests all
-    ended before that day."""
+    A page shorter than PAGE_SIZE is the last. A full walk reads to the end. An incremental one
+    stops SAFETY_PAGES past the first page holding a `known` test, and reads at least `min_pages`.
+    Where an interrupted walk left a `checkpoint`, that walk then goes on from it in its own mode:
+    a full one to the end, an incremental one until the tests known before it began (the pages it
+    stored hold tests that only look known). With `since`, the walk stops after the first page
+    whose tests all ended before that day."""
 
     def __init__(self, full: bool, known: set[int], *, checkpoint: Checkpoint | None = None,
                  min_pages: int = 0, since: date | None = None) -> None:
@@ -2546,7 +2547,7 @@ class WalkRule:
         self.known = known
         self.checkpoint = checkpoint
         self.min_pages = min_pages
-        self.since = iso(datetime.combine(since, datetime.min.time(), timezone.utc)) if since else None
+        self.since = day_bounds(since, None)[0]  # the start of that day as stored text
         self.boundary: int | None = None  # the first page that held a known test
 
     @property
@@ -2558,12 +2559,14 @@ class WalkRule:
         """The step after `page`, which held `tests` and was the `last` page of the list."""
         if last:
             return WalkStep("end")
-        if self.since and tests and all((to_utc(t.get("end_at")) or "") < self.since for t in tests):
+        if self.since and tests and all((to_utc(t.get("end_at")) or "") < self.since
+                                        for t in tests):
             return WalkStep("stop")
         if not self.full:
             if self.boundary is None and any(t["id"] in self.known for t in tests):
                 self.boundary = page
-            if self.boundary is not None and page >= max(self.boundary + SAFETY_PAGES, self.min_pages):
+            if (self.boundary is not None
+                    and page >= max(self.boundary + SAFETY_PAGES, self.min_pages)):
                 if self.checkpoint is None:
                     return WalkStep("stop")
                 resumed, self.checkpoint, self.boundary = self.checkpoint, None, None
@@ -2572,21 +2575,24 @@ class WalkRule:
         return WalkStep("next", page + 1)
 
 
-async def fetch_test(db: Database, client: TestioClient, test_id: int, *, product_id: int | None = None,
+async def fetch_test(db: Database, client: TestioClient, test_id: int, *,
+                     product_id: int | None = None,
                      queue_bugs: Callable[[Iterable[int]], None] | None = None) -> PageWrite:
-    """Read one test from the API into the store (read-through) and return what storing it changed;
-    NotFoundError when the API no longer shows it. For a tool (no `product_id`) the test's own
-    product is stored too, as it may be new here, and its bugs are read at once. The sync gives the
-    product it syncs (kept unless the test names another) and `queue_bugs`, which takes the test
-    when its bugs are due."""
+    """Read one test from the API into the store (read-through) and return what storing it
+    changed; NotFoundError when the API no longer shows it. For a tool (no `product_id`) the test's
+    own product is stored too, as it may be new here, and its bugs are read at once. The sync gives
+    the product it syncs (kept unless the test names another) and `queue_bugs`, which takes the
+    test when its bugs are due."""
     test = await client.get_test(test_id)
     named = test.get("product") if isinstance(test.get("product"), dict) else None
     now = iso(utc_now())
     if product_id is None:
         if named is None or not isinstance(named.get("id"), int):
-            raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no product")
+            raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no "
+                                         f"product")
         await db.write(upsert_products, [named], now)
-    write = await db.write(store_tests, named.get("id", product_id) if named else product_id, [test], now)
+    owner = named.get("id", product_id) if named else product_id
+    write = await db.write(store_tests, owner, [test], now)
     if queue_bugs is not None:
         queue_bugs(write.bugs_due)
     else:
@@ -2596,11 +2602,11 @@ async def fetch_test(db: Database, client: TestioClient, test_id: int, *, produc
 
 
 class _BugFetcher:
-    """Fetches and stores the bugs of tests as their ids arrive, BUG_BATCH_TESTS a request, splitting
-    a batch that fails (524, 5xx) down to single tests. It adds the bugs it stores to `result.bugs`
-    and calls progress() after each batch; it counts the batches it split (`splits`) and the tests
-    whose bugs it could not fetch (`failed`). `slots` bounds the batches requested and not yet
-    stored, across the products of a sync."""
+    """Fetches and stores the bugs of tests as their ids arrive, BUG_BATCH_TESTS a request,
+    splitting a batch that fails (524, 5xx) down to single tests. It adds the bugs it stores to
+    `result.bugs` and calls progress() after each batch; it counts the batches it split (`splits`)
+    and the tests whose bugs it could not fetch (`failed`). `slots` bounds the batches requested
+    and not yet stored, across the products of a sync."""
 
     def __init__(self, client: TestioClient, db: Database, slots: asyncio.Semaphore,
                  result: ProductResult, progress: Callable[[], None]) -> None:
@@ -2627,7 +2633,8 @@ class _BugFetcher:
 
     def _start(self, batch: list[int]) -> None:
         task = asyncio.create_task(self._fetch(batch))
-        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no traceback
+        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no
+        # traceback
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self.tasks.append(task)
 
@@ -2644,11 +2651,12 @@ class _BugFetcher:
             task.cancel()
 
     async def _fetch(self, batch: list[int]) -> None:
-        # a slot from request to stored: when the API answers faster than SQLite stores, the answers
-        # wait undecoded at the API instead of piling up decoded in memory
+        # a slot from request to stored: when the API answers faster than SQLite stores, the
+        # answers wait undecoded at the API instead of piling up decoded in memory
         async with self.slots:
             try:
-                answer = await self.client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                answer = await self.client.get_bug_answer(
+                    batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
                 # decoded and stored in one call on the writer thread: the event loop, which serves
                 # the tools, only waits (a second thread decoding would compete with it for the GIL)
                 stored = await self.db.run(store_bug_answer, self.client.decode_bugs, batch, answer,
@@ -2659,7 +2667,8 @@ class _BugFetcher:
                 self.result.bugs += stored
                 self.progress()
                 return
-        if len(batch) == 1:  # the halves below take slots of their own, so this one is given back first
+        # the halves below take slots of their own, so this one is given back first
+        if len(batch) == 1:
             self.failed += 1
             log.error("bugs of test %s could not be fetched: %s", batch[0], failure)
             return
@@ -2669,7 +2678,8 @@ class _BugFetcher:
 
 
 class SyncEngine:
-    """Runs syncs: products concurrently, pages and bug batches bounded by the client's semaphore."""
+    """Runs syncs: products concurrently, pages and bug batches bounded by the client's
+    semaphore."""
 
     def __init__(self, db: Database, client: TestioClient, settings: Settings,
                  on_progress: ProgressFn | None = None) -> None:
@@ -2684,7 +2694,8 @@ class SyncEngine:
         # RECOVERY_RECHECK: an incremental walk reads around them instead of recovering again
         self._known_bad: dict[int, dict[int, dict]] = {}
         # bug batches requested but not yet stored, across products: bounds the sync's memory
-        self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
+        self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT
+                                                  * settings.max_concurrency)
 
     async def run(self, mode: str = "incremental", *, trigger: str = "cli",
                   product_ids: Sequence[int] = (), since: date | None = None) -> SyncResult:
@@ -2697,11 +2708,13 @@ class SyncEngine:
         self._run_id = None
         self._generation = self.db.generation
         started = time.monotonic()
-        result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running", started_at=iso(utc_now()))
+        result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running",
+                            started_at=iso(utc_now()))
         try:
             result.run_id = self._run_id = await self.db.write(start_run, mode, trigger)
             products = await self._sync_products(product_ids, nuke=mode == "nuke")
-            result.products = [ProductResult(p["id"], str(p.get("name") or p["id"])) for p in products]
+            result.products = [ProductResult(p["id"], str(p.get("name") or p["id"]))
+                               for p in products]
             outcomes = await asyncio.gather(
                 *(self._guarded(p, r, mode, since) for p, r in zip(products, result.products)),
                 return_exceptions=True)
@@ -2712,15 +2725,17 @@ class SyncEngine:
             failed = [r for r in result.products if r.status == "failed"]
             if result.products and len(failed) == len(result.products):
                 result.status, result.error = "failed", failed[0].error
-            elif any(r.status != "success" for r in result.products):  # failed, or bugs/positions missing
+            # failed, or bugs/positions missing
+            elif any(r.status != "success" for r in result.products):
                 result.status = "completed_with_problems"
-                result.error = "; ".join(f"product {r.product_id}: {r.error}" for r in result.products
-                                         if r.error) or None
+                result.error = "; ".join(f"product {r.product_id}: {r.error}"
+                                         for r in result.products if r.error) or None
             else:
                 result.status = "success"
         except CacheRebuiltError as exc:
             result.status, result.error = "failed", str(exc)
-            raise  # the run's rows went with the damaged file: the caller starts over on the fresh one
+            # the run's rows went with the damaged file: the caller starts over on the fresh one
+            raise
         except (TestioError, OSError, sqlite3.Error) as exc:
             result.status, result.error = "failed", str(exc)
         except asyncio.CancelledError:
@@ -2735,9 +2750,11 @@ class SyncEngine:
                 if result.run_id:
                     await asyncio.shield(self.db.write(finish_run, result.run_id, {
                         "status": result.status, "products": len(result.products),
-                        "new_tests": result.total("new_tests"), "updated_tests": result.total("updated_tests"),
+                        "new_tests": result.total("new_tests"),
+                        "updated_tests": result.total("updated_tests"),
                         "bugs": result.total("bugs"), "features": result.total("features"),
-                        "api_requests": result.api_requests, "recovery_attempts": result.recovery_attempts,
+                        "api_requests": result.api_requests,
+                        "recovery_attempts": result.recovery_attempts,
                         "problems": result.total("problems"), "error": result.error}))
         return result
 
@@ -2750,15 +2767,18 @@ class SyncEngine:
             visible = {p["id"] for p in products}
             missing = sorted(limit - visible)
             if missing:
-                raise ConfigError(f"product id(s) {', '.join(map(str, missing))} are not visible to this "
-                                  f"token; visible: {', '.join(map(str, sorted(visible))) or 'none'}")
+                raise ConfigError(f"product id(s) {', '.join(map(str, missing))} are not visible "
+                                  f"to this token; visible: "
+                                  f"{', '.join(map(str, sorted(visible))) or 'none'}")
             products = [p for p in products if p["id"] in limit]
-        await self.db.write(wipe_and_store_products if nuke else upsert_products, products, iso(utc_now()))
+        await self.db.write(wipe_and_store_products if nuke else upsert_products, products,
+                            iso(utc_now()))
         if nuke:
             await self.db.run(maybe_compact, True)
         return products
 
-    async def _guarded(self, product: dict, result: ProductResult, mode: str, since: date | None) -> None:
+    async def _guarded(self, product: dict, result: ProductResult, mode: str,
+                       since: date | None) -> None:
         try:
             await self._sync_product(product, result, mode, since)
         except (AuthError, RateLimitedError, CacheRebuiltError):
@@ -2768,17 +2788,18 @@ class SyncEngine:
             self._same_cache()
             result.status, result.error = "failed", str(exc)
             log.error("sync of product %s failed: %s", product["id"], exc)
-        except Exception as exc:  # the per-product guard: one product's bug must not stop the others
+        except Exception as exc:  # the per-product guard: one product's bug must not stop others
             result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("sync of product %s failed", product["id"])
         finally:
             self.on_progress(result, "done")
 
     def _same_cache(self) -> None:
-        """CacheRebuiltError when the cache file was replaced (found damaged) during the run: what the
-        run read and wrote went partly to the old file."""
+        """CacheRebuiltError when the cache file was replaced (found damaged) during the run: what
+        the run read and wrote went partly to the old file."""
         if self.db.generation != self._generation:
-            raise CacheRebuiltError(self.db.healed.note() if self.db.healed else "the cache was replaced")
+            raise CacheRebuiltError(self.db.healed.note() if self.db.healed
+                                    else "the cache was replaced")
 
     async def _sync_product(self, product: dict, result: ProductResult, mode: str,
                             since: date | None) -> None:
@@ -2791,7 +2812,8 @@ class SyncEngine:
                            lambda: self.on_progress(result, "bugs"))
         if mode in ("incremental", "refresh"):
             fresh = iso(utc_now() - RECOVERY_RECHECK)
-            self._known_bad[pid] = {e["offset_start"]: e for e in await self.db.read(problematic_events, pid)
+            events = await self.db.read(problematic_events, pid)
+            self._known_bad[pid] = {e["offset_start"]: e for e in events
                                     if e["run_id"] is not None and e["last_seen_at"] > fresh}
         try:
             if mode != "incremental" or await self.db.read(features_due, pid):
@@ -2800,8 +2822,8 @@ class SyncEngine:
             plan = await self.db.read(refresh_plan, pid) if mode == "refresh" else None
             # --refresh reads the top pages when they hold every non-final test for fewer requests
             depth = plan["pages"] if plan and plan["pages"] < len(plan["ids"]) else 0
-            rule = WalkRule(full, known, checkpoint=await self._checkpoint(pid, state), min_pages=depth,
-                            since=since)
+            rule = WalkRule(full, known, checkpoint=await self._checkpoint(pid, state),
+                            min_pages=depth, since=since)
             seen, complete = await self._walk(product, result, bugs, rule)
             if mode in ("force", "nuke") and result.problems == 0 and complete:
                 await self._verify_unseen(product, result, bugs, known - seen)
@@ -2814,7 +2836,8 @@ class SyncEngine:
             if features is not None:
                 await features
         except BaseException:
-            # the product failed: stop its other requests (the next sync redoes what they would have)
+            # the product failed: stop its other requests (the next sync redoes what they would
+            # have done)
             bugs.cancel()
             if features is not None:
                 features.cancel()
@@ -2823,12 +2846,14 @@ class SyncEngine:
             self.recovery_attempts += bugs.splits
         result.status = "completed_with_problems" if result.problems or bugs.failed else "success"
         if bugs.failed:
-            result.error = f"bugs of {bugs.failed} test(s) could not be fetched; the next sync retries them"
+            result.error = (f"bugs of {bugs.failed} test(s) could not be fetched; the next sync "
+                            f"retries them")
         await self.db.write(finish_walk, pid, result.status, iso(utc_now()))
 
     async def _sync_features(self, product: dict, result: ProductResult) -> None:
         features = await self.client.get_features(product)
-        result.features = await self.db.write(replace_features, product["id"], features, iso(utc_now()))
+        result.features = await self.db.write(replace_features, product["id"], features,
+                                              iso(utc_now()))
 
     async def _checkpoint(self, pid: int, state: dict) -> Checkpoint | None:
         """Where an interrupted walk of the product stopped (None when its last walk ended)."""
@@ -2866,20 +2891,22 @@ class SyncEngine:
                          before: dict | None) -> tuple[list[dict], bool]:
         """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page)."""
         start = (page - 1) * PAGE_SIZE
-        known = {o: e for o, e in self._known_bad.get(pid, {}).items() if start <= o < start + PAGE_SIZE}
+        known = {o: e for o, e in self._known_bad.get(pid, {}).items()
+                 if start <= o < start + PAGE_SIZE}
         if known:
             around = await self._read_around(pid, page, result, before, known)
             if around is not None:
                 return around
-            log.warning("product %s page %s: the tests around its known unreadable position(s) moved; "
-                        "recovering it in full", pid, page)
+            log.warning("product %s page %s: the tests around its known unreadable position(s) "
+                        "moved; recovering it in full", pid, page)
         try:
             tests = await self.client.get_tests_page(pid, page, PAGE_SIZE)
             return tests, len(tests) < PAGE_SIZE
         except ServerError as exc:
             if exc.status != 500:
                 raise
-        log.warning("product %s page %s answers HTTP 500; re-reading it in smaller pages", pid, page)
+        log.warning("product %s page %s answers HTTP 500; re-reading it in smaller pages", pid,
+                    page)
         found: dict[int, dict] = {}
         broken: list[tuple[int, int]] = []  # (offset, attempts)
         await self._recover(pid, start, start + PAGE_SIZE, RECOVERY_PAGE_SIZES, found, broken)
@@ -2889,11 +2916,11 @@ class SyncEngine:
             prev = found.get(offset - 1) or (before if offset == start else None)
             nxt = found.get(offset + 1)
             if nxt is None and offset + 1 == start + PAGE_SIZE:  # the next test opens the next page
-                with contextlib.suppress(ApiError):
-                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
+                nxt = await self._test_at(pid, offset + 1)
             event = {"product_id": pid, "page": page, "per_page": PAGE_SIZE, "offset_start": offset,
                      "offset_end": offset + 1, "before_id": (prev or {}).get("id"),
-                     "before_end_at": to_utc((prev or {}).get("end_at")), "after_id": (nxt or {}).get("id"),
+                     "before_end_at": to_utc((prev or {}).get("end_at")),
+                     "after_id": (nxt or {}).get("id"),
                      "after_end_at": to_utc((nxt or {}).get("end_at")), "attempts": attempts,
                      "seen_at": iso(utc_now()), "run_id": self._run_id}
             event_id = await self.db.write(record_problem, event)
@@ -2911,7 +2938,8 @@ class SyncEngine:
         reads = reads_around(start, start + PAGE_SIZE, set(known))
         self.recovery_attempts += len(reads)
         try:
-            answers = await asyncio.gather(*(self.client.get_tests_page(pid, p, size) for p, size in reads))
+            answers = await asyncio.gather(*(self.client.get_tests_page(pid, p, size)
+                                             for p, size in reads))
         except ServerError as exc:
             if exc.status != 500:
                 raise
@@ -2924,17 +2952,24 @@ class SyncEngine:
             nxt = found.get(offset + 1)
             if nxt is None and offset + 1 == start + PAGE_SIZE:
                 self.recovery_attempts += 1
-                with contextlib.suppress(ApiError):
-                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
-            if (prev or {}).get("id") != event["before_id"] or (nxt or {}).get("id") != event["after_id"]:
+                nxt = await self._test_at(pid, offset + 1)
+            if ((prev or {}).get("id"), (nxt or {}).get("id")) != (event["before_id"],
+                                                                    event["after_id"]):
                 return None
         for offset, event in sorted(known.items()):
             result.problems += 1
-            log.error("product %s: the test at position %s (page %s) could not be read by the last full "
-                      "recovery (event %s), skipped; `sync --force` retries it", pid, offset, page,
-                      event["event_id"])
+            log.error("product %s: the test at position %s (page %s) could not be read by the last "
+                      "full recovery (event %s), skipped; `sync --force` retries it", pid, offset,
+                      page, event["event_id"])
         end = max([*found, *known]) + 1
         return [found[o] for o in sorted(found)], end - start < PAGE_SIZE
+
+    async def _test_at(self, pid: int, offset: int) -> dict | None:
+        """The test at a position, read alone; None past the end or when the read fails."""
+        with contextlib.suppress(ApiError):
+            alone = await self.client.get_tests_page(pid, offset + 1, 1, MAX_RETRIES)
+            return alone[0] if alone else None
+        return None
 
     async def _recover(self, pid: int, start: int, end: int, sizes: Sequence[int],
                        found: dict[int, dict], broken: list[tuple[int, int]]) -> None:
@@ -2963,9 +2998,10 @@ class SyncEngine:
 
     async def _verify_unseen(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                              unseen: set[int]) -> None:
-        """After a complete walk, ask for each stored test it did not list: deleted or moved? (All at
-        once: the client's semaphore bounds the requests in flight.)"""
-        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs) for t in sorted(unseen)))
+        """After a complete walk, ask for each stored test it did not list: deleted or moved? (All
+        at once: the client's semaphore bounds the requests in flight.)"""
+        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs)
+                               for t in sorted(unseen)))
 
     async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                                  seen: set[int], plan: dict) -> None:
@@ -2975,10 +3011,12 @@ class SyncEngine:
                                for t in plan["ids"] if t not in seen))
         bugs.add(plan["bug_ids"])
 
-    async def _refetch_test(self, pid: int, test_id: int, result: ProductResult, bugs: _BugFetcher) -> None:
-        """Read a stored test again by id: stored anew, or deleted when the API no longer shows it."""
+    async def _refetch_test(self, pid: int, test_id: int, result: ProductResult,
+                            bugs: _BugFetcher) -> None:
+        """Read a stored test again by id: stored anew, or deleted if the API no longer shows it."""
         try:
-            write = await fetch_test(self.db, self.client, test_id, product_id=pid, queue_bugs=bugs.add)
+            write = await fetch_test(self.db, self.client, test_id, product_id=pid,
+                                     queue_bugs=bugs.add)
         except NotFoundError:
             result.deleted_tests += await self.db.write(delete_tests, [test_id])
             return
@@ -2988,7 +3026,8 @@ class SyncEngine:
 
 @dataclasses.dataclass
 class Runtime:
-    """What every command gets: the settings and the API transport (the demo's, a test's, or None)."""
+    """What every command gets: the settings and the API transport (the demo's, a test's or
+    None)."""
 
     settings: Settings
     transport: httpx.AsyncBaseTransport | None = None
@@ -3004,12 +3043,14 @@ class Runtime:
 
 async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, mode: str, *,
                           trigger: str, product_ids: Sequence[int] = (), since: date | None = None,
-                          lock_timeout: float = 0.0, on_progress: ProgressFn | None = None) -> SyncResult:
-    """Run one sync holding the cross-process lock; SyncBusyError (recorded as 'skipped') if busy."""
+                          lock_timeout: float = 0.0,
+                          on_progress: ProgressFn | None = None) -> SyncResult:
+    """Run one sync holding the cross-process lock; SyncBusyError (recorded as 'skipped') if
+    busy."""
     lock = SyncLock(runtime.settings.db_path)
     if not await lock.acquire(lock_timeout):
-        message = (f"another sync is running on {runtime.settings.db_path} (waited {lock_timeout:g}s); "
-                   f"try again when it ends")
+        message = (f"another sync is running on {runtime.settings.db_path} (waited "
+                   f"{lock_timeout:g}s); try again when it ends")
         await db.write(start_run, mode, trigger, "skipped", message)
         raise SyncBusyError(message)
     try:
