@@ -1874,8 +1874,8 @@ def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuse
         # sorted them all
         f" SELECT t.id FROM tests t WHERE {where} "
         f" ORDER BY (SELECT count(*) FROM bugs b WHERE b.test_id = t.id) DESC, t.end_at DESC "
-        f" LIMIT {TOP_TESTS}) "
-        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", where.args)
+        f" LIMIT ?) "
+        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", [*where.args, TOP_TESTS])
     report["top_tests"] = []
     for r in rows:
         row = dict(r)
