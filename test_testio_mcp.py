@@ -604,11 +604,11 @@ def test_changed_at_moves_only_for_the_tests_and_bugs_whose_data_changed(env, ca
         conn.execute("UPDATE bugs SET changed_at = ?", (long_ago,))
     conn.close()
     before = {t: dict(db_rows(env, f"SELECT id, raw FROM {t}")) for t in ("tests", "bugs")}
-    running = db_rows(env, "SELECT id FROM tests WHERE status = 'running' ORDER BY id LIMIT 1")[0][0]
+    running = db_rows(env, "SELECT min(id) FROM tests WHERE status = 'running'")[0][0]
     lean_account.set_test_status(running, "locked")
     assert cli(capsys, "sync", transport=transport)[0] == 0
-    changed = {t: {i for i, raw in db_rows(env, f"SELECT id, raw FROM {t}") if before[t].get(i) != raw}
-               for t in before}
+    changed = {t: {i for i, raw in db_rows(env, f"SELECT id, raw FROM {t}")
+                   if before[t].get(i) != raw} for t in before}
     assert changed["tests"] == {running} and changed["bugs"]
     assert {t: {i for (i,) in db_rows(env, f"SELECT id FROM {t} WHERE changed_at > ?", (long_ago,))}
             for t in before} == changed
@@ -769,9 +769,10 @@ def test_a_5000_test_product_syncs_completely(env, capsys, monkeypatch):
     assert_matches_truth(env, acc)
 
 
-def walk(rule: "tm.WalkRule", tests: int, ends: list[str] | None = None) -> tuple[list[int], str, str]:
+def walk(rule: "tm.WalkRule", tests: int,
+         ends: list[str] | None = None) -> tuple[list[int], str, str]:
     """Drive `rule` over a newest-first list of `tests` test ids 0, 1, ... (id = position), with
-    their `ends` if given: (pages read, how the walk stopped, the checkpoint modes, one letter a page)."""
+    their `ends` if given: (pages read, how the walk stopped, each page's checkpoint mode)."""
     pages, modes, page = [], "", 1
     while len(pages) < 50:
         ids = range((page - 1) * tm.PAGE_SIZE, min(page * tm.PAGE_SIZE, tests))
@@ -786,59 +787,61 @@ def walk(rule: "tm.WalkRule", tests: int, ends: list[str] | None = None) -> tupl
     raise AssertionError(f"no end after {pages}")
 
 
-def known_from(position: int, tests: int = 1000) -> set[int]:
-    return set(range(position, tests))
+def known_from(position: int | None) -> set[int]:
+    """The ids from `position` on (of at most 1,000 tests) as known; None: nothing known."""
+    return set() if position is None else set(range(position, 1000))
 
 
-def checkpoint(next_page: int, full: bool, known: set[int] = frozenset(), per_page: int = 100) -> "tm.Checkpoint":
-    return tm.Checkpoint(next_page=next_page, per_page=per_page, full=full, known=set(known))
+def cp(next_page: int, full: bool, known: int | None = None,
+       per_page: int = 100) -> "tm.Checkpoint":
+    return tm.Checkpoint(next_page=next_page, per_page=per_page, full=full, known=known_from(known))
 
 
 @pytest.mark.parametrize("full, tests, known, resume, min_pages, pages, end, modes", [
-    (True, 520, set(), None, 0, [1, 2, 3, 4, 5, 6], "end", "ffffff"),  # full: to the short page
-    (True, 600, set(), None, 0, [1, 2, 3, 4, 5, 6, 7], "end", "fffffff"),  # ... or the empty one
-    (False, 520, known_from(0), None, 0, [1, 2, 3], "stop", "iii"),  # a known test on page 1: 2 more
-    (False, 520, known_from(150), None, 0, [1, 2, 3, 4], "stop", "iiii"),  # ... on page 2
-    (False, 520, known_from(299), None, 0, [1, 2, 3, 4, 5], "stop", "iiiii"),  # ... last of page 3
-    (False, 150, known_from(0), None, 0, [1, 2], "end", "ii"),  # the list ends before the margin
-    (False, 520, set(), None, 0, [1, 2, 3, 4, 5, 6], "end", "iiiiii"),  # nothing known: to the end
-    (False, 900, known_from(0), None, 5, [1, 2, 3, 4, 5], "stop", "iiiii"),  # --refresh: 5 pages at least
-    (False, 900, known_from(0), None, 2, [1, 2, 3], "stop", "iii"),  # ... fewer than the margin
+    (True, 520, None, None, 0, [1, 2, 3, 4, 5, 6], "end", "ffffff"),  # full: to the short page
+    (True, 600, None, None, 0, [1, 2, 3, 4, 5, 6, 7], "end", "fffffff"),  # ... or the empty one
+    (False, 520, 0, None, 0, [1, 2, 3], "stop", "iii"),  # a known test on page 1: 2 pages more
+    (False, 520, 150, None, 0, [1, 2, 3, 4], "stop", "iiii"),  # ... on page 2
+    (False, 520, 299, None, 0, [1, 2, 3, 4, 5], "stop", "iiiii"),  # ... last on page 3
+    (False, 150, 0, None, 0, [1, 2], "end", "ii"),  # the list ends before the margin
+    (False, 520, None, None, 0, [1, 2, 3, 4, 5, 6], "end", "iiiiii"),  # nothing known: to the end
+    (False, 900, 0, None, 5, [1, 2, 3, 4, 5], "stop", "iiiii"),  # --refresh: 5 pages at least
+    (False, 900, 0, None, 2, [1, 2, 3], "stop", "iii"),  # ... fewer than the margin
     # an interrupted full walk: the incremental pages, then from one page before its checkpoint
-    (False, 750, known_from(0), checkpoint(6, True), 0, [1, 2, 3, 5, 6, 7, 8], "end", "iiiffff"),
-    (False, 750, known_from(0), checkpoint(2, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "iiifffff"),
-    (False, 750, known_from(0), checkpoint(5, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "iiifffff"),
+    (False, 750, 0, cp(6, True), 0, [1, 2, 3, 5, 6, 7, 8], "end", "iiiffff"),
+    (False, 750, 0, cp(2, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "iiifffff"),
+    (False, 750, 0, cp(5, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "iiifffff"),
     # ... a checkpoint written at another page size: the page holding its position, minus one
-    (False, 750, known_from(0), checkpoint(21, True, per_page=25), 0, [1, 2, 3, 5, 6, 7, 8], "end", "iiiffff"),
-    (False, 750, known_from(0), checkpoint(25, True, per_page=25), 0, [1, 2, 3, 6, 7, 8], "end", "iiifff"),
+    (False, 750, 0, cp(21, True, per_page=25), 0, [1, 2, 3, 5, 6, 7, 8], "end", "iiiffff"),
+    (False, 750, 0, cp(25, True, per_page=25), 0, [1, 2, 3, 6, 7, 8], "end", "iiifff"),
     # an interrupted incremental walk: on until the tests known before it began, plus the margin
-    (False, 1000, known_from(0), checkpoint(7, False, known_from(650)), 0, [1, 2, 3, 6, 7, 8, 9], "stop",
-     "iiiiiii"),
-    (False, 1000, known_from(0), checkpoint(7, False, known_from(450)), 0, [1, 2, 3, 6, 7, 8], "stop", "iiiiii"),
-    (False, 1000, known_from(0), checkpoint(7, False), 0, [1, 2, 3, 6, 7, 8, 9, 10, 11], "end", "iiiiiiiii"),
+    (False, 1000, 0, cp(7, False, 650), 0, [1, 2, 3, 6, 7, 8, 9], "stop", "iiiiiii"),
+    (False, 1000, 0, cp(7, False, 450), 0, [1, 2, 3, 6, 7, 8], "stop", "iiiiii"),
+    (False, 1000, 0, cp(7, False), 0, [1, 2, 3, 6, 7, 8, 9, 10, 11], "end", "iiiiiiiii"),
     # a full walk's checkpoint is not used: it reads everything anyway
-    (True, 750, set(), checkpoint(6, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "ffffffff"),
+    (True, 750, None, cp(6, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "ffffffff"),
 ])
 def test_the_walk_rule_reads_the_margin_past_the_first_known_test_then_resumes_an_interrupted_walk(
         full, tests, known, resume, min_pages, pages, end, modes):
-    rule = tm.WalkRule(full, known, checkpoint=resume, min_pages=min_pages)
+    rule = tm.WalkRule(full, known_from(known), checkpoint=resume, min_pages=min_pages)
     assert walk(rule, tests) == (pages, end, modes)
 
 
 @pytest.mark.parametrize("full, newer, pages, end", [
-    (True, 250, [1, 2, 3, 4], "stop"),     # page 4 is the first whose tests all ended before the day
+    (True, 250, [1, 2, 3, 4], "stop"),     # page 4: the first whose tests all ended before the day
     (True, 300, [1, 2, 3, 4], "stop"),     # page 3 ends with the day's last test
     (True, 301, [1, 2, 3, 4, 5], "stop"),  # page 4 starts with it
     (True, 0, [1], "stop"),
     (False, 450, [1, 2, 3], "stop"),       # the incremental margin comes first
     (True, 520, [1, 2, 3, 4, 5, 6], "end"),
 ])
-def test_the_walk_rule_stops_after_the_first_page_entirely_older_than_since(full, newer, pages, end):
+def test_the_walk_rule_stops_after_the_first_page_entirely_older_than_since(
+        full, newer, pages, end):
     """The first `newer` tests ended on or after the day, the others before it; the API's offsets
     differ (a test that ended at 01:00+02:00 ended the day before in UTC)."""
-    midnight = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    midnight, plus_2 = datetime(2026, 1, 1, tzinfo=timezone.utc), timezone(timedelta(hours=2))
     ends = [tm.iso(midnight + timedelta(hours=newer - p - 1)) if p < newer
-            else (midnight - timedelta(hours=1 + p - newer)).astimezone(timezone(timedelta(hours=2))).isoformat()
+            else (midnight - timedelta(hours=1 + p - newer)).astimezone(plus_2).isoformat()
             for p in range(520)]
     rule = tm.WalkRule(full, known_from(0), since=midnight.date())
     assert walk(rule, 520, ends)[:2] == (pages, end)
@@ -2084,7 +2087,8 @@ def test_a_version_6_database_gets_a_full_text_index_of_product_ids_and_the_wide
     assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
 
 
-def test_a_version_7_database_keeps_each_test_and_bug_time_under_the_name_changed_at(env, capsys, lean_account):
+def test_a_version_7_database_keeps_each_test_and_bug_time_under_the_name_changed_at(
+        env, capsys, lean_account):
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
     columns = {t: db_rows(env, f"PRAGMA table_info({t})") for t in ("tests", "bugs")}
     times = {t: db_rows(env, f"SELECT id, changed_at FROM {t} ORDER BY id") for t in columns}
