@@ -1325,7 +1325,7 @@ def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
 
 def start_run(conn: sqlite3.Connection, mode: str, trigger: str, status: str = "running",
               error: str | None = None) -> int:
-    """Record a sync run; returns its id. Runs left 'running' by a dead process become
+    """Record a sync run and return its id; runs a dead process left 'running' become
     'interrupted'."""
     if status == "running":
         conn.execute("UPDATE sync_runs SET status = 'interrupted', error = 'the process ended "
@@ -1582,8 +1582,7 @@ SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 def _test_where(product_ids: Sequence[int], statuses: Sequence[str] | None,
                 testing_type: str | None, start: date | None, end: date | None) -> Where:
-    """The tests (`t`) of these products with these statuses and testing type, ended in the
-    days."""
+    """The tests `t` of these products, statuses and testing type that ended within the days."""
     where = Where().isin("t.product_id", product_ids)
     if statuses:
         where.isin("t.status", statuses)
@@ -1650,8 +1649,7 @@ def _bug_facets(conn: sqlite3.Connection, where: Where,
 
 
 def _bug_summary(facets: Iterable[tuple]) -> dict:
-    """Totals, breakdowns, the five rates with health, and rejection reasons of _bug_facets()
-    rows."""
+    """Totals, breakdowns, the five rates with health and the rejection reasons of facets."""
     by_status, by_severity, by_type, reasons = (collections.Counter() for _ in range(4))
     known = 0
     for status, severity, bug_type, is_known, reason, n in facets:
@@ -1834,8 +1832,7 @@ TOP_TESTS = 20  # tests a quality report lists by bugs (its totals cover every t
 
 def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuses: Sequence[str],
                    testing_type: str | None, start: date | None, end: date | None) -> dict:
-    """The executive report over the tests in scope: tests, bugs, rates, health, per product and
-    test."""
+    """The executive report of the tests in scope: tests, bugs, rates, health, per product/test."""
     names = _require_products(conn, product_ids)
     where = _test_where(product_ids, statuses, testing_type, start, end)
     # the bugs of these products in the order of bugs_product_status, each kept if its test is in
@@ -1939,8 +1936,7 @@ METRIC_FILTERS = {  # filter key -> column
 
 def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
                     start: date | None, end: date | None) -> list[tuple[str, list]]:
-    """The pivot's SQL and arguments: one query, or two whose rows join on the dimensions (d0,
-    d1)."""
+    """The pivot's SQL and arguments: one query, or two whose rows join on the dimensions."""
     # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is
     # by feature anyway, it is counted on its own and the other metrics without that join
     if "features_tested" in metrics and "feature" not in dimensions and len(metrics) > 1:
@@ -2678,8 +2674,7 @@ class _BugFetcher:
 
 
 class SyncEngine:
-    """Runs syncs: products concurrently, pages and bug batches bounded by the client's
-    semaphore."""
+    """Runs syncs: products concurrently, pages and bug batches bounded by the client."""
 
     def __init__(self, db: Database, client: TestioClient, settings: Settings,
                  on_progress: ProgressFn | None = None) -> None:
@@ -3026,8 +3021,7 @@ class SyncEngine:
 
 @dataclasses.dataclass
 class Runtime:
-    """What every command gets: the settings and the API transport (the demo's, a test's or
-    None)."""
+    """What every command gets: the settings and the API transport (demo's, a test's, None)."""
 
     settings: Settings
     transport: httpx.AsyncBaseTransport | None = None
@@ -3045,8 +3039,7 @@ async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, 
                           trigger: str, product_ids: Sequence[int] = (), since: date | None = None,
                           lock_timeout: float = 0.0,
                           on_progress: ProgressFn | None = None) -> SyncResult:
-    """Run one sync holding the cross-process lock; SyncBusyError (recorded as 'skipped') if
-    busy."""
+    """Run one sync holding the cross-process lock; SyncBusyError (run 'skipped') if busy."""
     lock = SyncLock(runtime.settings.db_path)
     if not await lock.acquire(lock_timeout):
         message = (f"another sync is running on {runtime.settings.db_path} (waited "
