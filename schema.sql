@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS tests (
     start_at       TEXT,                          -- UTC
     end_at         TEXT,                          -- UTC; the API orders by it, newest first
     raw            TEXT NOT NULL,                 -- API JSON minus test_environment credentials
-    synced_at      TEXT NOT NULL,
+    changed_at     TEXT NOT NULL,                 -- when the stored test last changed (a sync that sees
+                                                  -- the same data leaves the row alone)
     bugs_synced_at TEXT                           -- NULL: the bugs must be (re)fetched
 );
 -- list_tests(product_id, dates) ordered by end_at; incremental sync boundaries
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS bugs (
     platform         TEXT,                        -- operating system of the first device
     exported_at      TEXT,
     raw              TEXT NOT NULL,
-    synced_at        TEXT NOT NULL
+    changed_at       TEXT NOT NULL                -- when the stored bug last changed (as tests.changed_at)
 );
 -- bug counts per test (list_tests, get_test_status, get_quality_report) and every query_metrics
 -- pivot, which reaches bugs by test (and feature): covering, no row reads (a row holds its raw JSON)
@@ -92,7 +93,7 @@ CREATE INDEX IF NOT EXISTS bugs_product_status
 CREATE INDEX IF NOT EXISTS bugs_feature_status ON bugs(feature_id, status);
 
 -- Row counts per product, kept exact by the triggers below, so stats and list_products stay flat
--- as the database grows (count(*) over 750,000 bugs costs ~100 ms).
+-- as the database grows (count(*) reads every row).
 CREATE TABLE IF NOT EXISTS counts (
     product_id INTEGER PRIMARY KEY,
     tests      INTEGER NOT NULL DEFAULT 0,
@@ -185,7 +186,7 @@ CREATE TABLE IF NOT EXISTS problematic_tests (
 -- Full-text search over products, features, tests and bugs (search tool).
 -- rowid = entity code << 40 | id (1 product, 2 feature, 3 test, 4 bug) so a row is replaced by rowid.
 -- Products and features (few rows) are indexed by triggers; tests and bugs are indexed in bulk by
--- the statements that store them (per-row FTS5 writes from triggers tripled the cost of a sync).
+-- the statements that store them (per-row FTS5 writes from triggers cost a sync most of its time).
 -- product_id is indexed (its id as a word), so search(product_ids) matches `product_id : ("7")` in the
 -- index and reads that product's matches only; the user's words are matched in title and body.
 CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(

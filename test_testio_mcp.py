@@ -582,7 +582,7 @@ def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_accou
     pid = lean_account.product_ids()[0]
     conn = sqlite3.connect(env)
     with conn:
-        conn.execute("INSERT INTO tests (id, product_id, title, status, testing_type, raw, synced_at) "
+        conn.execute("INSERT INTO tests (id, product_id, title, status, testing_type, raw, changed_at) "
                      "VALUES (999999, ?, 'stale', 'archived', 'coverage', '{}', '2020-01-01T00:00:00Z')", (pid,))
         conn.execute("INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
                      "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 1, 100, 0, 1, 1, "
@@ -593,6 +593,26 @@ def test_nuke_with_yes_wipes_local_only_rows_and_resyncs(env, capsys, lean_accou
     assert_matches_truth(env, lean_account)
     assert db_rows(env, "SELECT count(*) FROM problematic_events") == [(0,)]
     assert runs(env) == [("incremental", "success"), ("nuke", "success")]
+
+
+def test_changed_at_moves_only_for_the_tests_and_bugs_whose_data_changed(env, capsys, lean_account):
+    transport = mock(lean_account.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    long_ago = "2026-01-01T00:00:00Z"
+    conn = sqlite3.connect(env)
+    with conn:
+        conn.execute("UPDATE tests SET changed_at = ?", (long_ago,))
+        conn.execute("UPDATE bugs SET changed_at = ?", (long_ago,))
+    conn.close()
+    before = {t: dict(db_rows(env, f"SELECT id, raw FROM {t}")) for t in ("tests", "bugs")}
+    running = db_rows(env, "SELECT min(id) FROM tests WHERE status = 'running'")[0][0]
+    lean_account.set_test_status(running, "locked")
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    changed = {t: {i for i, raw in db_rows(env, f"SELECT id, raw FROM {t}")
+                   if before[t].get(i) != raw} for t in before}
+    assert changed["tests"] == {running} and changed["bugs"]
+    assert {t: {i for (i,) in db_rows(env, f"SELECT id FROM {t} WHERE changed_at > ?", (long_ago,))}
+            for t in before} == changed
 
 
 DATA_TABLES = ("products", "features", "tests", "test_features", "bugs", "counts", "product_sync",
@@ -761,6 +781,84 @@ def test_a_5000_test_product_syncs_completely(env, capsys, monkeypatch):
     assert code == 0, err
     assert pages_read(acc.request_log, pid) == list(range(1, 52))
     assert_matches_truth(env, acc)
+
+
+def walk(rule: "tm.WalkRule", tests: int,
+         ends: list[str] | None = None) -> tuple[list[int], str, str]:
+    """Drive `rule` over a newest-first list of `tests` test ids 0, 1, ... (id = position), with
+    their `ends` if given: (pages read, how the walk stopped, each page's checkpoint mode)."""
+    pages, modes, page = [], "", 1
+    while len(pages) < 50:
+        ids = range((page - 1) * tm.PAGE_SIZE, min(page * tm.PAGE_SIZE, tests))
+        pages.append(page)
+        modes += rule.mode[0]
+        step = rule.after(page, [{"id": i, "end_at": ends[i] if ends else None} for i in ids],
+                          len(ids) < tm.PAGE_SIZE)
+        if step.page is None:
+            return pages, step.action, modes
+        assert step.page > page, f"{step} after page {page}"
+        page = step.page
+    raise AssertionError(f"no end after {pages}")
+
+
+def known_from(position: int | None) -> set[int]:
+    """The ids from `position` on (of at most 1,000 tests) as known; None: nothing known."""
+    return set() if position is None else set(range(position, 1000))
+
+
+def cp(next_page: int, full: bool, known: int | None = None,
+       per_page: int = 100) -> "tm.Checkpoint":
+    return tm.Checkpoint(next_page=next_page, per_page=per_page, full=full, known=known_from(known))
+
+
+@pytest.mark.parametrize("full, tests, known, resume, min_pages, pages, end, modes", [
+    (True, 520, None, None, 0, [1, 2, 3, 4, 5, 6], "end", "ffffff"),  # full: to the short page
+    (True, 600, None, None, 0, [1, 2, 3, 4, 5, 6, 7], "end", "fffffff"),  # ... or the empty one
+    (False, 520, 0, None, 0, [1, 2, 3], "stop", "iii"),  # a known test on page 1: 2 pages more
+    (False, 520, 150, None, 0, [1, 2, 3, 4], "stop", "iiii"),  # ... on page 2
+    (False, 520, 299, None, 0, [1, 2, 3, 4, 5], "stop", "iiiii"),  # ... last on page 3
+    (False, 150, 0, None, 0, [1, 2], "end", "ii"),  # the list ends before the margin
+    (False, 520, None, None, 0, [1, 2, 3, 4, 5, 6], "end", "iiiiii"),  # nothing known: to the end
+    (False, 900, 0, None, 5, [1, 2, 3, 4, 5], "stop", "iiiii"),  # --refresh: 5 pages at least
+    (False, 900, 0, None, 2, [1, 2, 3], "stop", "iii"),  # ... fewer than the margin
+    # an interrupted full walk: the incremental pages, then from one page before its checkpoint
+    (False, 750, 0, cp(6, True), 0, [1, 2, 3, 5, 6, 7, 8], "end", "iiiffff"),
+    (False, 750, 0, cp(2, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "iiifffff"),
+    (False, 750, 0, cp(5, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "iiifffff"),
+    # ... a checkpoint written at another page size: the page holding its position, minus one
+    (False, 750, 0, cp(21, True, per_page=25), 0, [1, 2, 3, 5, 6, 7, 8], "end", "iiiffff"),
+    (False, 750, 0, cp(25, True, per_page=25), 0, [1, 2, 3, 6, 7, 8], "end", "iiifff"),
+    # an interrupted incremental walk: on until the tests known before it began, plus the margin
+    (False, 1000, 0, cp(7, False, 650), 0, [1, 2, 3, 6, 7, 8, 9], "stop", "iiiiiii"),
+    (False, 1000, 0, cp(7, False, 450), 0, [1, 2, 3, 6, 7, 8], "stop", "iiiiii"),
+    (False, 1000, 0, cp(7, False), 0, [1, 2, 3, 6, 7, 8, 9, 10, 11], "end", "iiiiiiiii"),
+    # a full walk's checkpoint is not used: it reads everything anyway
+    (True, 750, None, cp(6, True), 0, [1, 2, 3, 4, 5, 6, 7, 8], "end", "ffffffff"),
+])
+def test_the_walk_rule_reads_the_margin_past_the_first_known_test_then_resumes_an_interrupted_walk(
+        full, tests, known, resume, min_pages, pages, end, modes):
+    rule = tm.WalkRule(full, known_from(known), checkpoint=resume, min_pages=min_pages)
+    assert walk(rule, tests) == (pages, end, modes)
+
+
+@pytest.mark.parametrize("full, newer, pages, end", [
+    (True, 250, [1, 2, 3, 4], "stop"),     # page 4: the first whose tests all ended before the day
+    (True, 300, [1, 2, 3, 4], "stop"),     # page 3 ends with the day's last test
+    (True, 301, [1, 2, 3, 4, 5], "stop"),  # page 4 starts with it
+    (True, 0, [1], "stop"),
+    (False, 450, [1, 2, 3], "stop"),       # the incremental margin comes first
+    (True, 520, [1, 2, 3, 4, 5, 6], "end"),
+])
+def test_the_walk_rule_stops_after_the_first_page_entirely_older_than_since(
+        full, newer, pages, end):
+    """The first `newer` tests ended on or after the day, the others before it; the API's offsets
+    differ (a test that ended at 01:00+02:00 ended the day before in UTC)."""
+    midnight, plus_2 = datetime(2026, 1, 1, tzinfo=timezone.utc), timezone(timedelta(hours=2))
+    ends = [tm.iso(midnight + timedelta(hours=newer - p - 1)) if p < newer
+            else (midnight - timedelta(hours=1 + p - newer)).astimezone(plus_2).isoformat()
+            for p in range(520)]
+    rule = tm.WalkRule(full, known_from(0), since=midnight.date())
+    assert walk(rule, 520, ends)[:2] == (pages, end)
 
 
 ###############################################################################
@@ -1939,7 +2037,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 7
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 8
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
@@ -2001,6 +2099,26 @@ def test_a_version_6_database_gets_a_full_text_index_of_product_ids_and_the_wide
         db_rows(env, "SELECT 1 + (SELECT count(*) FROM features WHERE product_id = :p) + (SELECT count(*) FROM tests "
                      "WHERE product_id = :p) + (SELECT count(*) FROM bugs WHERE product_id = :p)", {"p": pid})
     assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_version_7_database_keeps_each_test_and_bug_time_under_the_name_changed_at(
+        env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    columns = {t: db_rows(env, f"PRAGMA table_info({t})") for t in ("tests", "bugs")}
+    times = {t: db_rows(env, f"SELECT id, changed_at FROM {t} ORDER BY id") for t in columns}
+    conn = sqlite3.connect(env)  # what version 7 had: the same times under the name synced_at
+    conn.executescript("""
+        ALTER TABLE tests RENAME COLUMN changed_at TO synced_at;
+        ALTER TABLE bugs RENAME COLUMN changed_at TO synced_at;
+        PRAGMA user_version = 7;""")
+    conn.close()
+    assert cli(capsys, "sync", "--status")[0] == 0
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
+    assert {t: db_rows(env, f"PRAGMA table_info({t})") for t in columns} == columns
+    assert {t: db_rows(env, f"SELECT id, changed_at FROM {t} ORDER BY id") for t in columns} == times
+    lean_account.add_tests(lean_account.product_ids()[0], 3)
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    assert_matches_truth(env, lean_account)
 
 
 def test_a_migration_step_can_add_a_column_that_an_index_of_schema_sql_covers(env, capsys, lean_account,
@@ -2869,7 +2987,7 @@ async def test_get_bug_returns_steps_results_devices_comments_and_the_rejection_
         "severity": rejected["severity"], "bug_type": shown_type(rejected["severity"]), "known": rejected["known"],
         "rejection_reason": reason_of(rejected), "reported_at": utc(rejected["reported_at"]),
         "tester": rejected["author"]["name"], "platform": device["operating_system"]["name"],
-        "synced_at": shown["synced_at"], "steps": rejected["steps"],
+        "changed_at": shown["changed_at"], "steps": rejected["steps"],
         "expected_result": rejected["expected_result"] or None, "actual_result": rejected["actual_result"] or None,
         "feature": {"id": rejected["feature"]["id"], "title": rejected["feature"]["title"]},
         "devices": [{"category": device["category"]["name"], "device": device["device"]["name"],
@@ -3453,7 +3571,7 @@ def age_test(db_path: Path, test_id: int, synced_at: str = "2026-01-01T00:00:00Z
     """Arrange a test synced long ago (the database file is a boundary; no clock is faked)."""
     conn = sqlite3.connect(str(db_path))
     with conn:
-        conn.execute("UPDATE tests SET synced_at = ?, bugs_synced_at = ? WHERE id = ?", (synced_at, synced_at, test_id))
+        conn.execute("UPDATE tests SET changed_at = ?, bugs_synced_at = ? WHERE id = ?", (synced_at, synced_at, test_id))
     conn.close()
 
 
@@ -3492,8 +3610,8 @@ async def test_get_test_status_answers_from_the_cache_with_a_warning_when_the_ap
         data = await ok(client, "get_test_status", {"test_id": RUNNING})
     assert (data["test"]["status"], data["bug_summary"]) == ("running", bug_summary(before))
     assert data["warning"] == (f"could not refresh this running test from the API (GET exploratory_tests/{RUNNING}: "
-                               f"HTTP 503 after 5 attempts); answering from the local copy synced at "
-                               f"2026-01-01T00:00:00Z")
+                               f"HTTP 503 after 5 attempts); answering from the local copy (last changed "
+                               f"2026-01-01T00:00:00Z)")
     assert faults.log == [f"{path}?"] * 5
 
 

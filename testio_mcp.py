@@ -78,7 +78,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HTTP_TOKEN_CHARS = 16
 NEW_TOKEN_HINT = """python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"""
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
@@ -654,21 +654,25 @@ def _schema_sql() -> str:
 
 # search_fts rows of tests and bugs, written in bulk by the statements that store them
 FTS_INSERT_SQL = "INSERT INTO search_fts (rowid, title, body, entity, product_id) "
-FTS_TESTS_SELECT = """SELECT (3 << 40) | id, title, coalesce(json_extract(raw, '$.goal_text'), '') || ' ' ||
+FTS_TESTS_SELECT = """SELECT (3 << 40) | id, title,
+    coalesce(json_extract(raw, '$.goal_text'), '') || ' ' ||
     coalesce(json_extract(raw, '$.instructions_text'), ''), 'test', product_id FROM tests"""
-FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title, coalesce(json_extract(raw, '$.actual_result'), '') || ' ' ||
+FTS_BUGS_SELECT = """SELECT (4 << 40) | id, title,
+    coalesce(json_extract(raw, '$.actual_result'), '') || ' ' ||
     coalesce(json_extract(raw, '$.expected_result'), '') || ' ' ||
-    coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''), 'bug', product_id FROM bugs"""
+    coalesce((SELECT group_concat(value, ' ') FROM json_each(raw, '$.steps')), ''),
+    'bug', product_id FROM bugs"""
 
 # every search_fts row from what is stored (the product/feature UPDATEs fire their triggers)
 FTS_FILL = ("UPDATE products SET name = name; UPDATE features SET title = title; "
             f"{FTS_INSERT_SQL}{FTS_TESTS_SELECT}; {FTS_INSERT_SQL}{FTS_BUGS_SELECT};")
 
-# Each step upgrades a database from the version before it. They run after schema.sql's tables and
-# triggers and before its indexes (idempotent, all of them), so a step can add a column an index covers.
+# Each step upgrades a database from the version before it: SQL, or a function of the connection
+# that returns it. They run after schema.sql's tables and triggers and before its indexes
+# (idempotent, all of them), so a step can add a column an index covers.
 MIGRATIONS = {
     1: "",  # the first schema
-    2: "",  # full-text search over what is already stored: step 7 makes the table again and fills it
+    2: "",  # full-text search over what is already stored: step 7 makes the table again, filled
     # 3: tests and bugs indexed in bulk instead of by per-row triggers; covering bug indexes
     3: "DROP TRIGGER IF EXISTS tests_fts_ins; DROP TRIGGER IF EXISTS tests_fts_upd; "
        "DROP TRIGGER IF EXISTS bugs_fts_ins; DROP TRIGGER IF EXISTS bugs_fts_upd; "
@@ -678,25 +682,35 @@ MIGRATIONS = {
        "(SELECT count(*) FROM tests t WHERE t.product_id = p.id), "
        "(SELECT count(*) FROM bugs b WHERE b.product_id = p.id) FROM products p;",
     # 5: the tester filter compares case-insensitively, which a BINARY index cannot serve: the index
-    #    only cost every bug insert (~13 us)
+    #    only slowed every bug insert
     5: "DROP INDEX IF EXISTS bugs_tester;",
     # 6: the per-test bug index also covers feature, tester and platform (query_metrics read every
     #    bug row for those); schema.sql has built its successor bugs_test_facets
     6: "DROP INDEX IF EXISTS bugs_test_summary;",
     # 7: search_fts indexes product_id, so a product-scoped search reads that product's matches only
-    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and filled);
-    #    bugs_product_status covers a quality report's breakdowns (schema.sql builds it wider)
-    7: lambda: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
-               "DROP INDEX IF EXISTS bugs_product_status;",
+    #    (an FTS5 table's columns cannot be altered: it is made again as schema.sql has it, and
+    #    filled); bugs_product_status covers a quality report's breakdowns (schema.sql builds it
+    #    wider)
+    7: lambda conn: f"DROP TABLE search_fts; {_schema_statement('search_fts')} {FTS_FILL} "
+                    "DROP INDEX IF EXISTS bugs_product_status;",
+    # 8: a test's or bug's time is when its stored data last changed (an upsert of the same data
+    #    leaves the row alone), not when a sync last saw it: synced_at is renamed changed_at
+    8: lambda conn: "".join(f"ALTER TABLE {table} RENAME COLUMN synced_at TO changed_at; "
+                            for table in ("tests", "bugs") if "synced_at" in _columns(conn, table)),
 }
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the per-connection pragmas: WAL, busy_timeout, NORMAL sync, foreign keys."""
+    """A connection with its pragmas: WAL, busy_timeout, NORMAL sync, foreign keys."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
-        conn.execute("PRAGMA journal_mode=WAL")  # the first read of the file: "not a database" shows here
+        # the first read of the file: "not a database" shows here
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -745,11 +759,12 @@ def migrate(conn: sqlite3.Connection) -> int:
                           f"{'.'.join(map(str, MIN_SQLITE))} or newer: use a newer Python build")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this one "
-                          f"knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} elsewhere")
+        raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this "
+                          f"one knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} "
+                          f"elsewhere")
     if version == SCHEMA_VERSION:
         return version
-    steps = "".join((step() if callable(step := MIGRATIONS[v]) else step) + "\n"
+    steps = "".join((step(conn) if callable(step := MIGRATIONS[v]) else step) + "\n"
                     for v in range(version + 1, SCHEMA_VERSION + 1)) if version else ""
     tables, indexes = _schema_parts()
     try:
@@ -764,9 +779,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection, immediate: bool = True):
-    """BEGIN (IMMEDIATE for writers) ... COMMIT; on any error, COMMIT's included, ROLLBACK and re-raise
-    that error. SQLite may have rolled back already (SQLITE_FULL, IOERR): then there is nothing to undo,
-    and a failing ROLLBACK is logged, never raised in place of the error that caused it."""
+    """BEGIN (IMMEDIATE for writers) ... COMMIT; on any error, COMMIT's included, ROLLBACK and
+    re-raise that error. SQLite may have rolled back already (SQLITE_FULL, IOERR): then there is
+    nothing to undo, and a failing ROLLBACK is logged, never raised in place of the error that
+    caused it."""
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
@@ -783,17 +799,19 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True):
 DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
-def is_damage(exc: BaseException) -> bool:
-    """A SQLite error that means the file itself is damaged ("file is not a database", "database disk
-    image is malformed"). "database is locked", a full disk or an I/O error are not: the file is sound."""
+def _is_damage(exc: BaseException) -> bool:
+    """A SQLite error that means the file itself is damaged ("file is not a database", "database
+    disk image is malformed"). "database is locked", a full disk or an I/O error are not: the file
+    is sound."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in DAMAGE_CODES
+    return (isinstance(exc, sqlite3.DatabaseError) and code is not None
+            and code & 0xFF in DAMAGE_CODES)
 
 
 SALVAGED_TABLES = ("problematic_events", "problematic_tests")  # the only data typed in by a person
 
 
-def salvage(path: Path) -> dict[str, list[dict]]:
+def _salvage(path: Path) -> dict[str, list[dict]]:
     """The rows of SALVAGED_TABLES still readable in a damaged file (none when unreadable)."""
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -801,7 +819,8 @@ def salvage(path: Path) -> dict[str, list[dict]]:
         return {}
     conn.row_factory = sqlite3.Row
     try:
-        return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")] for table in SALVAGED_TABLES}
+        return {table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
+                for table in SALVAGED_TABLES}
     except sqlite3.Error as exc:
         log.info("no problematic-test mappings could be read from the damaged cache: %s", exc)
         return {}
@@ -809,10 +828,10 @@ def salvage(path: Path) -> dict[str, list[dict]]:
         conn.close()
 
 
-def restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
+def _restore(conn: sqlite3.Connection, salvaged: dict[str, list[dict]]) -> None:
     """Put salvaged rows into a fresh database (the columns both schemas have)."""
     for table, rows in salvaged.items():
-        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if rows and r[1] in rows[0]]
+        columns = [c for c in _columns(conn, table) if rows and c in rows[0]]
         if columns:
             conn.executemany(f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
                              f"VALUES ({', '.join(':' + c for c in columns)})", rows)
@@ -838,15 +857,16 @@ def _no_pause() -> None:
     pass
 
 
-_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=False)  # in a tool call
+# True within a tool call
+_SERVING: contextvars.ContextVar[bool] = contextvars.ContextVar("serving", default=False)
 
 
 class ToolsFirst:
-    """Tool calls come before a sync's writes. The event loop counts the calls in flight; the writer,
-    at cheap points inside its work (every PAUSE_EVERY bugs or tests), waits while one is in flight
-    or ended less than TOOL_LINGER_S ago (the answer is still on its way to the client, whose next
-    call often follows at once). Waiting releases the GIL and the core that a call would otherwise
-    share with a writer running Python. It waits inside its transaction: readers see WAL
+    """Tool calls come before a sync's writes. The event loop counts the calls in flight; the
+    writer, at cheap points inside its work (every PAUSE_EVERY bugs or tests), waits while one is in
+    flight or ended less than TOOL_LINGER_S ago (the answer is still on its way to the client, whose
+    next call often follows at once). Waiting releases the GIL and the core that a call would
+    otherwise share with a writer running Python. It waits inside its transaction: readers see WAL
     snapshots, so nobody waits on it, and no half batch is ever visible. A wait lasts at most
     WRITER_PAUSE_S; after one that ran out the writer works WRITER_SLICE_S before the next, so a
     stream of calls slows a sync but never stops it."""
@@ -907,20 +927,23 @@ class ToolsFirst:
         self._work_until = now + WRITER_SLICE_S
 
 
-class Database:
-    """The one gateway to SQLite: a writer thread and a few reader threads, each with its connection."""
+READER_THREADS = 4  # tool calls read in parallel, each on its own connection (WAL snapshots)
 
-    def __init__(self, path: Path, readers: int = 4) -> None:
+
+class Database:
+    """The one gateway to SQLite: a writer thread and reader threads, each with its connection."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="testio-db-write")
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="testio-db-read")
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="testio-db-read")
         self._closed = False
         self.generation = 0  # bumped when a damaged file is replaced: each thread reconnects
         self.healed: Healed | None = None
-        self.on_heal: Callable[[], None] | None = None  # called (on a DB thread) after a replacement
+        self.on_heal: Callable[[], None] | None = None  # called on a DB thread after a replacement
         self.tools_first = ToolsFirst()
 
     def _conn(self) -> sqlite3.Connection:
@@ -950,7 +973,7 @@ class Database:
         with self._lock:
             if generation != self.generation:
                 return
-            salvaged = salvage(self.path)
+            salvaged = _salvage(self.path)
             stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
             aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
             for n in itertools.count(2):
@@ -966,16 +989,17 @@ class Database:
                 try:
                     migrate(conn)
                     with transaction(conn):
-                        restore(conn, salvaged)
+                        _restore(conn, salvaged)
                 finally:
                     conn.close()
             except (OSError, sqlite3.Error) as exc:
-                raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could not be "
-                                  f"replaced ({exc}); move it away and start again") from None
+                raise TestioError(f"the local cache {self.path} is damaged ({damage}) and could "
+                                  f"not be replaced ({exc}); move it away and start again"
+                                  ) from None
             self.healed = Healed(str(aside), iso(utc_now()), str(damage))
             self.generation += 1
-        log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, which "
-                    "the next sync fills from the TestIO API", self.path, damage, aside)
+        log.warning("the local cache %s was damaged (%s): moved it to %s and started a fresh one, "
+                    "which the next sync fills from the TestIO API", self.path, damage, aside)
         if self.on_heal is not None:
             self.on_heal()
 
@@ -984,7 +1008,7 @@ class Database:
         try:
             return migrate(self._conn())
         except sqlite3.DatabaseError as exc:
-            if not is_damage(exc):
+            if not _is_damage(exc):
                 raise
             self._replace(self.generation, exc)
         return migrate(self._conn())
@@ -1009,7 +1033,7 @@ class Database:
                 with transaction(conn, immediate):
                     return fn(conn, *args)
             except sqlite3.DatabaseError as exc:
-                if not is_damage(exc):
+                if not _is_damage(exc):
                     raise
                 self._replace(generation, exc)
                 raise CacheRebuiltError(self.healed.note() if self.healed else str(exc)) from None
@@ -1027,7 +1051,7 @@ class Database:
         return await self._run(self._writer, fn, *args, tx=True, immediate=True)
 
     async def read(self, fn: Callable, *args: Any) -> Any:
-        """Run fn(conn, *args) in one read transaction (a consistent snapshot) on a reader thread."""
+        """Run fn(conn, *args) in one read transaction (one snapshot) on a reader thread."""
         return await self._run(self._readers, fn, *args, tx=True, immediate=False)
 
     async def run(self, fn: Callable, *args: Any) -> Any:
@@ -1059,7 +1083,8 @@ ON CONFLICT(id) DO UPDATE SET name = excluded.name, type = excluded.type,
 """
 
 UPSERT_FEATURE_SQL = """
-INSERT INTO features (id, product_id, title, description, howtofind, user_stories, section_ids, synced_at)
+INSERT INTO features (id, product_id, title, description, howtofind, user_stories, section_ids,
+                      synced_at)
 VALUES (:id, :product_id, :title, :description, :howtofind, :user_stories, :section_ids, :synced_at)
 ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, title = excluded.title,
     description = excluded.description, howtofind = excluded.howtofind,
@@ -1067,18 +1092,19 @@ ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, title = excluded
     synced_at = excluded.synced_at
 """
 
-# A new test, or one whose status changed, gets its bugs (re)fetched: bugs_synced_at goes NULL,
-# except before the test runs, when no tester can have reported anything yet.
+# A stored test is rewritten only when its data changed (then changed_at is this sync's time). A new
+# test, or one whose status changed, gets its bugs (re)fetched: bugs_synced_at goes NULL, except
+# before the test runs, when no tester can have reported anything yet.
 UPSERT_TEST_SQL = """
 INSERT INTO tests (id, product_id, section_id, title, status, review_status, testing_type,
-                   start_at, end_at, raw, synced_at, bugs_synced_at)
+                   start_at, end_at, raw, changed_at, bugs_synced_at)
 VALUES (:id, :product_id, :section_id, :title, :status, :review_status, :testing_type,
         :start_at, :end_at, :raw, :synced_at,
         CASE WHEN :status IN ('initialized', 'customer_finalized', 'waiting') THEN :synced_at END)
 ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, section_id = excluded.section_id,
     title = excluded.title, status = excluded.status, review_status = excluded.review_status,
     testing_type = excluded.testing_type, start_at = excluded.start_at, end_at = excluded.end_at,
-    raw = excluded.raw, synced_at = excluded.synced_at,
+    raw = excluded.raw, changed_at = excluded.changed_at,
     bugs_synced_at = CASE WHEN tests.status = excluded.status THEN tests.bugs_synced_at
                           ELSE excluded.bugs_synced_at END
 WHERE tests.raw IS NOT excluded.raw OR tests.product_id IS NOT excluded.product_id
@@ -1086,7 +1112,7 @@ WHERE tests.raw IS NOT excluded.raw OR tests.product_id IS NOT excluded.product_
 
 UPSERT_BUG_SQL = """
 INSERT INTO bugs (id, test_id, product_id, feature_id, title, status, severity, bug_type, known,
-                  rejection_reason, reported_at, tester, platform, exported_at, raw, synced_at)
+                  rejection_reason, reported_at, tester, platform, exported_at, raw, changed_at)
 VALUES (:id, :test_id, :product_id, :feature_id, :title, :status, :severity, :bug_type, :known,
         :rejection_reason, :reported_at, :tester, :platform, :exported_at, :raw, :synced_at)
 ON CONFLICT(id) DO UPDATE SET test_id = excluded.test_id, product_id = excluded.product_id,
@@ -1094,7 +1120,7 @@ ON CONFLICT(id) DO UPDATE SET test_id = excluded.test_id, product_id = excluded.
     severity = excluded.severity, bug_type = excluded.bug_type, known = excluded.known,
     rejection_reason = excluded.rejection_reason, reported_at = excluded.reported_at,
     tester = excluded.tester, platform = excluded.platform, exported_at = excluded.exported_at,
-    raw = excluded.raw, synced_at = excluded.synced_at
+    raw = excluded.raw, changed_at = excluded.changed_at
 WHERE bugs.raw IS NOT excluded.raw OR bugs.test_id IS NOT excluded.test_id
 """
 
@@ -1103,7 +1129,7 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
-INLINE_IN_VALUES = 250  # longer IN lists bind one JSON array: some SQLite builds allow 999 variables
+INLINE_IN_VALUES = 250  # longer IN lists bind one JSON array (some SQLite builds allow 999 values)
 
 
 def _in(expr: str, values: Sequence[Any], op: str = "IN") -> tuple[str, list]:
@@ -1118,11 +1144,13 @@ def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: s
     rows = []
     for product in products:
         rows.append({
-            "id": _require_int(product, "product"), "name": str(product.get("name") or product["id"]),
+            "id": _require_int(product, "product"),
+            "name": str(product.get("name") or product["id"]),
             "type": product.get("type"), "description": product.get("description"),
             "has_sections": 1 if section_ids(product) else 0,
             "section_ids": json.dumps(section_ids(product)),
-            "raw": json.dumps(product, separators=(",", ":"), sort_keys=True), "synced_at": synced_at})
+            "raw": json.dumps(product, separators=(",", ":"), sort_keys=True),
+            "synced_at": synced_at})
     conn.executemany(UPSERT_PRODUCT_SQL, rows)
     return len(rows)
 
@@ -1133,7 +1161,8 @@ def replace_features(conn: sqlite3.Connection, product_id: int, features: list[d
     rows = [{"id": _require_int(f, "feature"), "product_id": product_id,
              "title": str(f.get("title") or f["id"]), "description": f.get("description"),
              "howtofind": f.get("howtofind"),
-             "user_stories": json.dumps([s for s in f.get("user_stories") or [] if isinstance(s, str)]),
+             "user_stories": json.dumps([s for s in f.get("user_stories") or []
+                                         if isinstance(s, str)]),
              "section_ids": json.dumps(f.get("_section_ids", [])), "synced_at": synced_at}
             for f in features]
     conn.executemany(UPSERT_FEATURE_SQL, rows)
@@ -1170,16 +1199,17 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
     changed = [r for r in rows if before.get(r["id"]) != r["raw"]]
     if changed:
         changed_ids = [r["id"] for r in changed]
-        conn.execute(f"DELETE FROM test_features WHERE test_id IN ({_placeholders(len(changed_ids))})",
-                     changed_ids)
+        conn.execute(
+            f"DELETE FROM test_features WHERE test_id IN ({_placeholders(len(changed_ids))})",
+            changed_ids)
         by_id = {t.get("id"): t for t in tests}
         conn.executemany(
             "INSERT OR REPLACE INTO test_features (test_id, test_feature_id, feature_id, title) "
             "VALUES (:test_id, :test_feature_id, :feature_id, :title)",
             [fr for r in changed for fr in test_feature_rows(by_id[r["id"]])])
-        reindex(conn, 3, FTS_TESTS_SELECT, changed_ids)
+        _reindex(conn, 3, FTS_TESTS_SELECT, changed_ids)
     if checkpoint is not None:
-        set_checkpoint(conn, product_id, *checkpoint)
+        _set_checkpoint(conn, product_id, *checkpoint)
     due = [row[0] for row in conn.execute(
         f"SELECT id FROM tests WHERE id IN ({_placeholders(len(ids))}) AND bugs_synced_at IS NULL",
         ids)] if ids else []
@@ -1187,7 +1217,7 @@ def store_tests(conn: sqlite3.Connection, product_id: int, tests: list[dict], sy
     return PageWrite(new=new, updated=len(changed) - new, bugs_due=due)
 
 
-def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int],
+def _reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[int],
             pause: Callable[[], None] = _no_pause) -> None:
     """Replace the search_fts rows of these tests (code 3) or bugs (code 4), two statements per
     chunk of ids with pause() before each."""
@@ -1196,16 +1226,18 @@ def reindex(conn: sqlite3.Connection, code: int, select_sql: str, ids: Sequence[
         chunk = list(ids[start:start + PAUSE_EVERY * 4])
         conn.execute(f"DELETE FROM search_fts WHERE rowid IN ({_placeholders(len(chunk))})",
                      [(code << 40) | i for i in chunk])
-        conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})", chunk)
+        conn.execute(f"{FTS_INSERT_SQL}{select_sql} WHERE id IN ({_placeholders(len(chunk))})",
+                     chunk)
 
 
-def set_checkpoint(conn: sqlite3.Connection, product_id: int, mode: str, next_page: int,
+def _set_checkpoint(conn: sqlite3.Connection, product_id: int, mode: str, next_page: int,
                    per_page: int) -> None:
     """Record how far an unfinished walk of a product got."""
     conn.execute(
-        "INSERT INTO product_sync (product_id, walk_mode, walk_next_page, walk_per_page, walk_started_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET walk_mode = excluded.walk_mode, "
-        "walk_next_page = excluded.walk_next_page, walk_per_page = excluded.walk_per_page, "
+        "INSERT INTO product_sync (product_id, walk_mode, walk_next_page, walk_per_page, "
+        "walk_started_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(product_id) DO UPDATE SET "
+        "walk_mode = excluded.walk_mode, walk_next_page = excluded.walk_next_page, "
+        "walk_per_page = excluded.walk_per_page, "
         "walk_started_at = coalesce(product_sync.walk_started_at, excluded.walk_started_at)",
         (product_id, mode, next_page, per_page, iso(utc_now())))
 
@@ -1225,11 +1257,12 @@ def product_sync_state(conn: sqlite3.Connection, product_id: int) -> dict:
     return dict(row) if row else {}
 
 
-def known_test_ids(conn: sqlite3.Connection, product_id: int, synced_before: str | None = None) -> set[int]:
-    """Ids of the tests of a product already stored (last written before `synced_before`, if given)."""
+def known_test_ids(conn: sqlite3.Connection, product_id: int,
+                   changed_before: str | None = None) -> set[int]:
+    """Ids of the stored tests of a product (last changed before `changed_before`, if given)."""
     return {r[0] for r in conn.execute(
-        "SELECT id FROM tests WHERE product_id = ? AND (? IS NULL OR synced_at < ?)",
-        (product_id, synced_before, synced_before))}
+        "SELECT id FROM tests WHERE product_id = ? AND (? IS NULL OR changed_at < ?)",
+        (product_id, changed_before, changed_before))}
 
 
 def features_due(conn: sqlite3.Connection, product_id: int) -> bool:
@@ -1243,14 +1276,17 @@ def features_due(conn: sqlite3.Connection, product_id: int) -> bool:
 def tests_due_for_bugs(conn: sqlite3.Connection, product_id: int) -> list[int]:
     """Tests whose bugs must be fetched (new, status changed, or an interrupted fetch)."""
     return [r[0] for r in conn.execute(
-        "SELECT id FROM tests WHERE product_id = ? AND bugs_synced_at IS NULL ORDER BY id", (product_id,))]
+        "SELECT id FROM tests WHERE product_id = ? AND bugs_synced_at IS NULL ORDER BY id",
+        (product_id,))]
 
 
 def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
-    """What --refresh re-reads: the tests that can still change (`ids`), those of them that can have
-    bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of margin)."""
+    """What --refresh re-reads: the tests that can still change (`ids`), those of them that can
+    have bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of
+    margin)."""
     rows = conn.execute("SELECT id, status, end_at FROM tests WHERE product_id = ? "
-                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id", (product_id,)).fetchall()
+                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id",
+                        (product_id,)).fetchall()
     ends = [r["end_at"] for r in rows]
     pages = 0
     if rows and None not in ends:
@@ -1263,45 +1299,48 @@ def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
             "bug_ids": [r["id"] for r in rows if r["status"] not in PRE_RUN_STATUSES]}
 
 
-def test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int, int]:
+def _test_product(conn: sqlite3.Connection, test_ids: Sequence[int]) -> dict[int, int]:
     """test id -> product id for the given tests that are stored."""
     ids = list(test_ids)
-    return dict(conn.execute(f"SELECT id, product_id FROM tests WHERE id IN ({_placeholders(len(ids))})",
+    in_ids = _placeholders(len(ids))
+    return dict(conn.execute(f"SELECT id, product_id FROM tests WHERE id IN ({in_ids})",
                              ids).fetchall()) if ids else {}
 
 
 def replace_bugs(conn: sqlite3.Connection, test_ids: Sequence[int], bugs: list[dict],
                  synced_at: str, pause: Callable[[], None] = _no_pause) -> int:
-    """Store the complete bug list of these tests (dropping bugs they no longer have), pause() called
-    every PAUSE_EVERY bugs (ToolsFirst); returns count."""
-    owners = test_product(conn, test_ids)
+    """Store the complete bug list of these tests (dropping bugs they no longer have), pause()
+    called every PAUSE_EVERY bugs (ToolsFirst); returns count."""
+    owners = _test_product(conn, test_ids)
     rows = []
     for start in range(0, len(bugs), PAUSE_EVERY):
         pause()
-        rows += [bug_row(b, owners[b["test"]["id"]], synced_at) for b in bugs[start:start + PAUSE_EVERY]
+        rows += [bug_row(b, owners[b["test"]["id"]], synced_at)
+                 for b in bugs[start:start + PAUSE_EVERY]
                  if isinstance(b.get("test"), dict) and b["test"].get("id") in owners]
     ids = list(owners)
-    before = dict(conn.execute(f"SELECT id, raw FROM bugs WHERE test_id IN ({_placeholders(len(ids))})",
+    in_ids = _placeholders(len(ids))
+    before = dict(conn.execute(f"SELECT id, raw FROM bugs WHERE test_id IN ({in_ids})",
                                ids).fetchall()) if ids else {}
     for start in range(0, len(rows), PAUSE_EVERY):
         pause()
         conn.executemany(UPSERT_BUG_SQL, rows[start:start + PAUSE_EVERY])
-    reindex(conn, 4, FTS_BUGS_SELECT, [r["id"] for r in rows if before.get(r["id"]) != r["raw"]], pause)
+    changed = [r["id"] for r in rows if before.get(r["id"]) != r["raw"]]
+    _reindex(conn, 4, FTS_BUGS_SELECT, changed, pause)
     gone, args = _in("id", [r["id"] for r in rows], "NOT IN")
-    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({_placeholders(len(ids))}) AND {gone}", (*ids, *args))
-    conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({_placeholders(len(ids))})",
-                 (synced_at, *ids))
+    conn.execute(f"DELETE FROM bugs WHERE test_id IN ({in_ids}) AND {gone}", (*ids, *args))
+    conn.execute(f"UPDATE tests SET bugs_synced_at = ? WHERE id IN ({in_ids})", (synced_at, *ids))
     return len(rows)
 
 
 def store_bug_answer(conn: sqlite3.Connection, decode: Callable[..., list[dict]],
                      test_ids: Sequence[int], answer: bytes, synced_at: str,
                      pause: Callable[[], None] = _no_pause) -> int:
-    """replace_bugs() of an API answer that decode(answer, pause) turns into bugs, in one call on the
-    writer thread: decoding a large answer is CPU work that must not run on the event loop (it is done
-    before the write transaction opens). Returns how many bugs were stored."""
-    # the decoded bugs hold no cycles and go with their last reference: a cyclic collection meanwhile
-    # would only rescan them, holding the GIL the event loop needs (tens of ms per large batch)
+    """replace_bugs() of an API answer that decode(answer, pause) turns into bugs, in one call on
+    the writer thread: decoding a large answer is CPU work that must not run on the event loop (it
+    is done before the write transaction opens). Returns how many bugs were stored."""
+    # the decoded bugs hold no cycles and go with their last reference: a cyclic collection
+    # meanwhile would only rescan them, holding the GIL the event loop needs
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -1323,10 +1362,11 @@ def delete_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> int:
 
 def start_run(conn: sqlite3.Connection, mode: str, trigger: str, status: str = "running",
               error: str | None = None) -> int:
-    """Record a sync run; returns its id. Runs left 'running' by a dead process become 'interrupted'."""
+    """Record a sync run and return its id; runs a dead process left 'running' become
+    'interrupted'."""
     if status == "running":
-        conn.execute("UPDATE sync_runs SET status = 'interrupted', error = 'the process ended before the "
-                     "sync finished' WHERE status = 'running'")
+        conn.execute("UPDATE sync_runs SET status = 'interrupted', error = 'the process ended "
+                     "before the sync finished' WHERE status = 'running'")
     now = iso(utc_now())
     cur = conn.execute(
         "INSERT INTO sync_runs (mode, trigger, started_at, ended_at, status, pid, error) "
@@ -1339,8 +1379,9 @@ def finish_run(conn: sqlite3.Connection, run_id: int, fields: dict) -> None:
     """Close a sync run with its status and counts."""
     cols = ("status", "products", "new_tests", "updated_tests", "bugs", "features", "api_requests",
             "recovery_attempts", "problems", "error")
-    conn.execute(f"UPDATE sync_runs SET ended_at = ?, {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
-                 (iso(utc_now()), *(fields.get(c) for c in cols), run_id))
+    conn.execute(
+        f"UPDATE sync_runs SET ended_at = ?, {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+        (iso(utc_now()), *(fields.get(c) for c in cols), run_id))
 
 
 def record_problem(conn: sqlite3.Connection, event: dict) -> str:
@@ -1350,18 +1391,20 @@ def record_problem(conn: sqlite3.Connection, event: dict) -> str:
         "AND ifnull(after_id, 0) = ?",
         (event["product_id"], event.get("before_id") or 0, event.get("after_id") or 0)).fetchone()
     if row:
-        conn.execute("UPDATE problematic_events SET attempts = attempts + ?, last_seen_at = ?, page = ?, "
-                     "per_page = ?, offset_start = ?, offset_end = ?, run_id = ? WHERE event_id = ?",
+        conn.execute("UPDATE problematic_events SET attempts = attempts + ?, last_seen_at = ?, "
+                     "page = ?, per_page = ?, offset_start = ?, offset_end = ?, run_id = ? "
+                     "WHERE event_id = ?",
                      (event["attempts"], event["seen_at"], event["page"], event["per_page"],
                       event["offset_start"], event["offset_end"], event.get("run_id"), row[0]))
         return row[0]
-    event_id = hashlib.sha1(f"{event['product_id']}:{event.get('before_id')}:{event.get('after_id')}:"
-                            f"{event['seen_at']}".encode()).hexdigest()[:12]
+    event_id = hashlib.sha1(f"{event['product_id']}:{event.get('before_id')}:"
+                            f"{event.get('after_id')}:{event['seen_at']}".encode()).hexdigest()[:12]
     conn.execute(
-        "INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, offset_end, "
-        "before_id, before_end_at, after_id, after_end_at, attempts, first_seen_at, last_seen_at, run_id) "
-        "VALUES (:event_id, :product_id, :page, :per_page, :offset_start, :offset_end, :before_id, "
-        ":before_end_at, :after_id, :after_end_at, :attempts, :seen_at, :seen_at, :run_id)",
+        "INSERT INTO problematic_events (event_id, product_id, page, per_page, offset_start, "
+        "offset_end, before_id, before_end_at, after_id, after_end_at, attempts, first_seen_at, "
+        "last_seen_at, run_id) VALUES (:event_id, :product_id, :page, :per_page, :offset_start, "
+        ":offset_end, :before_id, :before_end_at, :after_id, :after_end_at, :attempts, :seen_at, "
+        ":seen_at, :run_id)",
         {"event_id": event_id, "before_id": None, "before_end_at": None, "after_id": None,
          "after_end_at": None, "run_id": None, **event})
     return event_id
@@ -1376,7 +1419,8 @@ def problematic_events(conn: sqlite3.Connection, product_id: int | None = None) 
     events = [dict(r) for r in conn.execute(sql + " ORDER BY first_seen_at, event_id", args)]
     for event in events:
         event["mapped_test_ids"] = [r[0] for r in conn.execute(
-            "SELECT test_id FROM problematic_tests WHERE event_id = ? ORDER BY test_id", (event["event_id"],))]
+            "SELECT test_id FROM problematic_tests WHERE event_id = ? ORDER BY test_id",
+            (event["event_id"],))]
     return events
 
 
@@ -1389,19 +1433,21 @@ def recheck_problems(conn: sqlite3.Connection, product_id: int) -> int:
 
 def map_problem_tests(conn: sqlite3.Connection, event_id: str, test_ids: Sequence[int]) -> int:
     """Attach test ids (found by a person) to an event; ConfigError for an unknown event."""
-    if not conn.execute("SELECT 1 FROM problematic_events WHERE event_id = ?", (event_id,)).fetchone():
+    if not conn.execute("SELECT 1 FROM problematic_events WHERE event_id = ?",
+                        (event_id,)).fetchone():
         raise ConfigError(f"no problematic event {event_id!r}; see `testio-mcp problematic list`")
     now = iso(utc_now())
-    conn.executemany("INSERT OR IGNORE INTO problematic_tests (event_id, test_id, mapped_at) VALUES (?, ?, ?)",
-                     [(event_id, t, now) for t in test_ids])
+    conn.executemany("INSERT OR IGNORE INTO problematic_tests (event_id, test_id, mapped_at) "
+                     "VALUES (?, ?, ?)", [(event_id, t, now) for t in test_ids])
     return len(test_ids)
 
 
 def mapped_tests(conn: sqlite3.Connection, product_id: int) -> list[int]:
     """Test ids mapped to the events of a product."""
     return [r[0] for r in conn.execute(
-        "SELECT DISTINCT t.test_id FROM problematic_tests t JOIN problematic_events e USING (event_id) "
-        "WHERE e.product_id = ? ORDER BY t.test_id", (product_id,))]
+        "SELECT DISTINCT t.test_id FROM problematic_tests t "
+        "JOIN problematic_events e USING (event_id) WHERE e.product_id = ? ORDER BY t.test_id",
+        (product_id,))]
 
 
 def unmap_tests(conn: sqlite3.Connection, test_ids: Sequence[int]) -> None:
@@ -1420,7 +1466,7 @@ def clear_problems(conn: sqlite3.Connection) -> int:
     return conn.execute("DELETE FROM problematic_events").rowcount
 
 
-def wipe(conn: sqlite3.Connection) -> None:
+def _wipe(conn: sqlite3.Connection) -> None:
     """Delete all synced data (the run history stays)."""
     for table in ("bugs", "test_features", "tests", "features", "products", "product_sync",
                   "problematic_tests", "problematic_events", "counts"):
@@ -1428,8 +1474,8 @@ def wipe(conn: sqlite3.Connection) -> None:
 
 
 def wipe_and_store_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
-    """wipe() and upsert_products() in the caller's one transaction (--nuke)."""
-    wipe(conn)
+    """_wipe() and upsert_products() in the caller's one transaction (--nuke)."""
+    _wipe(conn)
     return upsert_products(conn, products, synced_at)
 
 
@@ -1447,14 +1493,18 @@ def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
 def db_status(conn: sqlite3.Connection) -> dict:
     """Counts, oldest/newest test, per-product state and the last runs: `sync --status`."""
     # every figure comes from an index or the counts table: flat however many bugs are stored
-    tests, bugs = conn.execute("SELECT coalesce(sum(tests), 0), coalesce(sum(bugs), 0) FROM counts").fetchone()
-    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("products", "features")}
+    tests, bugs = conn.execute(
+        "SELECT coalesce(sum(tests), 0), coalesce(sum(bugs), 0) FROM counts").fetchone()
+    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("products", "features")}
     counts.update(tests=tests, bugs=bugs)
     counts.update({t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                    for t in ("sync_runs", "problematic_events")})
     span = conn.execute(
-        "SELECT min(lo), max(hi) FROM (SELECT (SELECT min(end_at) FROM tests t WHERE t.product_id = p.id) AS lo, "
-        "(SELECT max(end_at) FROM tests t WHERE t.product_id = p.id) AS hi FROM products p)").fetchone()
+        "SELECT min(lo), max(hi) FROM (SELECT "
+        "(SELECT min(end_at) FROM tests t WHERE t.product_id = p.id) AS lo, "
+        "(SELECT max(end_at) FROM tests t WHERE t.product_id = p.id) AS hi FROM products p)"
+    ).fetchone()
     products = [dict(r) for r in conn.execute(
         "SELECT p.id, p.name, p.type, coalesce(c.tests, 0) AS tests, coalesce(c.bugs, 0) AS bugs, "
         "s.last_synced_at, s.last_status, s.walk_next_page FROM products p "
@@ -1471,11 +1521,6 @@ def _file_size(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
-def integrity_check(conn: sqlite3.Connection) -> str:
-    """PRAGMA integrity_check's first line ('ok' when healthy)."""
-    return conn.execute("PRAGMA integrity_check").fetchone()[0]
-
-
 ###############################################################################
 # Store: read queries behind the MCP tools (DB reader threads; every filter is bound,
 # every sort key and pivot dimension comes from a whitelist below)
@@ -1483,6 +1528,44 @@ def integrity_check(conn: sqlite3.Connection) -> str:
 
 class NotInCacheError(TestioError):
     """An id the tool was asked about is not in the local data."""
+
+
+class Where:
+    """The one WHERE builder of the read queries: conditions written here (their columns from the
+    whitelists of this section), every value bound. str() joins the conditions with AND ("1 = 1"
+    when there are none); `args` holds their values in the same order."""
+
+    def __init__(self) -> None:
+        self.conditions: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, condition: str, *args: Any) -> "Where":
+        """AND a condition with the values of its `?`."""
+        self.conditions.append(condition)
+        self.args += args
+        return self
+
+    def isin(self, column: str, values: Sequence[Any]) -> "Where":
+        """AND `column IN (values)` (no value: nothing matches)."""
+        condition, args = _in(column, values)
+        return self.add(condition, *args)
+
+    def days(self, column: str, start: date | None, end: date | None) -> "Where":
+        """AND `column` within the days start..end, both included (None: no bound)."""
+        lo, hi = day_bounds(start, end)
+        if lo:
+            self.add(f"{column} >= ?", lo)
+        if hi:
+            self.add(f"{column} < ?", hi)
+        return self
+
+    def __and__(self, other: "Where") -> "Where":
+        both = Where()
+        both.conditions, both.args = self.conditions + other.conditions, self.args + other.args
+        return both
+
+    def __str__(self) -> str:
+        return " AND ".join(self.conditions) or "1 = 1"
 
 
 def data_as_of(conn: sqlite3.Connection) -> str | None:
@@ -1493,16 +1576,24 @@ def data_as_of(conn: sqlite3.Connection) -> str | None:
 
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
     ids = list(product_ids)
-    where, args = _in("id", ids)
-    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", args).fetchall())
+    where = Where().isin("id", ids)
+    names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}",
+                              where.args).fetchall())
     missing = [p for p in ids if p not in names]
     if missing:
-        raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; call "
-                              f"list_products to see the known ids, or sync_data if the product is new")
+        raise NotInCacheError(f"product {', '.join(map(str, missing))} is not in the local data; "
+                              f"call list_products to see the known ids, or sync_data if the "
+                              f"product is new")
     return names
 
 
-def query_products(conn: sqlite3.Connection, search: str | None, product_type: str | None) -> list[dict]:
+def _like_literal(text: str) -> str:
+    """`text` for LIKE ... ESCAPE '\\': its % and _ are characters, not wildcards."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def query_products(conn: sqlite3.Connection, search: str | None,
+                   product_type: str | None) -> list[dict]:
     """Products with test counts, recent activity and sync time."""
     since = iso(utc_now() - timedelta(days=30))
     rows = conn.execute(
@@ -1510,61 +1601,59 @@ def query_products(conn: sqlite3.Connection, search: str | None, product_type: s
         " coalesce((SELECT c.tests FROM counts c WHERE c.product_id = p.id), 0) AS test_count, "
         " (SELECT count(*) FROM tests t WHERE t.product_id = p.id AND t.end_at >= :since "
         "  AND t.end_at <= :now) AS tests_last_30_days, "
-        " (SELECT max(end_at) FROM tests t WHERE t.product_id = p.id AND t.end_at <= :now) AS newest_test_end, "
+        " (SELECT max(end_at) FROM tests t WHERE t.product_id = p.id AND t.end_at <= :now) "
+        "  AS newest_test_end, "
         " s.last_synced_at FROM products p LEFT JOIN product_sync s ON s.product_id = p.id "
         "WHERE (:search IS NULL OR p.name LIKE '%' || :search || '%' ESCAPE '\\' "
         "       OR cast(p.id AS TEXT) = :search) "
         "AND (:type IS NULL OR p.type = :type) ORDER BY p.name, p.id",
         {"since": since, "now": iso(utc_now()), "type": product_type,
-         "search": search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None})
+         "search": _like_literal(search) if search else None})
     return [dict(r) for r in rows]
 
 
-TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id", "title": "title COLLATE NOCASE",
-              "status": "status"}
+TEST_SORTS = {"end_at": "end_at", "start_at": "start_at", "id": "id",
+              "title": "title COLLATE NOCASE", "status": "status"}
+SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 
-def _test_filters(alias: str, product_ids: Sequence[int], statuses: Sequence[str] | None,
-                  testing_type: str | None, start: date | None, end: date | None) -> tuple[str, list]:
-    lo, hi = day_bounds(start, end)
-    products, args = _in(f"{alias}.product_id", product_ids)
-    where = [products]
+def _test_where(product_ids: Sequence[int], statuses: Sequence[str] | None,
+                testing_type: str | None, start: date | None, end: date | None) -> Where:
+    """The tests `t` of these products, statuses and testing type that ended within the days."""
+    where = Where().isin("t.product_id", product_ids)
     if statuses:
-        where.append(f"{alias}.status IN ({_placeholders(len(statuses))})")
-        args += statuses
+        where.isin("t.status", statuses)
     if testing_type:
-        where.append(f"{alias}.testing_type = ?")
-        args.append(testing_type)
-    if lo:
-        where.append(f"{alias}.end_at >= ?")
-        args.append(lo)
-    if hi:
-        where.append(f"{alias}.end_at < ?")
-        args.append(hi)
-    return " AND ".join(where), args
+        where.add("t.testing_type = ?", testing_type)
+    return where.days("t.end_at", start, end)
 
 
 def query_tests(conn: sqlite3.Connection, product_id: int, statuses: Sequence[str] | None,
                 testing_type: str | None, start: date | None, end: date | None, sort_by: str,
                 sort_order: str, page: int, per_page: int) -> dict:
-    """One page of a product's tests with their bug counts, the total, and the product. SQLite renders
-    the tests as JSON (without the GIL); the page's text is kept with the parsed list (JsonList)."""
+    """One page of a product's tests with their bug counts, the total, and the product. SQLite
+    renders the tests as JSON (without the GIL); the page's text is kept with the parsed list
+    (JsonList)."""
     names = _require_products(conn, [product_id])
-    where, args = _test_filters("t", [product_id], statuses, testing_type, start, end)
-    total = conn.execute(f"SELECT count(*) FROM tests t WHERE {where}", args).fetchone()[0]
-    order = f"{TEST_SORTS[sort_by]} {'DESC' if sort_order == 'desc' else 'ASC'}, id {sort_order.upper()}"
+    where = _test_where([product_id], statuses, testing_type, start, end)
+    total = conn.execute(f"SELECT count(*) FROM tests t WHERE {where}", where.args).fetchone()[0]
+    direction = SORT_ORDERS[sort_order]
     cur = conn.cursor()
     cur.row_factory = None
-    rows = cur.execute(f"SELECT {TEST_ROW_JSON} FROM tests t WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
-                       [*args, per_page, (page - 1) * per_page]).fetchall()
+    rows = cur.execute(f"SELECT {TEST_ROW_JSON} FROM tests t WHERE {where} "
+                       f"ORDER BY {TEST_SORTS[sort_by]} {direction}, id {direction} "
+                       f"LIMIT ? OFFSET ?",
+                       [*where.args, per_page, (page - 1) * per_page]).fetchall()
     text = "[" + ",".join([r[0] for r in rows]) + "]"
-    return {"product": {"id": product_id, "name": names[product_id]}, "total": total, "tests": JsonList(text)}
+    return {"product": {"id": product_id, "name": names[product_id]}, "total": total,
+            "tests": JsonList(text)}
 
 
-# a test row of list_tests as JSON, rendered by SQLite (not synced_at: it sits after raw, overflow pages, 2.5x);
-# bug counts from the covering index bugs_test_facets
-TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status, 'review_status', t.review_status,
-    'testing_type', t.testing_type, 'start_at', t.start_at, 'end_at', t.end_at, 'bugs',
+# a test row of list_tests as JSON, rendered by SQLite (without changed_at, which sits after raw: on
+# overflow pages); bug counts from the covering index bugs_test_facets
+TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status,
+    'review_status', t.review_status, 'testing_type', t.testing_type, 'start_at', t.start_at,
+    'end_at', t.end_at, 'bugs',
     (SELECT json_object('total', count(*), 'open', coalesce(sum(b.status = 'open'), 0),
                         'accepted', coalesce(sum(b.status = 'accepted'), 0),
                         'auto_accepted', coalesce(sum(b.status = 'auto_accepted'), 0),
@@ -1574,7 +1663,7 @@ TEST_ROW_JSON = """json_object('id', t.id, 'title', t.title, 'status', t.status,
 
 
 class JsonList(list):
-    """A list parsed from compact JSON text that is kept (`.json`): a tool's text block reuses it."""
+    """A list parsed from compact JSON text, which it keeps (`.json`) for a tool's text block."""
 
     __slots__ = ("json",)
 
@@ -1583,21 +1672,21 @@ class JsonList(list):
         self.json = text
 
 
-def bug_facets(conn: sqlite3.Connection, source: str, where: str, args: Sequence[Any],
-               key: str = "NULL") -> dict[Any, list[tuple]]:
-    """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one pass
-    over a covering index, bugs_test_facets by test or bugs_product_status by product (one query per
-    breakdown read the bugs four times)."""
+def _bug_facets(conn: sqlite3.Connection, where: Where,
+                key: str = "NULL") -> dict[Any, list[tuple]]:
+    """Bug counts by (status, severity, bug_type, known, rejection_reason), per value of `key`: one
+    pass over a covering index, bugs_test_facets by test or bugs_product_status by product (one
+    query per breakdown read the bugs four times)."""
     out: dict[Any, list[tuple]] = collections.defaultdict(list)
     for k, *facet in conn.execute(
-            f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, count(*) "
-            f"FROM {source} WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", args):
+            f"SELECT {key}, b.status, b.severity, b.bug_type, b.known, b.rejection_reason, "
+            f"count(*) FROM bugs b WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6", where.args):
         out[k].append(tuple(facet))
     return out
 
 
-def bug_summary(facets: Iterable[tuple]) -> dict:
-    """Totals, breakdowns, the five rates with health, and rejection reasons of bug_facets() rows."""
+def _bug_summary(facets: Iterable[tuple]) -> dict:
+    """Totals, breakdowns, the five rates with health and the rejection reasons of facets."""
     by_status, by_severity, by_type, reasons = (collections.Counter() for _ in range(4))
     known = 0
     for status, severity, bug_type, is_known, reason, n in facets:
@@ -1608,12 +1697,13 @@ def bug_summary(facets: Iterable[tuple]) -> dict:
         if status == "rejected":
             reasons[reason] += n
 
-    def ordered(counts: collections.Counter) -> dict[str, int]:  # most first, then by value (None first)
-        return {str(k): n for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None,
-                                                                               kv[0] or ""))}
+    def ordered(counts: collections.Counter) -> dict[str, int]:  # most first, then None, then A-Z
+        order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None, kv[0] or ""))
+        return {str(k): n for k, n in order}
 
     total = sum(by_status.values())
-    rates = bug_rates(by_status["accepted"], by_status["auto_accepted"], by_status["rejected"], total)
+    rates = bug_rates(by_status["accepted"], by_status["auto_accepted"], by_status["rejected"],
+                      total)
     return {"total": total,
             "by_status": {s: by_status[s] for s in BUG_STATUSES},
             "by_severity": ordered(by_severity), "by_type": ordered(by_type),
@@ -1629,7 +1719,8 @@ def _platforms(test: dict) -> list[str]:
         os_name = (req.get("operating_system") or {}).get("name")
         low = (req.get("min_operating_system_version") or {}).get("name")
         category = (req.get("category") or {}).get("name")
-        browsers = ", ".join(b.get("name", "") for b in req.get("browsers") or [] if isinstance(b, dict))
+        browsers = ", ".join(b.get("name", "") for b in req.get("browsers") or []
+                             if isinstance(b, dict))
         out.append(" ".join(x for x in (category and f"{category}:", os_name, low and f">= {low}",
                                         browsers and f"({browsers})") if x))
     return out
@@ -1637,14 +1728,18 @@ def _platforms(test: dict) -> list[str]:
 
 def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
     """A test with its bug summary and most recent bugs; None if not stored."""
-    row = conn.execute("SELECT t.*, p.name AS product_name FROM tests t JOIN products p ON p.id = t.product_id "
-                       "WHERE t.id = ?", (test_id,)).fetchone()
+    row = conn.execute("SELECT t.*, p.name AS product_name FROM tests t "
+                       "JOIN products p ON p.id = t.product_id WHERE t.id = ?",
+                       (test_id,)).fetchone()
     if row is None:
         return None
     raw = json.loads(row["raw"])
-    test = {"id": row["id"], "title": row["title"], "product": {"id": row["product_id"], "name": row["product_name"]},
-            "status": row["status"], "review_status": row["review_status"], "testing_type": row["testing_type"],
-            "start_at": row["start_at"], "end_at": row["end_at"], "goal": raw.get("goal_text") or raw.get("goal"),
+    test = {"id": row["id"], "title": row["title"],
+            "product": {"id": row["product_id"], "name": row["product_name"]},
+            "status": row["status"], "review_status": row["review_status"],
+            "testing_type": row["testing_type"], "start_at": row["start_at"],
+            "end_at": row["end_at"],
+            "goal": raw.get("goal_text") or raw.get("goal"),
             "instructions": raw.get("instructions_text") or raw.get("instructions"),
             "out_of_scope": raw.get("out_of_scope_text") or raw.get("out_of_scope"),
             "features": [{"feature_id": f.get("feature_id"), "title": f.get("title"),
@@ -1652,94 +1747,89 @@ def query_test(conn: sqlite3.Connection, test_id: int) -> dict | None:
                          for f in raw.get("features") or [] if isinstance(f, dict)],
             "platforms": _platforms(raw),
             "environment": (raw.get("test_environment") or {}).get("title"),
-            "created_by": raw.get("created_by"), "synced_at": row["synced_at"],
+            "created_by": raw.get("created_by"), "changed_at": row["changed_at"],
             "bugs_synced_at": row["bugs_synced_at"]}
     recent = [dict(r) for r in conn.execute(
         "SELECT id, title, severity, bug_type, status, known, reported_at, tester FROM bugs "
         "WHERE test_id = ? ORDER BY reported_at DESC, id DESC LIMIT 10", (test_id,))]
-    summary = bug_summary(bug_facets(conn, "bugs b", "b.test_id = ?", [test_id])[None])
+    summary = _bug_summary(_bug_facets(conn, Where().add("b.test_id = ?", test_id))[None])
     return {"test": test, "bug_summary": summary, "recent_bugs": recent}
 
 
 BUG_SORT = "b.reported_at DESC, b.id DESC"
+BUG_FILTERS = {"status": "b.status", "severity": "b.severity", "bug_type": "b.bug_type",
+               "rejection_reason": "b.rejection_reason"}  # list_bugs' list filters -> column
 # the columns stored before `raw`: a list without details never reads the raw JSON (overflow pages)
-BUG_LIST_COLUMNS = ("b.id, b.title, b.test_id, b.product_id, b.feature_id, b.status, b.severity, b.bug_type, "
-                    "b.known, b.rejection_reason, b.reported_at, b.tester, b.platform, b.exported_at")
+BUG_LIST_COLUMNS = ("b.id, b.title, b.test_id, b.product_id, b.feature_id, b.status, b.severity, "
+                    "b.bug_type, b.known, b.rejection_reason, b.reported_at, b.tester, b.platform, "
+                    "b.exported_at")
 
 
 def query_bugs(conn: sqlite3.Connection, f: dict, page: int, per_page: int, details: bool) -> dict:
     """One page of bugs matching the filters in `f`, and the total."""
-    where, args = ["1 = 1"], []
+    where = Where()
     if f.get("test_ids"):
         ids = f["test_ids"]
-        tests, test_args = _in("id", ids)
-        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {tests}", test_args)}
+        stored = Where().isin("id", ids)
+        found = {r[0] for r in conn.execute(f"SELECT id FROM tests WHERE {stored}", stored.args)}
         missing = [t for t in ids if t not in found]
         if missing:
-            raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; call "
-                                  f"get_test_status(test_id) to fetch it, or list_tests to find ids")
-        clause, test_args = _in("b.test_id", ids)
-        where.append(clause)
-        args += test_args
+            raise NotInCacheError(f"test {', '.join(map(str, missing))} is not in the local data; "
+                                  f"call get_test_status(test_id) to fetch it, or list_tests to "
+                                  f"find ids")
+        where.isin("b.test_id", ids)
     else:
         _require_products(conn, f["product_ids"])
-        products, product_args = _in("b.product_id", f["product_ids"])
-        where.append(products)
-        args += product_args
-    for key, column in (("status", "b.status"), ("severity", "b.severity"), ("bug_type", "b.bug_type"),
-                        ("rejection_reason", "b.rejection_reason")):
+        where.isin("b.product_id", f["product_ids"])
+    for key, column in BUG_FILTERS.items():
         if f.get(key):
-            where.append(f"{column} IN ({_placeholders(len(f[key]))})")
-            args += f[key]
+            where.isin(column, f[key])
     if f.get("known") is not None:
-        where.append("b.known = ?")
-        args.append(1 if f["known"] else 0)
+        where.add("b.known = ?", 1 if f["known"] else 0)
     if f.get("tester"):
-        where.append("b.tester = ? COLLATE NOCASE")
-        args.append(f["tester"])
-    lo, hi = day_bounds(f.get("start_date"), f.get("end_date"))
-    if lo:
-        where.append("b.reported_at >= ?")
-        args.append(lo)
-    if hi:
-        where.append("b.reported_at < ?")
-        args.append(hi)
-    clause = " AND ".join(where)
-    total = conn.execute(f"SELECT count(*) FROM bugs b WHERE {clause}", args).fetchone()[0]
-    # the page's ids first, sorted within an index; then only those rows (several products' bugs sorted
-    # as whole rows read every matching bug)
+        where.add("b.tester = ? COLLATE NOCASE", f["tester"])
+    where.days("b.reported_at", f.get("start_date"), f.get("end_date"))
+    total = conn.execute(f"SELECT count(*) FROM bugs b WHERE {where}", where.args).fetchone()[0]
+    # the page's ids first, sorted within an index; then only those rows (several products' bugs
+    # sorted as whole rows read every matching bug)
     rows = conn.execute(
         f"SELECT {'b.*' if details else BUG_LIST_COLUMNS}, t.title AS test_title FROM bugs b "
-        f"JOIN tests t ON t.id = b.test_id WHERE b.id IN (SELECT b.id FROM bugs b WHERE {clause} "
-        f"ORDER BY {BUG_SORT} LIMIT ? OFFSET ?) ORDER BY {BUG_SORT}", [*args, per_page, (page - 1) * per_page])
-    return {"total": total, "bugs": [shape_bug(r, details) for r in rows]}
+        f"JOIN tests t ON t.id = b.test_id WHERE b.id IN (SELECT b.id FROM bugs b WHERE {where} "
+        f"ORDER BY {BUG_SORT} LIMIT ? OFFSET ?) ORDER BY {BUG_SORT}",
+        [*where.args, per_page, (page - 1) * per_page])
+    return {"total": total, "bugs": [_shape_bug(r, details) for r in rows]}
 
 
-def shape_bug(row: sqlite3.Row, details: bool) -> dict:
+def _shape_bug(row: sqlite3.Row, details: bool) -> dict:
     """A bug row as a tool returns it; `details` adds steps, results, devices and comments."""
-    bug = {"id": row["id"], "title": row["title"], "test": {"id": row["test_id"], "title": row["test_title"]},
-           "product_id": row["product_id"], "feature_id": row["feature_id"], "status": row["status"],
+    bug = {"id": row["id"], "title": row["title"],
+           "test": {"id": row["test_id"], "title": row["test_title"]},
+           "product_id": row["product_id"], "feature_id": row["feature_id"],
+           "status": row["status"],
            "severity": row["severity"], "bug_type": row["bug_type"], "known": bool(row["known"]),
            "rejection_reason": row["rejection_reason"], "reported_at": row["reported_at"],
            "tester": row["tester"], "platform": row["platform"]}
     if details:
-        bug["synced_at"] = row["synced_at"]
+        bug["changed_at"] = row["changed_at"]
         raw = json.loads(row["raw"])
         feature = raw.get("feature") if isinstance(raw.get("feature"), dict) else {}
         bug.update({
             "steps": [s for s in raw.get("steps") or [] if isinstance(s, str)],
             "expected_result": raw.get("expected_result") or None,
             "actual_result": raw.get("actual_result") or None,
-            "feature": {"id": feature.get("id"), "title": feature.get("title")} if feature else None,
+            "feature": ({"id": feature.get("id"), "title": feature.get("title")} if feature
+                        else None),
             "devices": [{"category": (d.get("category") or {}).get("name"),
                          "device": (d.get("device") or {}).get("name"),
                          "operating_system": (d.get("operating_system") or {}).get("name"),
                          "os_version": (d.get("operating_system_version") or {}).get("name"),
-                         "browsers": [b.get("name") for b in d.get("browsers") or [] if isinstance(b, dict)]}
+                         "browsers": [b.get("name") for b in d.get("browsers") or []
+                                      if isinstance(b, dict)]}
                         for d in raw.get("devices") or [] if isinstance(d, dict)],
             "comments": [{"author": (c.get("author") or {}).get("name"), "body": c.get("body")}
                          for c in raw.get("comments") or [] if isinstance(c, dict)],
-            "attachments": [a.get("url") for a in raw.get("attachments") or [] if isinstance(a, dict)],
+            "attachments": [a.get("url") for a in raw.get("attachments") or []
+                            if isinstance(a, dict)],
             "exported": bool(row["exported_at"]), "exported_at": row["exported_at"],
             "language": raw.get("language"), "location": raw.get("location")})
     return bug
@@ -1747,77 +1837,86 @@ def shape_bug(row: sqlite3.Row, details: bool) -> dict:
 
 def query_bug(conn: sqlite3.Connection, bug_id: int) -> dict | None:
     """Everything stored about one bug; None if not stored."""
-    row = conn.execute("SELECT b.*, t.title AS test_title FROM bugs b JOIN tests t ON t.id = b.test_id "
-                       "WHERE b.id = ?", (bug_id,)).fetchone()
-    return shape_bug(row, True) if row else None
+    row = conn.execute("SELECT b.*, t.title AS test_title FROM bugs b "
+                       "JOIN tests t ON t.id = b.test_id WHERE b.id = ?", (bug_id,)).fetchone()
+    return _shape_bug(row, True) if row else None
 
 
 def query_features(conn: sqlite3.Connection, product_id: int, search: str | None) -> dict:
     """A product and its features with user stories and how many tests and bugs touched each."""
     names = _require_products(conn, [product_id])
-    literal = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None
-    pattern = f"%{literal}%" if search else None  # % and _ in the search are text, not wildcards
+    pattern = f"%{_like_literal(search.lower())}%" if search else None
     rows = conn.execute(
-        "SELECT f.*, (SELECT count(DISTINCT tf.test_id) FROM test_features tf WHERE tf.feature_id = f.id) "
+        "SELECT f.*, "
+        " (SELECT count(DISTINCT tf.test_id) FROM test_features tf WHERE tf.feature_id = f.id) "
         "  AS tests, (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id) AS bugs, "
-        " (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id AND b.status = 'rejected') AS rejected_bugs "
-        "FROM features f WHERE f.product_id = ? AND (? IS NULL OR lower(f.title) LIKE ? ESCAPE '\\' "
-        " OR EXISTS (SELECT 1 FROM json_each(f.user_stories) s WHERE lower(s.value) LIKE ? ESCAPE '\\')) "
+        " (SELECT count(*) FROM bugs b WHERE b.feature_id = f.id AND b.status = 'rejected') "
+        "  AS rejected_bugs "
+        "FROM features f WHERE f.product_id = ? "
+        "AND (? IS NULL OR lower(f.title) LIKE ? ESCAPE '\\' "
+        " OR EXISTS (SELECT 1 FROM json_each(f.user_stories) s "
+        "            WHERE lower(s.value) LIKE ? ESCAPE '\\')) "
         "ORDER BY f.title, f.id", (product_id, pattern, pattern, pattern))
-    features = [{"id": r["id"], "title": r["title"], "description": r["description"], "howtofind": r["howtofind"],
-                 "user_stories": json.loads(r["user_stories"]), "tests": r["tests"], "bugs": r["bugs"],
-                 "rejected_bugs": r["rejected_bugs"], "synced_at": r["synced_at"]} for r in rows]
+    features = [{"id": r["id"], "title": r["title"], "description": r["description"],
+                 "howtofind": r["howtofind"], "user_stories": json.loads(r["user_stories"]),
+                 "tests": r["tests"], "bugs": r["bugs"], "rejected_bugs": r["rejected_bugs"],
+                 "synced_at": r["synced_at"]} for r in rows]
     return {"product": {"id": product_id, "name": names[product_id]}, "features": features}
 
 
-TOP_TESTS = 20  # tests a quality report lists by bugs: its totals cover every test, the list stays small
+TOP_TESTS = 20  # tests a quality report lists by bugs (its totals cover every test): a small list
 
 
 def quality_report(conn: sqlite3.Connection, product_ids: Sequence[int], statuses: Sequence[str],
                    testing_type: str | None, start: date | None, end: date | None) -> dict:
-    """The executive report over the tests in scope: tests, bugs, rates, health, per product/test."""
+    """The executive report of the tests in scope: tests, bugs, rates, health, per product/test."""
     names = _require_products(conn, product_ids)
-    where, args = _test_filters("t", product_ids, statuses, testing_type, start, end)
-    # the bugs of these products in the order of bugs_product_status, each kept if its test is in scope (a
-    # probe of the tests in scope, once collected): no sort, no seek of a test per bug
-    products, product_args = _in("b.product_id", product_ids)
-    facets = bug_facets(conn, "bugs b", f"{products} AND b.test_id IN (SELECT t.id FROM tests t WHERE {where})",
-                        [*product_args, *args], key="b.product_id")
+    where = _test_where(product_ids, statuses, testing_type, start, end)
+    # the bugs of these products in the order of bugs_product_status, each kept if its test is in
+    # scope (a probe of the tests in scope, once collected): no sort, no seek of a test per bug
+    in_scope = Where().isin("b.product_id", product_ids).add(
+        f"b.test_id IN (SELECT t.id FROM tests t WHERE {where})", *where.args)
+    facets = _bug_facets(conn, in_scope, key="b.product_id")
 
     def tests_by(column: str) -> dict[str, int]:
         return {str(k): n for k, n in conn.execute(
-            f"SELECT t.{column}, count(*) FROM tests t WHERE {where} GROUP BY 1 ORDER BY 2 DESC", args)}
+            f"SELECT t.{column}, count(*) FROM tests t WHERE {where} GROUP BY 1 ORDER BY 2 DESC",
+            where.args)}
 
     by_status = tests_by("status")
     report = {"tests": {"total": sum(by_status.values()), "by_status": by_status,
                         "by_testing_type": tests_by("testing_type")},
-              "bugs": bug_summary(f for rows in facets.values() for f in rows)}
+              "bugs": _bug_summary(f for rows in facets.values() for f in rows)}
     if len(product_ids) > 1:
         report["per_product"] = []
-        tests = dict(conn.execute(f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1", args))
+        tests = dict(conn.execute(
+            f"SELECT t.product_id, count(*) FROM tests t WHERE {where} GROUP BY 1", where.args))
         for pid in product_ids:
-            summary = bug_summary(facets.get(pid, []))
-            report["per_product"].append({"product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
-                                          "bugs": summary["total"], "by_status": summary["by_status"],
-                                          "rates": summary["rates"], "health": summary["health"]})
+            summary = _bug_summary(facets.get(pid, []))
+            report["per_product"].append({
+                "product_id": pid, "name": names[pid], "tests": tests.get(pid, 0),
+                "bugs": summary["total"], "by_status": summary["by_status"],
+                "rates": summary["rates"], "health": summary["health"]})
     rows = conn.execute(
-        f"SELECT t.id, t.title, t.product_id, t.status, t.testing_type, t.end_at, count(b.id) AS bugs, "
-        f" sum(b.status = 'open') AS open, sum(b.status = 'accepted') AS accepted, "
-        f" sum(b.status = 'auto_accepted') AS auto_accepted, sum(b.status = 'rejected') AS rejected, "
-        f" sum(b.severity = 'critical') AS critical "
+        f"SELECT t.id, t.title, t.product_id, t.status, t.testing_type, t.end_at, "
+        f" count(b.id) AS bugs, sum(b.status = 'open') AS open, "
+        f" sum(b.status = 'accepted') AS accepted, "
+        f" sum(b.status = 'auto_accepted') AS auto_accepted, "
+        f" sum(b.status = 'rejected') AS rejected, sum(b.severity = 'critical') AS critical "
         f"FROM tests t LEFT JOIN bugs b ON b.test_id = t.id WHERE t.id IN ("
         # the top tests first, each test's bugs counted in the index: grouping every test in scope
         # sorted them all
         f" SELECT t.id FROM tests t WHERE {where} "
         f" ORDER BY (SELECT count(*) FROM bugs b WHERE b.test_id = t.id) DESC, t.end_at DESC "
-        f" LIMIT {TOP_TESTS}) "
-        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", args)
+        f" LIMIT ?) "
+        f"GROUP BY t.id ORDER BY bugs DESC, t.end_at DESC", [*where.args, TOP_TESTS])
     report["top_tests"] = []
     for r in rows:
         row = dict(r)
         for key in ("open", "accepted", "auto_accepted", "rejected", "critical"):
             row[key] = row[key] or 0
-        row["rates"] = bug_rates(row["accepted"], row["auto_accepted"], row["rejected"], row["bugs"])
+        row["rates"] = bug_rates(row["accepted"], row["auto_accepted"], row["rejected"],
+                                 row["bugs"])
         report["top_tests"].append(row)
     return report
 
@@ -1841,7 +1940,8 @@ METRIC_DIMENSIONS = {
     "known": ("b.known", False),
 }
 # The aggregates behind the metrics. Each bug joins at most once: the test_features join takes a
-# test's feature once, and features_tested (which repeats a test's bugs per feature) is counted apart.
+# test's feature once, and features_tested (which repeats a test's bugs per feature) is counted
+# apart.
 METRIC_AGGREGATES = {
     "tests": "count(DISTINCT t.id)",
     "bugs": "count(b.id)",
@@ -1853,9 +1953,10 @@ METRIC_AGGREGATES = {
 }
 _RATE_AGGREGATES = ("bugs", "accepted", "auto", "rejected")
 # Grouped by test dimensions only, a test's bugs are counted in the index, one test at a time: the
-# grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more than
-# they save)
-PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'", "auto": " AND b.status = 'auto_accepted'",
+# grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more
+# than they save)
+PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'",
+                   "auto": " AND b.status = 'auto_accepted'",
                    "rejected": " AND b.status = 'rejected'"}
 METRICS = {  # metric -> the aggregates it is computed from
     "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
@@ -1870,97 +1971,109 @@ METRIC_FILTERS = {  # filter key -> column
 }
 
 
-def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
-                    end: date | None) -> list[tuple[str, list]]:
-    """The pivot's SQL and arguments, one query or two whose rows join on the dimensions (d0, d1)."""
-    # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is by
-    # feature anyway, it is counted on its own and the other metrics without that join
+def metrics_queries(metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
+                    start: date | None, end: date | None) -> list[tuple[str, list]]:
+    """The pivot's SQL and arguments: one query, or two whose rows join on the dimensions."""
+    # features_tested joins each test's features, which repeats the test's bugs: unless the pivot is
+    # by feature anyway, it is counted on its own and the other metrics without that join
     if "features_tested" in metrics and "feature" not in dimensions and len(metrics) > 1:
-        return [_metrics_query([m for m in metrics if m != "features_tested"], dimensions, filters, start, end),
+        others = [m for m in metrics if m != "features_tested"]
+        return [_metrics_query(others, dimensions, filters, start, end),
                 _metrics_query(["features_tested"], dimensions, filters, start, end)]
     return [_metrics_query(metrics, dimensions, filters, start, end)]
 
 
-def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: dict, start: date | None,
-                   end: date | None) -> tuple[str, list]:
+def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
+                   start: date | None, end: date | None) -> tuple[str, list]:
     """Tests (by product or dates through their indexes), their features when needed, and their bugs
     through bugs_test_facets, grouped by the dimensions."""
+    expr = {d: METRIC_DIMENSIONS[d][0] for d in dimensions}
     needed = {a for m in metrics for a in METRICS[m]}
-    columns = [METRIC_DIMENSIONS[d][0] for d in dimensions] + [METRIC_FILTERS[k] for k, v in filters.items() if v]
+    columns = [*expr.values(), *(METRIC_FILTERS[k] for k, v in filters.items() if v)]
     bug_level = any(c.startswith("b.") for c in columns)  # only tests with bugs in the group count
     need_bugs = bug_level or bool(needed - {"tests", "features"})
     need_tf = "features" in needed or "feature" in dimensions
-    clauses = [_in(METRIC_FILTERS[key], values) for key, values in filters.items() if values]
-    lo, hi = day_bounds(start, end)
-    if lo:
-        clauses.append(("t.end_at >= ?", [lo]))
-    if hi:
-        clauses.append(("t.end_at < ?", [hi]))
-    where, args = ["1 = 1", *(c for c, _ in clauses)], [a for _, values in clauses for a in values]
-    dims = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions)]
+    test, bug = Where(), Where()  # the conditions on tests, and those on bugs
+    for key, values in filters.items():
+        if values:
+            column = METRIC_FILTERS[key]
+            (test if column.startswith("t.") else bug).isin(column, values)
+    test.days("t.end_at", start, end)
+    dims = [f"{expr[d]} AS d{i}" for i, d in enumerate(dimensions)]
     group = ", ".join(f"d{i}" for i in range(len(dimensions)))
-    of_test = [d for d in dimensions if d != "feature" and not METRIC_DIMENSIONS[d][0].startswith("b.")]
-    test, bug = ([(c, v) for c, v in clauses if c.startswith("t.") == side] for side in (True, False))
+    of_test = [d for d in dimensions if d != "feature" and not expr[d].startswith("b.")]
     if bug_level and not need_tf and of_test:
-        # a bug column and a test dimension: the tests in scope collected once with their values, then their
-        # bugs (the planner would read every bug, seek its test and reckon the test's values again)
-        values = [f"{METRIC_DIMENSIONS[d][0]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
-        dims = [f"s.d{i} AS d{i}" if d in of_test else f"{METRIC_DIMENSIONS[d][0]} AS d{i}"
+        # a bug column and a test dimension: the tests in scope collected once with their values,
+        # then their bugs (the planner would read every bug, seek its test and reckon the test's
+        # values again)
+        values = [f"{expr[d]} AS d{i}" for i, d in enumerate(dimensions) if d in of_test]
+        dims = [f"s.d{i} AS d{i}" if d in of_test else f"{expr[d]} AS d{i}"
                 for i, d in enumerate(dimensions)]
         aggs = [f"{'count(DISTINCT s.id)' if a == 'tests' else METRIC_AGGREGATES[a]} AS {a}"
                 for a in METRIC_AGGREGATES if a in needed]
+        on = Where().add("b.test_id = s.id") & bug
         return (f"WITH s AS MATERIALIZED (SELECT t.id, {', '.join(values)} FROM tests t "
-                f"WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])}) "
-                f"SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON b.test_id = s.id"
-                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+                f"WHERE {test}) SELECT {', '.join(dims + aggs)} FROM s JOIN bugs b ON {on} "
+                f"GROUP BY {group}"), test.args + on.args
     if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
-        # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their test
-        # lists), kept by a probe of those ids, collected once, instead of a seek of each bug's test (by
-        # feature, the planner would rather read a feature's bugs of every test)
+        # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their
+        # test lists), kept by a probe of those ids, collected once, instead of a seek of each bug's
+        # test (by feature, the planner would rather read a feature's bugs of every test)
         if "feature" in dimensions:
-            probe, ids = "(b.test_id, b.feature_id)", "tf.test_id, tf.feature_id FROM tests t JOIN test_features tf "
-            ids += "ON tf.test_id = t.id"
+            probe = "(b.test_id, b.feature_id)"
+            ids = ("tf.test_id, tf.feature_id FROM tests t "
+                   "JOIN test_features tf ON tf.test_id = t.id")
         else:
             probe, ids = "b.test_id", "t.id FROM tests t"
         own = {"tests": "count(DISTINCT b.test_id)", "features": "count(DISTINCT b.feature_id)"}
-        dims = [f"{'b.feature_id' if d == 'feature' else METRIC_DIMENSIONS[d][0]} AS d{i}"
+        dims = [f"{'b.feature_id' if d == 'feature' else expr[d]} AS d{i}"
                 for i, d in enumerate(dimensions)]
-        aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}" for a in METRIC_AGGREGATES if a in needed]
-        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets WHERE {probe} IN "
-                f"(SELECT {ids} WHERE {' AND '.join(['1 = 1', *(c for c, _ in test)])})"
-                f"{''.join(f' AND {c}' for c, _ in bug)} GROUP BY {group}"), [a for _, v in test + bug for a in v]
+        aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}"
+                for a in METRIC_AGGREGATES if a in needed]
+        where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
+        return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets "
+                f"WHERE {where} GROUP BY {group}"), where.args
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
-    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps the order
-    # tests, their features, their bugs (the planner would start elsewhere and seek the rest per row)
+    # feature and a bug column, only a feature's bugs count: the joins are inner, and CROSS keeps
+    # the order tests, their features, their bugs (the planner would start elsewhere and seek the
+    # rest per row)
     inner = bug_level and "feature" in dimensions
-    joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id AND NOT EXISTS "
-             "(SELECT 1 FROM test_features x WHERE x.test_id = t.id AND x.feature_id = tf.feature_id "
-             "AND x.test_feature_id < tf.test_feature_id)" if need_tf else "")
-    # a bug is reached by its test (and feature) in bugs_test_facets, never through bugs_feature_status:
-    # a feature's bugs span every test, and that path read all of them again for each test
-    on = "b.test_id = t.id" + (" AND b.feature_id = tf.feature_id" if "feature" in dimensions else "")
+    joins = (f" {'CROSS' if inner else 'LEFT'} JOIN test_features tf ON tf.test_id = t.id "
+             "AND NOT EXISTS (SELECT 1 FROM test_features x WHERE x.test_id = t.id "
+             "AND x.feature_id = tf.feature_id AND x.test_feature_id < tf.test_feature_id)"
+             if need_tf else "")
+    # a bug is reached by its test (and feature) in bugs_test_facets, never through
+    # bugs_feature_status: a feature's bugs span every test, and that path read all of them again
+    # for each test
+    on = "b.test_id = t.id"
+    if "feature" in dimensions:
+        on += " AND b.feature_id = tf.feature_id"
+    where = test & bug
     if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS}:
         counts = [f"(SELECT count(*) FROM bugs b WHERE {on}{cond}) AS {a}"
                   for a, cond in PER_TEST_COUNTS.items() if a in needed]
         sums = ["count(*) AS tests"] + [f"sum({a}) AS {a}" for a in PER_TEST_COUNTS if a in needed]
-        return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} FROM tests t "
-                f"WHERE {' AND '.join(where)}) GROUP BY {group}"), args
+        return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} "
+                f"FROM tests t WHERE {where}) GROUP BY {group}"), where.args
     if need_bugs:
-        joins += f" {'CROSS JOIN' if inner else 'JOIN' if bug_level else 'LEFT JOIN'} bugs b ON {on}"
+        join = "CROSS JOIN" if inner else "JOIN" if bug_level else "LEFT JOIN"
+        joins += f" {join} bugs b ON {on}"
     aggs = [f"{METRIC_AGGREGATES[a]} AS {a}" for a in METRIC_AGGREGATES if a in needed]
-    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {' AND '.join(where)} "
-            f"GROUP BY {group}"), args
+    return (f"SELECT {', '.join(dims + aggs)} FROM tests t{joins} WHERE {where} "
+            f"GROUP BY {group}"), where.args
 
 
-def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str], filters: dict,
-                      start: date | None, end: date | None, sort_by: str | None, limit: int) -> list[dict]:
+def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensions: Sequence[str],
+                      filters: dict, start: date | None, end: date | None,
+                      sort_by: str | None) -> list[dict]:
     """A pivot: one row per combination of the dimensions with the requested metrics."""
     if filters.get("product_ids"):
         _require_products(conn, filters["product_ids"])
     cells: dict[tuple, dict] = {}
     for query in metrics_queries(metrics, dimensions, filters, start, end):
         for r in conn.execute(*query):
-            cells.setdefault(tuple(r[f"d{i}"] for i in range(len(dimensions))), {}).update(zip(r.keys(), r))
+            cell = tuple(r[f"d{i}"] for i in range(len(dimensions)))
+            cells.setdefault(cell, {}).update(zip(r.keys(), r))
     rows = []
     for cell, got in cells.items():
         row = dict(zip(dimensions, cell))
@@ -1978,22 +2091,24 @@ def query_metrics_sql(conn: sqlite3.Connection, metrics: Sequence[str], dimensio
         rows.sort(key=lambda row: (row[key] is None, -(row[key] or 0)))
     else:  # a dimension: in its natural order
         rows.sort(key=lambda row: (row[key] is None, str(row[key])))
-    return rows[:limit]
+    return rows
 
 
-def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
+def _label_dimensions(conn: sqlite3.Connection, rows: list[dict],
+                      dimensions: Sequence[str]) -> None:
     """Names beside ids: product_name, and for a feature its title and its product (two products'
     "Wishlist" features are different features)."""
     if "product" in dimensions:
-        where, ids = _in("id", sorted({r["product"] for r in rows if r["product"] is not None}))
-        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}", ids).fetchall())
+        where = Where().isin("id", sorted({r["product"] for r in rows} - {None}))
+        names = dict(conn.execute(f"SELECT id, name FROM products WHERE {where}",
+                                  where.args).fetchall())
         for r in rows:
             r["product_name"] = names.get(r["product"])
     if "feature" in dimensions:
-        where, ids = _in("f.id", sorted({r["feature"] for r in rows if r["feature"] is not None}))
+        where = Where().isin("f.id", sorted({r["feature"] for r in rows} - {None}))
         features = {f: (title, pid, name) for f, title, pid, name in conn.execute(
-            f"SELECT f.id, f.title, p.id, p.name FROM features f JOIN products p ON p.id = f.product_id "
-            f"WHERE {where}", ids)}
+            f"SELECT f.id, f.title, p.id, p.name FROM features f "
+            f"JOIN products p ON p.id = f.product_id WHERE {where}", where.args)}
         for r in rows:
             title, pid, name = features.get(r["feature"], (None, None, None))
             r["feature_name"], r["product_id"], r["product_name"] = title, pid, name
@@ -2003,15 +2118,15 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Se
 
 
 # BM25 ranks the newest matches of each kind, at most this many: the cost of a search stays flat as
-# the data grows (ranking every match of a common word over 750,000 bugs took ~50 ms).
+# the data grows (a common word matches a large share of all bugs).
 SEARCH_CANDIDATES = 1000
 FTS_ID_MASK = (1 << 40) - 1
 
 
 def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | None:
     """User text as a safe FTS5 query: every word quoted (operators become words), the last one a
-    prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched in
-    title and body only (the product_id column is indexed for product scopes)."""
+    prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched
+    in title and body only (the product_id column is indexed for product scopes)."""
     words = re.findall(r"\w+", text, flags=re.UNICODE)
     if not words:
         return None
@@ -2023,11 +2138,11 @@ def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | N
 
 def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
                  product_ids: Sequence[int], limit: int) -> dict:
-    """BM25-ranked matches (title weighted 10x) over products, features, tests and bugs: the rows with
-    every word; if they are fewer than `limit`, the last word also as a prefix ("check" finds
+    """BM25-ranked matches (title weighted 10x) over products, features, tests and bugs: the rows
+    with every word; if they are fewer than `limit`, the last word also as a prefix ("check" finds
     "checkout"); if none, the rows with any word. Returns {"results", "capped"}: "capped" names the
-    kinds with more than SEARCH_CANDIDATES matches, of which only the newest were ranked. (The exact
-    pass comes first because a prefix query reads every matching term's whole doclist.)"""
+    kinds with more than SEARCH_CANDIDATES matches, of which only the newest were ranked. (The
+    exact pass comes first because a prefix query reads every matching term's whole doclist.)"""
     _require_products(conn, product_ids)  # a mistyped id must not look like "nothing found"
     found = _search(conn, fts_query(query, prefix=False), entities, product_ids, limit)
     if len(found["results"]) < limit:
@@ -2044,11 +2159,11 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
     if product_ids:  # in the index: the newest matches of these products, however many others have
         match += f" AND product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
     candidates, capped = [], []
-    for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range scan
+    for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range
         code = SEARCH_ENTITIES.index(kind) + 1
         rows = conn.execute(  # BM25 over title (10x) and body; the product id weighs nothing
-            f"SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts WHERE search_fts MATCH ? "
-            f"AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
+            "SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts "
+            "WHERE search_fts MATCH ? AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
             [match, code << 40, (code << 40) | FTS_ID_MASK, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
@@ -2056,16 +2171,18 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
     best = sorted(candidates, key=lambda r: (r[1], -r[0]))[:limit]
     if not best:
         return {"results": [], "capped": capped}
-    # snippets of the winners only, per kind: a scan of the rowid range of that kind's winners (within
-    # its candidates, so bounded); `+rowid IN` keeps FTS5 from seeking each rowid, which re-reads the
-    # doclists every time (~0.6 ms a row)
+    # snippets of the winners only, per kind: a scan of the rowid range of that kind's winners
+    # (within its candidates, so bounded); `+rowid IN` keeps FTS5 from seeking each rowid, which
+    # re-reads the doclists every time
     details = {}
     for code in sorted({r[0] >> 40 for r in best}):
         rowids = [r[0] for r in best if r[0] >> 40 == code]
         details.update((r["rowid"], r) for r in conn.execute(
-            f"SELECT rowid, entity, product_id, title, snippet(search_fts, 1, '[', ']', '...', 12) AS snippet "
+            f"SELECT rowid, entity, product_id, title, "
+            f"snippet(search_fts, 1, '[', ']', '...', 12) AS snippet "
             f"FROM search_fts WHERE search_fts MATCH ? AND rowid BETWEEN ? AND ? "
-            f"AND +rowid IN ({_placeholders(len(rowids))})", [match, min(rowids), max(rowids), *rowids]))
+            f"AND +rowid IN ({_placeholders(len(rowids))})",
+            [match, min(rowids), max(rowids), *rowids]))
     results = [{"entity": d["entity"], "id": rowid & FTS_ID_MASK, "product_id": d["product_id"],
                 "title": d["title"], "snippet": d["snippet"], "score": round(-score, 3)}
                for rowid, score in best if (d := details.get(rowid)) is not None]
@@ -2074,7 +2191,8 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
 
 def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
     """The most recent sync runs, newest first."""
-    return [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT ?", (limit,))]
+    return [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT ?",
+                                          (limit,))]
 
 
 ###############################################################################
@@ -2082,23 +2200,25 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 ###############################################################################
 
 RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
-# the request counter of the sync run the current task belongs to (its tasks inherit it): a run counts
-# its own requests, not those a tool makes meanwhile on the same client
-RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests", default=None)
-# Larger answers (a page of 100 tests is ~400 KB, ~5 ms of json.loads) are decoded on a thread of the
-# client, not on the event loop that serves the tools; bug batches are decoded where they are stored.
+# the request counter of the sync run the current task belongs to (its tasks inherit it): a run
+# counts its own requests, not those a tool makes meanwhile on the same client
+RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests",
+                                                                               default=None)
+# Larger answers (a page of 100 tests) are decoded on a thread of the client, not on the event loop
+# that serves the tools; bug batches are decoded where they are stored.
 DECODE_OFF_LOOP_BYTES = 64 * 1024
+METRIC_SAMPLES = 10_000  # the latest latencies and semaphore waits the percentiles are taken over
 
 
 class ApiMetrics:
     """In-memory request metrics: counts, errors by status, latency and semaphore-wait samples."""
 
-    def __init__(self, keep: int = 10_000) -> None:
+    def __init__(self) -> None:
         self.requests = 0
         self.retries = 0
         self.errors: collections.Counter[str] = collections.Counter()
-        self.latencies: collections.deque[float] = collections.deque(maxlen=keep)
-        self.waits: collections.deque[float] = collections.deque(maxlen=keep)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=METRIC_SAMPLES)
+        self.waits: collections.deque[float] = collections.deque(maxlen=METRIC_SAMPLES)
 
     def snapshot(self) -> dict:
         """Totals and p50/p95/p99 latency, p95 semaphore wait, in milliseconds."""
@@ -2121,23 +2241,23 @@ def _timeout_text(exc: httpx.TimeoutException, seconds: float) -> str:
 class TestioClient:
     """The TestIO Customer API, read-only, with retries; every request goes through `_request()`."""
 
-    __test__ = False
-
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         if not settings.token:
-            raise ConfigError(f"{ENV_TOKEN} is not set: create a token in TestIO under Integrations -> API "
-                              f"and put it in the environment or ~/.testio-mcp.env (or try --demo)")
+            raise ConfigError(f"{ENV_TOKEN} is not set: create a token in TestIO under "
+                              f"Integrations -> API and put it in the environment or "
+                              f"~/.testio-mcp.env (or try --demo)")
         self.settings = settings
         self.metrics = ApiMetrics()
         self._sleep = sleep
         self._rand = rand
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._transport = transport
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")  # see DECODE_OFF_LOOP_BYTES
-        self._http: httpx.AsyncClient | None = None  # made on first use: its TLS setup costs ~70 ms,
-        #                                             which the server would pay before `initialize`
+        # answers over DECODE_OFF_LOOP_BYTES are decoded here
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")
+        # made on first use: the server would otherwise set up TLS before it answers `initialize`
+        self._http: httpx.AsyncClient | None = None
 
     def _connection_pool(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -2146,7 +2266,8 @@ class TestioClient:
                 base_url=settings.base_url.rstrip("/") + "/",
                 headers={"Authorization": f"Token {settings.token}", "Accept": "application/json",
                          "User-Agent": f"testio-mcp/{__version__}"},
-                timeout=httpx.Timeout(settings.http_timeout, connect=min(10.0, settings.http_timeout)),
+                timeout=httpx.Timeout(settings.http_timeout,
+                                      connect=min(10.0, settings.http_timeout)),
                 limits=httpx.Limits(max_connections=settings.max_concurrency,
                                     max_keepalive_connections=settings.max_concurrency),
                 transport=self._transport,
@@ -2196,23 +2317,27 @@ class TestioClient:
                         return response.json()
                     except ValueError:  # UnicodeDecodeError included
                         self.metrics.errors["malformed"] += 1
-                        raise MalformedResponseError(f"{where} answered malformed JSON", status) from None
+                        raise MalformedResponseError(f"{where} answered malformed JSON",
+                                                     status) from None
                 self.metrics.errors[str(status)] += 1
                 if status == 401:
-                    raise AuthError(f"the TestIO API rejected the token (HTTP 401 on {where}): check "
-                                    f"{ENV_TOKEN}, or create a new token in TestIO under Integrations -> API",
-                                    status)
+                    raise AuthError(f"the TestIO API rejected the token (HTTP 401 on {where}): "
+                                    f"check {ENV_TOKEN}, or create a new token in TestIO under "
+                                    f"Integrations -> API", status)
                 if status in (403, 404):
-                    raise NotFoundError(f"{where}: HTTP {status}, not visible to this token", status)
+                    raise NotFoundError(f"{where}: HTTP {status}, not visible to this token",
+                                        status)
                 if status == 429:
                     limited += 1
                     wait = parse_retry_after(response.headers.get("Retry-After"), time.time())
                     if wait is not None and wait > RETRY_AFTER_CAP:
-                        raise RateLimitedError(f"{where}: rate limited, the API asks to wait {wait:.0f}s "
-                                               f"(more than {RETRY_AFTER_CAP:.0f}s); try again later", status)
+                        raise RateLimitedError(
+                            f"{where}: rate limited, the API asks to wait {wait:.0f}s (more than "
+                            f"{RETRY_AFTER_CAP:.0f}s); try again later", status)
                     if limited > MAX_RATE_LIMITED:
-                        raise RateLimitedError(f"{where}: still rate limited after {limited} tries; "
-                                               f"lower {ENV_CONCURRENCY} or try again later", status)
+                        raise RateLimitedError(
+                            f"{where}: still rate limited after {limited} tries; lower "
+                            f"{ENV_CONCURRENCY} or try again later", status)
                     if wait is None:
                         wait = backoff_delay(limited - 1, self.settings.retry_base, self._rand())
                     self.metrics.retries += 1
@@ -2225,10 +2350,12 @@ class TestioClient:
                 status = None
                 self.metrics.errors["timeout" if "timeout" in failure else "connection"] += 1
             if attempt >= (retries_500 if status == 500 and retries_500 is not None else retries):
-                base = re.sub(r"//[^/@]*@", "//", self.settings.base_url)  # never a user:password@ in it
+                # the base URL without a user:password@ in it
+                base = re.sub(r"//[^/@]*@", "//", self.settings.base_url)
                 unreachable = "" if status else (f" from {base}; check the network, or "
                                                  f"{ENV_BASE_URL} if that is not the API's address")
-                raise ServerError(f"{where}: {failure} after {attempt + 1} attempts{unreachable}", status)
+                raise ServerError(f"{where}: {failure} after {attempt + 1} attempts{unreachable}",
+                                  status)
             self.metrics.retries += 1
             await self._sleep(backoff_delay(attempt, self.settings.retry_base, self._rand()))
             attempt += 1
@@ -2239,11 +2366,15 @@ class TestioClient:
             raise MalformedResponseError(f"{where}: expected a JSON object with {key!r}")
         value = body[key]
         if isinstance(value, list) and many:
-            bad = next((v for v in value if not isinstance(v, dict) or not isinstance(v.get("id"), int)), None)
+            bad = next((v for v in value
+                        if not isinstance(v, dict) or not isinstance(v.get("id"), int)), None)
             if bad is not None:
-                raise MalformedResponseError(f"{where}: an item of {key!r} has no numeric id: {str(bad)[:80]}")
-        elif many or not isinstance(value, dict):  # a list endpoint answering an object would be iterated by key
-            raise MalformedResponseError(f"{where}: {key!r} is not a {'list' if many else 'JSON object'}")
+                raise MalformedResponseError(f"{where}: an item of {key!r} has no numeric id: "
+                                             f"{str(bad)[:80]}")
+        # a list endpoint answering an object would be iterated by key
+        elif many or not isinstance(value, dict):
+            raise MalformedResponseError(f"{where}: {key!r} is not a "
+                                         f"{'list' if many else 'JSON object'}")
         return value
 
     async def get_products(self) -> list[dict]:
@@ -2254,7 +2385,8 @@ class TestioClient:
                              retries_500: int = PAGE_RETRIES) -> list[dict]:
         """One page of a product's tests, newest first by end_at."""
         path = f"products/{product_id}/exploratory_tests"
-        body = await self._request(path, {"page": page, "per_page": per_page}, retries_500=retries_500)
+        body = await self._request(path, {"page": page, "per_page": per_page},
+                                   retries_500=retries_500)
         return self._items(body, "exploratory_tests", f"GET {path}")
 
     async def get_test(self, test_id: int) -> dict:
@@ -2267,10 +2399,6 @@ class TestioClient:
         with 524): decode it with decode_bugs(), off the event loop when it is large."""
         return await self._request("bugs", {"filter_test_cycle_ids": ",".join(map(str, test_ids))},
                                    retries=retries, undecoded=True)
-
-    async def get_bugs(self, test_ids: Sequence[int], retries: int = MAX_RETRIES) -> list[dict]:
-        """All bugs of a few tests, decoded on the calling thread."""
-        return self.decode_bugs(await self.get_bug_answer(test_ids, retries))
 
     def decode_bugs(self, content: bytes, pause: Callable[[], None] | None = None) -> list[dict]:
         """The bugs of a GET bugs answer as ApiObject (keeping their JSON text), pause() called as
@@ -2301,8 +2429,8 @@ class TestioClient:
             body = await self._request(f"products/{product['id']}")
             product = self._items(body, "product", "GET product", many=False)
             sections = section_ids(product)
-        pages = await asyncio.gather(*(self._request(f"products/{product['id']}/sections/{s}/features")
-                                       for s in sections))
+        pages = await asyncio.gather(*(
+            self._request(f"products/{product['id']}/sections/{s}/features") for s in sections))
         merged: dict[int, dict] = {}
         for section, body in zip(sections, pages):
             for feature in self._items(body, "features", "GET section features"):
@@ -2397,7 +2525,8 @@ class SyncResult:
     def as_dict(self) -> dict:
         """The result as plain JSON-able data."""
         data = dataclasses.asdict(self)
-        for name in ("new_tests", "updated_tests", "deleted_tests", "bugs", "features", "pages", "problems"):
+        for name in ("new_tests", "updated_tests", "deleted_tests", "bugs", "features", "pages",
+                     "problems"):
             data[name] = self.total(name)
         return data
 
@@ -2405,8 +2534,180 @@ class SyncResult:
 ProgressFn = Callable[[ProductResult, str], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where an unfinished walk stopped: the first page it had not stored (at `per_page` tests a
+    page), whether it was a full walk, and the ids of the tests stored before it began."""
+
+    next_page: int
+    per_page: int
+    full: bool
+    known: set[int]
+
+    def resume_page(self) -> int:
+        """The page (of PAGE_SIZE tests) to go on from: the one before the page holding the next
+        position, as one page of overlap absorbs the tests that moved down meanwhile."""
+        return max(1, (self.next_page - 1) * self.per_page // PAGE_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class WalkStep:
+    """What a walk does after a page: read `page` next ("next", or "resume" an interrupted walk
+    from its checkpoint), or stop: "end" (the list ended: all of it was read) or "stop"."""
+
+    action: str
+    page: int | None = None
+
+
+class WalkRule:
+    """The stop/resume rule of a walk over a product's tests, newest first, PAGE_SIZE a page.
+    Pure: SyncEngine._walk reads and stores each page, then asks `after()` where to go.
+
+    A page shorter than PAGE_SIZE is the last. A full walk reads to the end. An incremental one
+    stops SAFETY_PAGES past the first page holding a `known` test, and reads at least `min_pages`.
+    Where an interrupted walk left a `checkpoint`, that walk then goes on from it in its own mode:
+    a full one to the end, an incremental one until the tests known before it began (the pages it
+    stored hold tests that only look known). With `since`, the walk stops after the first page
+    whose tests all ended before that day."""
+
+    def __init__(self, full: bool, known: set[int], *, checkpoint: Checkpoint | None = None,
+                 min_pages: int = 0, since: date | None = None) -> None:
+        self.full = full
+        self.known = known
+        self.checkpoint = checkpoint
+        self.min_pages = min_pages
+        self.since = day_bounds(since, None)[0]  # the start of that day as stored text
+        self.boundary: int | None = None  # the first page that held a known test
+
+    @property
+    def mode(self) -> str:
+        """The walk mode a checkpoint written now records: "full" or "incremental"."""
+        return "full" if self.full else "incremental"
+
+    def after(self, page: int, tests: Sequence[dict], last: bool) -> WalkStep:
+        """The step after `page`, which held `tests` and was the `last` page of the list."""
+        if last:
+            return WalkStep("end")
+        if self.since and tests and all((to_utc(t.get("end_at")) or "") < self.since
+                                        for t in tests):
+            return WalkStep("stop")
+        if not self.full:
+            if self.boundary is None and any(t["id"] in self.known for t in tests):
+                self.boundary = page
+            if (self.boundary is not None
+                    and page >= max(self.boundary + SAFETY_PAGES, self.min_pages)):
+                if self.checkpoint is None:
+                    return WalkStep("stop")
+                resumed, self.checkpoint, self.boundary = self.checkpoint, None, None
+                self.full, self.known = resumed.full, resumed.known
+                return WalkStep("resume", max(page + 1, resumed.resume_page()))
+        return WalkStep("next", page + 1)
+
+
+async def fetch_test(db: Database, client: TestioClient, test_id: int, *,
+                     product_id: int | None = None,
+                     queue_bugs: Callable[[Iterable[int]], None] | None = None) -> PageWrite:
+    """Read one test from the API into the store (read-through) and return what storing it
+    changed; NotFoundError when the API no longer shows it. For a tool (no `product_id`) the test's
+    own product is stored too, as it may be new here, and its bugs are read at once. The sync gives
+    the product it syncs (kept unless the test names another) and `queue_bugs`, which takes the
+    test when its bugs are due."""
+    test = await client.get_test(test_id)
+    named = test.get("product") if isinstance(test.get("product"), dict) else None
+    now = iso(utc_now())
+    if product_id is None:
+        if named is None or not isinstance(named.get("id"), int):
+            raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no "
+                                         f"product")
+        await db.write(upsert_products, [named], now)
+    owner = named.get("id", product_id) if named else product_id
+    write = await db.write(store_tests, owner, [test], now)
+    if queue_bugs is not None:
+        queue_bugs(write.bugs_due)
+    else:
+        answer = await client.get_bug_answer([test_id])
+        await db.run(store_bug_answer, client.decode_bugs, [test_id], answer, iso(utc_now()))
+    return write
+
+
+class _BugFetcher:
+    """Fetches and stores the bugs of tests as their ids arrive, BUG_BATCH_TESTS a request,
+    splitting a batch that fails (524, 5xx) down to single tests. It adds the bugs it stores to
+    `result.bugs` and calls progress() after each batch; it counts the batches it split (`splits`)
+    and the tests whose bugs it could not fetch (`failed`). `slots` bounds the batches requested
+    and not yet stored, across the products of a sync."""
+
+    def __init__(self, client: TestioClient, db: Database, slots: asyncio.Semaphore,
+                 result: ProductResult, progress: Callable[[], None]) -> None:
+        self.client = client
+        self.db = db
+        self.slots = slots
+        self.result = result
+        self.progress = progress
+        self.pending: list[int] = []
+        self.queued: set[int] = set()
+        self.tasks: list[asyncio.Task] = []
+        self.splits = 0
+        self.failed = 0
+
+    def add(self, test_ids: Iterable[int]) -> None:
+        """Queue tests (once each per sync); full batches start at once."""
+        for test_id in test_ids:
+            if test_id not in self.queued:
+                self.queued.add(test_id)
+                self.pending.append(test_id)
+        while len(self.pending) >= BUG_BATCH_TESTS:
+            self._start(self.pending[:BUG_BATCH_TESTS])
+            del self.pending[:BUG_BATCH_TESTS]
+
+    def _start(self, batch: list[int]) -> None:
+        task = asyncio.create_task(self._fetch(batch))
+        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no
+        # traceback
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.tasks.append(task)
+
+    async def finish(self) -> None:
+        """Start the last partial batch and wait for all of them."""
+        if self.pending:
+            self._start(self.pending)
+            self.pending = []
+        await asyncio.gather(*self.tasks)
+
+    def cancel(self) -> None:
+        """Stop the batches still in flight."""
+        for task in self.tasks:
+            task.cancel()
+
+    async def _fetch(self, batch: list[int]) -> None:
+        # a slot from request to stored: when the API answers faster than SQLite stores, the
+        # answers wait undecoded at the API instead of piling up decoded in memory
+        async with self.slots:
+            try:
+                answer = await self.client.get_bug_answer(
+                    batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
+                # decoded and stored in one call on the writer thread: the event loop, which serves
+                # the tools, only waits (a second thread decoding would compete with it for the GIL)
+                stored = await self.db.run(store_bug_answer, self.client.decode_bugs, batch, answer,
+                                           iso(utc_now()), self.db.tools_first.pause)
+            except (ServerError, MalformedResponseError) as exc:
+                failure = exc
+            else:
+                self.result.bugs += stored
+                self.progress()
+                return
+        # the halves below take slots of their own, so this one is given back first
+        if len(batch) == 1:
+            self.failed += 1
+            log.error("bugs of test %s could not be fetched: %s", batch[0], failure)
+            return
+        self.splits += 1
+        half = len(batch) // 2
+        await asyncio.gather(self._fetch(batch[:half]), self._fetch(batch[half:]))
+
+
 class SyncEngine:
-    """Runs syncs: products concurrently, pages and bug batches bounded by the client's semaphore."""
+    """Runs syncs: products concurrently, pages and bug batches bounded by the client."""
 
     def __init__(self, db: Database, client: TestioClient, settings: Settings,
                  on_progress: ProgressFn | None = None) -> None:
@@ -2421,7 +2722,8 @@ class SyncEngine:
         # RECOVERY_RECHECK: an incremental walk reads around them instead of recovering again
         self._known_bad: dict[int, dict[int, dict]] = {}
         # bug batches requested but not yet stored, across products: bounds the sync's memory
-        self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT * settings.max_concurrency)
+        self.unstored_batches = asyncio.Semaphore(UNSTORED_BATCHES_PER_SLOT
+                                                  * settings.max_concurrency)
 
     async def run(self, mode: str = "incremental", *, trigger: str = "cli",
                   product_ids: Sequence[int] = (), since: date | None = None) -> SyncResult:
@@ -2434,11 +2736,13 @@ class SyncEngine:
         self._run_id = None
         self._generation = self.db.generation
         started = time.monotonic()
-        result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running", started_at=iso(utc_now()))
+        result = SyncResult(run_id=0, mode=mode, trigger=trigger, status="running",
+                            started_at=iso(utc_now()))
         try:
             result.run_id = self._run_id = await self.db.write(start_run, mode, trigger)
             products = await self._sync_products(product_ids, nuke=mode == "nuke")
-            result.products = [ProductResult(p["id"], str(p.get("name") or p["id"])) for p in products]
+            result.products = [ProductResult(p["id"], str(p.get("name") or p["id"]))
+                               for p in products]
             outcomes = await asyncio.gather(
                 *(self._guarded(p, r, mode, since) for p, r in zip(products, result.products)),
                 return_exceptions=True)
@@ -2449,15 +2753,17 @@ class SyncEngine:
             failed = [r for r in result.products if r.status == "failed"]
             if result.products and len(failed) == len(result.products):
                 result.status, result.error = "failed", failed[0].error
-            elif any(r.status != "success" for r in result.products):  # failed, or bugs/positions missing
+            # failed, or bugs/positions missing
+            elif any(r.status != "success" for r in result.products):
                 result.status = "completed_with_problems"
-                result.error = "; ".join(f"product {r.product_id}: {r.error}" for r in result.products
-                                         if r.error) or None
+                result.error = "; ".join(f"product {r.product_id}: {r.error}"
+                                         for r in result.products if r.error) or None
             else:
                 result.status = "success"
         except CacheRebuiltError as exc:
             result.status, result.error = "failed", str(exc)
-            raise  # the run's rows went with the damaged file: the caller starts over on the fresh one
+            # the run's rows went with the damaged file: the caller starts over on the fresh one
+            raise
         except (TestioError, OSError, sqlite3.Error) as exc:
             result.status, result.error = "failed", str(exc)
         except asyncio.CancelledError:
@@ -2472,9 +2778,11 @@ class SyncEngine:
                 if result.run_id:
                     await asyncio.shield(self.db.write(finish_run, result.run_id, {
                         "status": result.status, "products": len(result.products),
-                        "new_tests": result.total("new_tests"), "updated_tests": result.total("updated_tests"),
+                        "new_tests": result.total("new_tests"),
+                        "updated_tests": result.total("updated_tests"),
                         "bugs": result.total("bugs"), "features": result.total("features"),
-                        "api_requests": result.api_requests, "recovery_attempts": result.recovery_attempts,
+                        "api_requests": result.api_requests,
+                        "recovery_attempts": result.recovery_attempts,
                         "problems": result.total("problems"), "error": result.error}))
         return result
 
@@ -2487,15 +2795,18 @@ class SyncEngine:
             visible = {p["id"] for p in products}
             missing = sorted(limit - visible)
             if missing:
-                raise ConfigError(f"product id(s) {', '.join(map(str, missing))} are not visible to this "
-                                  f"token; visible: {', '.join(map(str, sorted(visible))) or 'none'}")
+                raise ConfigError(f"product id(s) {', '.join(map(str, missing))} are not visible "
+                                  f"to this token; visible: "
+                                  f"{', '.join(map(str, sorted(visible))) or 'none'}")
             products = [p for p in products if p["id"] in limit]
-        await self.db.write(wipe_and_store_products if nuke else upsert_products, products, iso(utc_now()))
+        await self.db.write(wipe_and_store_products if nuke else upsert_products, products,
+                            iso(utc_now()))
         if nuke:
             await self.db.run(maybe_compact, True)
         return products
 
-    async def _guarded(self, product: dict, result: ProductResult, mode: str, since: date | None) -> None:
+    async def _guarded(self, product: dict, result: ProductResult, mode: str,
+                       since: date | None) -> None:
         try:
             await self._sync_product(product, result, mode, since)
         except (AuthError, RateLimitedError, CacheRebuiltError):
@@ -2505,17 +2816,18 @@ class SyncEngine:
             self._same_cache()
             result.status, result.error = "failed", str(exc)
             log.error("sync of product %s failed: %s", product["id"], exc)
-        except Exception as exc:  # the per-product guard: one product's bug must not stop the others
+        except Exception as exc:  # the per-product guard: one product's bug must not stop others
             result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("sync of product %s failed", product["id"])
         finally:
             self.on_progress(result, "done")
 
     def _same_cache(self) -> None:
-        """CacheRebuiltError when the cache file was replaced (found damaged) during the run: what the
-        run read and wrote went partly to the old file."""
+        """CacheRebuiltError when the cache file was replaced (found damaged) during the run: what
+        the run read and wrote went partly to the old file."""
         if self.db.generation != self._generation:
-            raise CacheRebuiltError(self.db.healed.note() if self.db.healed else "the cache was replaced")
+            raise CacheRebuiltError(self.db.healed.note() if self.db.healed
+                                    else "the cache was replaced")
 
     async def _sync_product(self, product: dict, result: ProductResult, mode: str,
                             since: date | None) -> None:
@@ -2524,10 +2836,12 @@ class SyncEngine:
         known = await self.db.read(known_test_ids, pid)
         # incremental syncs re-read features only when a stored test points at an unknown one
         features = None
-        bugs = _BugFetcher(self, result)
+        bugs = _BugFetcher(self.client, self.db, self.unstored_batches, result,
+                           lambda: self.on_progress(result, "bugs"))
         if mode in ("incremental", "refresh"):
             fresh = iso(utc_now() - RECOVERY_RECHECK)
-            self._known_bad[pid] = {e["offset_start"]: e for e in await self.db.read(problematic_events, pid)
+            events = await self.db.read(problematic_events, pid)
+            self._known_bad[pid] = {e["offset_start"]: e for e in events
                                     if e["run_id"] is not None and e["last_seen_at"] > fresh}
         try:
             if mode != "incremental" or await self.db.read(features_due, pid):
@@ -2536,8 +2850,9 @@ class SyncEngine:
             plan = await self.db.read(refresh_plan, pid) if mode == "refresh" else None
             # --refresh reads the top pages when they hold every non-final test for fewer requests
             depth = plan["pages"] if plan and plan["pages"] < len(plan["ids"]) else 0
-            seen, complete = await self._walk(product, result, bugs, full=full, known=known, since=since,
-                                              resume=await self._resume_point(pid, state), min_pages=depth)
+            rule = WalkRule(full, known, checkpoint=await self._checkpoint(pid, state),
+                            min_pages=depth, since=since)
+            seen, complete = await self._walk(product, result, bugs, rule)
             if mode in ("force", "nuke") and result.problems == 0 and complete:
                 await self._verify_unseen(product, result, bugs, known - seen)
             if plan:
@@ -2549,47 +2864,45 @@ class SyncEngine:
             if features is not None:
                 await features
         except BaseException:
-            # the product failed: stop its other requests (the next sync redoes what they would have)
+            # the product failed: stop its other requests (the next sync redoes what they would
+            # have done)
             bugs.cancel()
             if features is not None:
                 features.cancel()
             raise
+        finally:
+            self.recovery_attempts += bugs.splits
         result.status = "completed_with_problems" if result.problems or bugs.failed else "success"
         if bugs.failed:
-            result.error = f"bugs of {bugs.failed} test(s) could not be fetched; the next sync retries them"
+            result.error = (f"bugs of {bugs.failed} test(s) could not be fetched; the next sync "
+                            f"retries them")
         await self.db.write(finish_walk, pid, result.status, iso(utc_now()))
 
     async def _sync_features(self, product: dict, result: ProductResult) -> None:
         features = await self.client.get_features(product)
-        result.features = await self.db.write(replace_features, product["id"], features, iso(utc_now()))
+        result.features = await self.db.write(replace_features, product["id"], features,
+                                              iso(utc_now()))
 
-    async def _resume_point(self, pid: int, state: dict) -> tuple[int, bool, set[int]] | None:
-        """Where an interrupted walk stopped: (its next page, was it full, tests known before it began)."""
+    async def _checkpoint(self, pid: int, state: dict) -> Checkpoint | None:
+        """Where an interrupted walk of the product stopped (None when its last walk ended)."""
         if not state.get("walk_next_page"):
             return None
         before = await self.db.read(known_test_ids, pid, state.get("walk_started_at"))
-        return state["walk_next_page"], state.get("walk_mode") == "full", before
+        return Checkpoint(state["walk_next_page"], state.get("walk_per_page") or PAGE_SIZE,
+                          state.get("walk_mode") == "full", before)
 
-    async def _walk(self, product: dict, result: ProductResult, bugs: "_BugFetcher", *, full: bool,
-                    known: set[int], since: date | None, resume: tuple[int, bool, set[int]] | None,
-                    min_pages: int = 0) -> tuple[set[int], bool]:
-        """Read pages newest-first, storing each with its checkpoint.
-
-        Incremental: stop after the first page holding a known test plus SAFETY_PAGES. An interrupted
-        walk is then continued from its checkpoint (one page of overlap absorbs drift): a full one to
-        the end, an incremental one until the tests known before it began (the pages it stored hold
-        tests that only look known). Reads at least `min_pages`. Returns the ids seen and whether the
-        walk read the whole list."""
+    async def _walk(self, product: dict, result: ProductResult, bugs: _BugFetcher,
+                    rule: WalkRule) -> tuple[set[int], bool]:
+        """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
+        ids seen and whether the walk read the whole list."""
         pid = product["id"]
-        mode = "full" if full else "incremental"
-        since_text = iso(datetime.combine(since, datetime.min.time(), timezone.utc)) if since else None
         seen: set[int] = set()
-        page, boundary, complete, last_test = 1, None, True, None
+        page, last_test = 1, None
         while True:
             tests, short = await self._read_page(pid, page, result, last_test)
             seen.update(t["id"] for t in tests)
-            write = await self.db.write(store_tests, pid, tests, iso(utc_now()), (mode, page + 1, PAGE_SIZE),
-                                        self.db.tools_first.pause)
+            write = await self.db.write(store_tests, pid, tests, iso(utc_now()),
+                                        (rule.mode, page + 1, PAGE_SIZE), self.db.tools_first.pause)
             result.pages += 1
             result.new_tests += write.new
             result.updated_tests += write.updated
@@ -2597,42 +2910,31 @@ class SyncEngine:
             self.on_progress(result, "tests")
             if tests:
                 last_test = tests[-1]
-            if short:
-                break
-            if since_text and tests and all((to_utc(t.get("end_at")) or "") < since_text for t in tests):
-                complete = False
-                break
-            if not full:
-                if boundary is None and any(t["id"] in known for t in tests):
-                    boundary = page
-                if boundary is not None and page >= max(boundary + SAFETY_PAGES, min_pages):
-                    if resume:
-                        page, full, known = max(page + 1, resume[0] - 1), resume[1], resume[2]
-                        mode, boundary, resume = "full" if full else "incremental", None, None
-                        continue
-                    complete = False
-                    break
-            page += 1
-        return seen, complete
+            step = rule.after(page, tests, short)
+            if step.page is None:
+                return seen, step.action == "end"
+            page = step.page
 
     async def _read_page(self, pid: int, page: int, result: ProductResult,
                          before: dict | None) -> tuple[list[dict], bool]:
         """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page)."""
         start = (page - 1) * PAGE_SIZE
-        known = {o: e for o, e in self._known_bad.get(pid, {}).items() if start <= o < start + PAGE_SIZE}
+        known = {o: e for o, e in self._known_bad.get(pid, {}).items()
+                 if start <= o < start + PAGE_SIZE}
         if known:
             around = await self._read_around(pid, page, result, before, known)
             if around is not None:
                 return around
-            log.warning("product %s page %s: the tests around its known unreadable position(s) moved; "
-                        "recovering it in full", pid, page)
+            log.warning("product %s page %s: the tests around its known unreadable position(s) "
+                        "moved; recovering it in full", pid, page)
         try:
             tests = await self.client.get_tests_page(pid, page, PAGE_SIZE)
             return tests, len(tests) < PAGE_SIZE
         except ServerError as exc:
             if exc.status != 500:
                 raise
-        log.warning("product %s page %s answers HTTP 500; re-reading it in smaller pages", pid, page)
+        log.warning("product %s page %s answers HTTP 500; re-reading it in smaller pages", pid,
+                    page)
         found: dict[int, dict] = {}
         broken: list[tuple[int, int]] = []  # (offset, attempts)
         await self._recover(pid, start, start + PAGE_SIZE, RECOVERY_PAGE_SIZES, found, broken)
@@ -2642,11 +2944,11 @@ class SyncEngine:
             prev = found.get(offset - 1) or (before if offset == start else None)
             nxt = found.get(offset + 1)
             if nxt is None and offset + 1 == start + PAGE_SIZE:  # the next test opens the next page
-                with contextlib.suppress(ApiError):
-                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
+                nxt = await self._test_at(pid, offset + 1)
             event = {"product_id": pid, "page": page, "per_page": PAGE_SIZE, "offset_start": offset,
                      "offset_end": offset + 1, "before_id": (prev or {}).get("id"),
-                     "before_end_at": to_utc((prev or {}).get("end_at")), "after_id": (nxt or {}).get("id"),
+                     "before_end_at": to_utc((prev or {}).get("end_at")),
+                     "after_id": (nxt or {}).get("id"),
                      "after_end_at": to_utc((nxt or {}).get("end_at")), "attempts": attempts,
                      "seen_at": iso(utc_now()), "run_id": self._run_id}
             event_id = await self.db.write(record_problem, event)
@@ -2664,7 +2966,8 @@ class SyncEngine:
         reads = reads_around(start, start + PAGE_SIZE, set(known))
         self.recovery_attempts += len(reads)
         try:
-            answers = await asyncio.gather(*(self.client.get_tests_page(pid, p, size) for p, size in reads))
+            answers = await asyncio.gather(*(self.client.get_tests_page(pid, p, size)
+                                             for p, size in reads))
         except ServerError as exc:
             if exc.status != 500:
                 raise
@@ -2677,17 +2980,24 @@ class SyncEngine:
             nxt = found.get(offset + 1)
             if nxt is None and offset + 1 == start + PAGE_SIZE:
                 self.recovery_attempts += 1
-                with contextlib.suppress(ApiError):
-                    nxt = next(iter(await self.client.get_tests_page(pid, offset + 2, 1, MAX_RETRIES)), None)
-            if (prev or {}).get("id") != event["before_id"] or (nxt or {}).get("id") != event["after_id"]:
+                nxt = await self._test_at(pid, offset + 1)
+            if ((prev or {}).get("id"), (nxt or {}).get("id")) != (event["before_id"],
+                                                                    event["after_id"]):
                 return None
         for offset, event in sorted(known.items()):
             result.problems += 1
-            log.error("product %s: the test at position %s (page %s) could not be read by the last full "
-                      "recovery (event %s), skipped; `sync --force` retries it", pid, offset, page,
-                      event["event_id"])
+            log.error("product %s: the test at position %s (page %s) could not be read by the last "
+                      "full recovery (event %s), skipped; `sync --force` retries it", pid, offset,
+                      page, event["event_id"])
         end = max([*found, *known]) + 1
         return [found[o] for o in sorted(found)], end - start < PAGE_SIZE
+
+    async def _test_at(self, pid: int, offset: int) -> dict | None:
+        """The test at a position, read alone; None past the end or when the read fails."""
+        with contextlib.suppress(ApiError):
+            alone = await self.client.get_tests_page(pid, offset + 1, 1, MAX_RETRIES)
+            return alone[0] if alone else None
+        return None
 
     async def _recover(self, pid: int, start: int, end: int, sizes: Sequence[int],
                        found: dict[int, dict], broken: list[tuple[int, int]]) -> None:
@@ -2714,13 +3024,14 @@ class SyncEngine:
             if len(tests) < size:
                 return  # the list ends inside this page
 
-    async def _verify_unseen(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
+    async def _verify_unseen(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                              unseen: set[int]) -> None:
-        """After a complete walk, ask for each stored test it did not list: deleted or moved? (All at
-        once: the client's semaphore bounds the requests in flight.)"""
-        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs) for t in sorted(unseen)))
+        """After a complete walk, ask for each stored test it did not list: deleted or moved? (All
+        at once: the client's semaphore bounds the requests in flight.)"""
+        await asyncio.gather(*(self._refetch_test(product["id"], t, result, bugs)
+                               for t in sorted(unseen)))
 
-    async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: "_BugFetcher",
+    async def _refresh_non_final(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                                  seen: set[int], plan: dict) -> None:
         """--refresh: re-read every test that can still change (by id unless a page showed it), and
         the bugs of those that have started."""
@@ -2728,102 +3039,22 @@ class SyncEngine:
                                for t in plan["ids"] if t not in seen))
         bugs.add(plan["bug_ids"])
 
-    async def _refetch_test(self, pid: int, test_id: int, result: ProductResult, bugs: "_BugFetcher") -> None:
+    async def _refetch_test(self, pid: int, test_id: int, result: ProductResult,
+                            bugs: _BugFetcher) -> None:
+        """Read a stored test again by id: stored anew, or deleted if the API no longer shows it."""
         try:
-            test = await self.client.get_test(test_id)
+            write = await fetch_test(self.db, self.client, test_id, product_id=pid,
+                                     queue_bugs=bugs.add)
         except NotFoundError:
-            deleted = await self.db.write(delete_tests, [test_id])
-            result.deleted_tests += deleted
+            result.deleted_tests += await self.db.write(delete_tests, [test_id])
             return
-        owner = (test.get("product") or {}).get("id", pid) if isinstance(test.get("product"), dict) else pid
-        write = await self.db.write(store_tests, owner, [test], iso(utc_now()))
         result.updated_tests += write.updated
         result.new_tests += write.new
-        bugs.add(write.bugs_due)
-
-
-class _BugFetcher:
-    """Fetches bug batches as test ids arrive, splitting batches that fail (524, 5xx) down to one test."""
-
-    def __init__(self, engine: SyncEngine, result: ProductResult) -> None:
-        self.engine = engine
-        self.result = result
-        self.pending: list[int] = []
-        self.queued: set[int] = set()
-        self.tasks: list[asyncio.Task] = []
-        self.failed = 0
-
-    def add(self, test_ids: Iterable[int]) -> None:
-        """Queue tests (once each per sync); full batches start at once."""
-        for test_id in test_ids:
-            if test_id not in self.queued:
-                self.queued.add(test_id)
-                self.pending.append(test_id)
-        while len(self.pending) >= BUG_BATCH_TESTS:
-            self._start(self.pending[:BUG_BATCH_TESTS])
-            del self.pending[:BUG_BATCH_TESTS]
-
-    def _start(self, batch: list[int]) -> None:
-        task = asyncio.create_task(self._fetch(batch))
-        # a walk that fails never reaches finish(): retrieve the outcome so asyncio logs no traceback
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self.tasks.append(task)
-
-    async def finish(self) -> None:
-        """Start the last partial batch and wait for all of them."""
-        if self.pending:
-            self._start(self.pending)
-            self.pending = []
-        await asyncio.gather(*self.tasks)
-
-    def cancel(self) -> None:
-        """Stop the batches still in flight."""
-        for task in self.tasks:
-            task.cancel()
-
-    async def _fetch(self, batch: list[int]) -> None:
-        client = self.engine.client
-        # a slot from request to stored: when the API answers faster than SQLite stores, the answers
-        # wait undecoded at the API instead of piling up decoded in memory
-        async with self.engine.unstored_batches:
-            try:
-                answer = await client.get_bug_answer(batch, retries=MAX_RETRIES if len(batch) == 1 else 1)
-                # decoded and stored in one call on the writer thread: the event loop, which serves
-                # the tools, only waits (a second thread decoding would compete with it for the GIL)
-                db = self.engine.db
-                stored = await db.run(store_bug_answer, client.decode_bugs, batch, answer, iso(utc_now()),
-                                      db.tools_first.pause)
-            except (ServerError, MalformedResponseError) as exc:
-                failure = exc
-            else:
-                self.result.bugs += stored
-                self.engine.on_progress(self.result, "bugs")
-                return
-        if len(batch) == 1:  # the halves below take slots of their own, so this one is given back first
-            self.failed += 1
-            log.error("bugs of test %s could not be fetched: %s", batch[0], failure)
-            return
-        self.engine.recovery_attempts += 1
-        half = len(batch) // 2
-        await asyncio.gather(self._fetch(batch[:half]), self._fetch(batch[half:]))
-
-
-async def fetch_test(db: Database, client: TestioClient, test_id: int) -> int:
-    """Read one test and its bugs from the API into the store (read-through); returns its product id."""
-    test = await client.get_test(test_id)
-    product = test.get("product") if isinstance(test.get("product"), dict) else None
-    if product is None or not isinstance(product.get("id"), int):
-        raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no product")
-    now = iso(utc_now())
-    await db.write(upsert_products, [product], now)
-    await db.write(store_tests, product["id"], [test], now)
-    await db.write(replace_bugs, [test_id], await client.get_bugs([test_id]), iso(utc_now()))
-    return product["id"]
 
 
 @dataclasses.dataclass
 class Runtime:
-    """What every command gets: the settings and the API transport (the demo's, a test's, or None)."""
+    """What every command gets: the settings and the API transport (demo's, a test's, None)."""
 
     settings: Settings
     transport: httpx.AsyncBaseTransport | None = None
@@ -2839,12 +3070,13 @@ class Runtime:
 
 async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, mode: str, *,
                           trigger: str, product_ids: Sequence[int] = (), since: date | None = None,
-                          lock_timeout: float = 0.0, on_progress: ProgressFn | None = None) -> SyncResult:
-    """Run one sync holding the cross-process lock; SyncBusyError (recorded as 'skipped') if busy."""
+                          lock_timeout: float = 0.0,
+                          on_progress: ProgressFn | None = None) -> SyncResult:
+    """Run one sync holding the cross-process lock; SyncBusyError (run 'skipped') if busy."""
     lock = SyncLock(runtime.settings.db_path)
     if not await lock.acquire(lock_timeout):
-        message = (f"another sync is running on {runtime.settings.db_path} (waited {lock_timeout:g}s); "
-                   f"try again when it ends")
+        message = (f"another sync is running on {runtime.settings.db_path} (waited "
+                   f"{lock_timeout:g}s); try again when it ends")
         await db.write(start_run, mode, trigger, "skipped", message)
         raise SyncBusyError(message)
     try:
@@ -4149,8 +4381,8 @@ async def get_test_status(
                 found = (await state.read_with_as_of(query_test, test_id))[0] or found
             except (ApiError, asyncio.TimeoutError) as exc:
                 warning = (f"could not refresh this running test from the API "
-                           f"({_api_failure(exc)}); answering from the local copy synced at "
-                           f"{found['test']['synced_at']}")
+                           f"({_api_failure(exc)}); answering from the local copy (last changed "
+                           f"{found['test']['changed_at']})")
     return TestStatusResult(data_as_of=as_of, warning=warning, **found)
 
 
@@ -4279,7 +4511,7 @@ async def query_metrics(
     clean = _metric_filters(filters or {})
     lo, hi = _arg_dates(start_date, end_date)
     rows, as_of = await state.read_with_as_of(query_metrics_sql, metrics, dimensions, clean, lo, hi,
-                                              sort_by, sys.maxsize)
+                                              sort_by)
     # the whole pivot, so that the model sees when rows were cut
     return MetricsResult(data_as_of=as_of, metrics=metrics, dimensions=dimensions,
                          rows=rows[:limit], total_rows=len(rows))
