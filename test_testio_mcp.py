@@ -51,6 +51,171 @@ NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
 
 
 ###############################################################################
+# Simulated account: the test-only parts (scenario controls, truth, a clock to advance)
+###############################################################################
+
+class Poisoned(Exception):
+    """Raised while rendering a poisoned test: the request that would show it answers 500."""
+
+
+class Account(tm.SimulatedAccount):
+    """The demo account plus what only the tests and the bench use: scenario controls that change
+    it, truth accessors that read it, and a clock that stands still until `advance()`.
+
+    A scenario control freezes the test it touches (it no longer moves on with the clock)."""
+
+    def __init__(self, *, at: datetime | None = None, **options) -> None:
+        self.at: datetime | None = None  # the account's clock (default: where its history ends)
+        super().__init__(clock=lambda: self.at, **options)
+        self.at = at or datetime.fromtimestamp(self._origin, timezone.utc)
+        self._max_id = max(self._tests, default=tm._SIM_TEST_ID_BASE)
+        self._poisoned: set[int] = set()
+        self.requests: collections.Counter = collections.Counter()  # accepted requests by route
+        self.request_log: list[str] = []  # the last LOG_CAP request paths with their query
+
+    LOG_CAP = 10_000
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            self.request_log.append(request.url.raw_path.decode("ascii", "replace"))
+            if len(self.request_log) > self.LOG_CAP:
+                del self.request_log[0]
+            try:
+                response = super().handler(request)
+            except Poisoned:
+                response = tm._sim_error(500, "Internal Server Error")
+            if response.status_code not in (401, 405):
+                self.requests[request.url.path.split("/customer/v2/")[-1].split("/")[0]] += 1
+            return response
+
+    def _test_doc(self, t) -> dict:
+        if t.id in self._poisoned:
+            raise Poisoned(t.id)
+        return super()._test_doc(t)
+
+    def _freeze(self, t) -> None:
+        t.alive, t.born = False, self._at
+
+    # -- the clock ------------------------------------------------------------------------
+
+    def advance(self, delta: timedelta) -> None:
+        """Move the account's clock forward; it catches up at its next request or accessor."""
+        with self._lock:
+            self.at += delta
+
+    # -- scenario controls ----------------------------------------------------------------
+
+    def add_tests(self, product_id: int, n: int) -> list[int]:
+        """Add n tests ending just after the newest ended one (or running now); return their ids."""
+        with self._lock:
+            self._catch_up()
+            now, p = self._at, self._products[product_id]
+            ended = [t.end for t in p.order if t.end <= now]
+            newest = max(ended, default=now - tm._SIM_DAY)
+            step = max(60, (now - newest) // (n + 1))
+            ids = []
+            self._max_id = max(self._max_id, *self._tests)
+            for k in range(n):
+                self._max_id += 1 + self._max_id % 3
+                tid, end = self._max_id, newest + step * (k + 1)
+                nbugs = self._bug_count(random.Random(tm._sim_seed(self._seed, 5, tid)))
+                status = "locked" if end <= now else "running"
+                t = tm._SimTest(tid, product_id, end, status, max(nbugs, 3), now, status, alive=False)
+                self._tests[tid] = t
+                p.order.append(t)
+                ids.append(tid)
+            p.dirty = True
+            return ids
+
+    def set_test_status(self, test_id: int, status: str) -> None:
+        """Change a test's status; its visible bugs and their statuses follow from it."""
+        if status not in tm.TEST_STATUSES:
+            raise ValueError(f"unknown test status {status!r}; use one of {tm.TEST_STATUSES}")
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            self._freeze(t)
+            t.status = t.status0 = status
+
+    def move_test(self, test_id: int, end_at: datetime) -> None:
+        """Change a test's end_at (naive means UTC); its place in the pages follows."""
+        if end_at.tzinfo is None:
+            end_at = end_at.replace(tzinfo=timezone.utc)
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            self._freeze(t)
+            t.status0, t.end = t.status, int(end_at.timestamp())
+            self._products[t.product_id].dirty = True
+
+    def delete_test(self, test_id: int) -> None:
+        """Remove a test and its bugs, as if the server no longer returned them."""
+        with self._lock:
+            self._catch_up()
+            t = self._tests.pop(test_id)
+            t.gone = True
+            self._products[t.product_id].order.remove(t)
+            self._poisoned.discard(test_id)
+
+    def poison_test(self, test_id: int) -> None:
+        """Make every page holding this test, and GET exploratory_tests/{id}, answer HTTP 500."""
+        with self._lock:
+            self._catch_up()
+            if test_id not in self._tests:
+                raise KeyError(test_id)
+            self._poisoned.add(test_id)
+
+    # -- truth ----------------------------------------------------------------------------
+
+    def product_ids(self) -> list[int]:
+        """Ids of all products, in API order."""
+        return list(self._products)
+
+    def products_json(self) -> list[dict]:
+        """The products exactly as GET products returns them."""
+        with self._lock:
+            return json.loads(json.dumps([p.doc for p in self._products.values()]))
+
+    def test_ids(self, product_id: int | None = None) -> list[int]:
+        """Test ids newest first by end_at, for one product or across all."""
+        with self._lock:
+            self._catch_up()
+            pids = [product_id] if product_id is not None else list(self._products)
+            tests = [t for pid in pids for t in self._ordered(pid)]
+            if product_id is None:
+                tests.sort(key=lambda t: (-t.end, -t.id))
+            return [t.id for t in tests]
+
+    def test_json(self, test_id: int) -> dict:
+        """The test as GET exploratory_tests/{id} serves it, poison aside; KeyError if unknown."""
+        with self._lock:
+            self._catch_up()
+            return json.loads(json.dumps(super()._test_doc(self._tests[test_id])))
+
+    def bug_ids(self, test_id: int | None = None, product_id: int | None = None) -> list[int]:
+        """Sorted ids of the bugs the API currently serves, optionally for one test or product."""
+        with self._lock:
+            self._catch_up()
+            tests = [self._tests[test_id]] if test_id is not None else self._tests.values()
+            return sorted(t.id * tm._SIM_BUG_STRIDE + j for t in tests
+                          if product_id is None or t.product_id == product_id
+                          for j in range(1, self._reporting(t)[0] + 1))
+
+    def bugs_of(self, test_id: int) -> list[dict]:
+        """The bugs of one test as the bugs endpoint returns them; KeyError if unknown."""
+        with self._lock:
+            self._catch_up()
+            return json.loads(json.dumps(self._bugs(self._tests[test_id])))
+
+    def features_of(self, product_id: int) -> list[dict]:
+        """All features of a product, deduped across sections, sorted by id."""
+        with self._lock:
+            return json.loads(json.dumps(sorted(self._products[product_id].features,
+                                                key=lambda f: f["id"])))
+
+
+
+###############################################################################
 # Fixtures and helpers shared by every section
 ###############################################################################
 
@@ -97,11 +262,11 @@ def env(tmp_path, monkeypatch):
     return clean_environment(monkeypatch, tmp_path)
 
 
-def make_account(**kw) -> tm.SimulatedAccount:
-    """A small deterministic account that answers to the canary token."""
+def make_account(**kw) -> Account:
+    """A small deterministic account that answers to the canary token; its clock stands at NOW."""
     options = {"seed": 7, "products": 3, "tests_per_product": 120, "now": NOW, "token": TOKEN}
     options.update(kw)
-    return tm.SimulatedAccount(**options)
+    return Account(**options)
 
 
 @pytest.fixture
@@ -173,7 +338,7 @@ def db_rows(db_path, sql, args=()):
         conn.close()
 
 
-def assert_matches_truth(db_path, acc: tm.SimulatedAccount, product_ids=None):
+def assert_matches_truth(db_path, acc: Account, product_ids=None):
     """The local data equals the simulator's truth: same tests, same bugs, no duplicates/orphans."""
     pids = product_ids or acc.product_ids()
     for pid in pids:

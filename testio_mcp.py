@@ -27,6 +27,7 @@ import dataclasses
 import email.utils
 import gc
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import itertools
@@ -3869,7 +3870,9 @@ async def _serve_http(server: Any, host: str, port: int, token: str | None) -> i
 
 
 ###############################################################################
-# Simulated TestIO account: the one fake of the API (demo mode, tests, bench)
+# Demo account: a simulated TestIO customer that moves on with the clock (only `--demo`
+# serves it; the product path never does). The tests and the bench extend it in
+# test_testio_mcp.py with scenario controls, truth accessors and a clock they advance.
 ###############################################################################
 
 SIM_PRODUCT_TYPES = ("website", "mobile_app_ios", "mobile_app_android",
@@ -3955,16 +3958,28 @@ _SIM_SECTION_ID_BASE = 21_000
 # Child ids are derived from their parent's id, so any bug can be found from its id alone.
 _SIM_BUG_STRIDE = 1000
 _SIM_DAY = 86_400
+_SIM_HOUR = 3_600
 _SIM_BUG_DRAWS = 24
 _SIM_UNPAGED_LIMIT = 150
-_SIM_LOG_CAP = 10_000
 _SIM_ROUTES = (
     (("products",), "products"), (("products", 0), "product"),
     (("products", 0, "exploratory_tests"), "tests_page"), (("exploratory_tests", 0), "test"),
-    (("bugs",), "bugs"), (("bugs", 0), "bug"), (("products", 0, "features"), "features"),
+    (("bugs",), "bugs"), (("products", 0, "features"), "features"),
     (("products", 0, "sections", 0, "features"), "section_features"),
-    (("products", 0, "user_stories"), "user_stories"),
 )
+# The account's life after its generated history ends (`now`): what a real account does over time.
+_SIM_REVIEW_WINDOW = 10 * _SIM_DAY  # forwarded bugs auto-accept this long after the test's end
+_SIM_CATCH_UP = 6 * _SIM_HOUR       # bugs the history left overdue auto-accept within this
+_SIM_HORIZON = 760 * _SIM_DAY       # a test leaves the account this long after its end (the
+                                    # history spans 730 days: its oldest test stays a month)
+_SIM_SHIFT_DAYS = (-2, -1, 1, 2, 3, 5, 7, 10)  # how far a rescheduled test moves
+_SIM_CANCELLED_SHARE, _SIM_MOVED_SHARE = 0.05, 0.08
+# A test's life steps: its events sort by (time, test id, step). A step's value is the status it
+# sets, the seconds its dates move (_SIM_MOVE), or None (_SIM_NEW, _SIM_GONE).
+_SIM_NEW, _SIM_SUBMIT, _SIM_APPROVE, _SIM_MOVE, _SIM_START, _SIM_END, _SIM_ARCHIVE, \
+    _SIM_CANCEL, _SIM_GONE = range(9)
+_SIM_STEP_OF = {"initialized": _SIM_NEW, "customer_finalized": _SIM_SUBMIT,
+                "waiting": _SIM_APPROVE, "running": _SIM_START, "locked": _SIM_END}
 
 
 def _sim_seed(*parts: int) -> int:
@@ -4007,18 +4022,28 @@ def _sim_id_list(raw: str | None) -> set[int] | None:
     return {int(s) for s in raw.split(",") if s.strip()}
 
 
+def _sim_steps(rng: random.Random, since: int, start: int, end: int) -> list[tuple[int, int, str]]:
+    """A test's status steps after `since`: (time, step, status), submitted to archived."""
+    submit = since + 1 + int((start - since) * (0.1 + 0.4 * rng.random()))
+    approve = submit + int((start - submit) * (0.2 + 0.6 * rng.random()))
+    archive = end + rng.randint(28 * _SIM_DAY, 42 * _SIM_DAY)
+    return [(submit, _SIM_SUBMIT, "customer_finalized"), (approve, _SIM_APPROVE, "waiting"),
+            (start, _SIM_START, "running"), (end, _SIM_END, "locked"),
+            (archive, _SIM_ARCHIVE, "archived")]
+
+
 @dataclasses.dataclass(slots=True)
 class _SimTest:
     id: int
     product_id: int
     end: int
     status: str
-    nbugs: int  # bugs the test has once it ended; the status decides how many are visible
-
-    def visible_bugs(self) -> int:
-        if self.status in ("locked", "archived"):
-            return self.nbugs
-        return self.nbugs // 3 if self.status == "running" else 0
+    nbugs: int  # bugs the test has once it ended; they appear while it runs
+    born: int  # when `status0` held: the end of the generated history, or the test's creation
+    status0: str  # the status its bugs' history starts from (see SimulatedAccount._reporting)
+    start: int | None = None  # None: derived from its draws (SimulatedAccount._test_core)
+    alive: bool = True  # it moves on with the clock; a scenario control freezes it
+    gone: bool = False  # it left the account (aged out, or deleted by a scenario control)
 
 
 @dataclasses.dataclass
@@ -4032,35 +4057,45 @@ class _SimProduct:
     envs: list[dict]
     order: list[_SimTest] = dataclasses.field(default_factory=list)
     dirty: bool = True
+    pruned: bool = False  # tests left `order`: drop them at the next sort
+    slots: int = 0  # new tests made so far by its stream (see SimulatedAccount._make_new_test)
 
 
 class SimulatedAccount:
-    """A deterministic fake TestIO customer account answering the Customer API v2 in-process."""
+    """A fake TestIO customer account answering the Customer API v2 in-process.
+
+    Its history (products, features, tests, bugs, reviews) is generated up to `now` (default:
+    today 00:00 UTC) from `seed`. From then on it lives by `clock` (default: it stays at `now`):
+    new tests appear, statuses move on as dates pass, bugs come in while a test runs, the
+    customer reviews some, the rest auto-accept, a few tests are rescheduled or cancelled, and
+    old ones leave. What it serves at time T depends only on (the arguments, T)."""
 
     def __init__(self, *, seed: int = 1, products: int = 3, tests_per_product: int = 250,
                  bugs_per_test: float = 8.0, now: datetime | None = None,
-                 token: str = "demo-token", max_bugs_per_response: int = 2500,
-                 with_sections: bool = True) -> None:
+                 clock: Callable[[], datetime] | None = None, token: str = "demo-token",
+                 max_bugs_per_response: int = 2500) -> None:
         if now is None:
             now = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
         elif now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
-        self._seed, self._now, self._token = seed, int(now.timestamp()), token
+        self._seed, self._origin, self._token = seed, int(now.timestamp()), token
+        self._at, self._clock = self._origin, clock  # the time the account has reached
         self._bugs_per_test, self._max_bugs = bugs_per_test, max_bugs_per_response
         self._lock = threading.RLock()
         self._products: dict[int, _SimProduct] = {}
         self._tests: dict[int, _SimTest] = {}
-        self._poisoned: set[int] = set()
-        self.requests: collections.Counter = collections.Counter()
-        self.request_log: list[str] = []
+        self._events: list[tuple] = []  # (time, test id, step, test, value), a heap
+        # New tests arrive at the pace the history has, so the account keeps its size.
+        self._gap = _SIM_HORIZON // tests_per_product if tests_per_product > 0 else 0
+        self._new_ids = _SIM_TEST_ID_BASE + 3 * products * tests_per_product + 3
         rng = random.Random(_sim_seed(seed, 7))
         self._testers = [f"{rng.choice(_SIM_FIRST)}_{rng.choice(_SIM_LAST)}_{rng.randint(100, 999)}"
                          for _ in range(40)]
         for i in range(products):
-            p = self._make_product(i, with_sections and i == 1)
+            p = self._make_product(i, i == 1)
             self._products[p.doc["id"]] = p
             self._make_tests(p, products, tests_per_product)
-        self._max_id = max(self._tests, default=_SIM_TEST_ID_BASE)
+        heapq.heapify(self._events)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -4115,7 +4150,7 @@ class SimulatedAccount:
 
     def _make_tests(self, p: _SimProduct, nproducts: int, count: int) -> None:
         rng = random.Random(_sim_seed(self._seed, 2, p.doc["id"]))
-        now, nfuture = self._now, min(count, max(4, count // 60))
+        now, nfuture = self._origin, min(count, max(4, count // 60))
         rows = []  # (created, end, status, nbugs)
         for k in range(count):
             if k < nfuture:
@@ -4138,8 +4173,97 @@ class SimulatedAccount:
         # Ids follow creation time, not end_at, so ordering by id is visibly wrong.
         for rank, (_, end, status, nbugs) in enumerate(sorted(rows)):
             tid = _SIM_TEST_ID_BASE + 3 * (rank * nproducts + p.index) + rng.randrange(3)
-            self._tests[tid] = _SimTest(tid, p.doc["id"], end, status, nbugs)
+            self._tests[tid] = _SimTest(tid, p.doc["id"], end, status, nbugs, now, status)
             p.order.append(self._tests[tid])
+            self._queue_history_end(self._tests[tid])
+
+    def _queue_history_end(self, t: _SimTest) -> None:
+        # What a generated test still goes through after the history's end.
+        rng = random.Random(_sim_seed(self._seed, 8, t.id))
+        now, events = self._origin, []
+        if t.status == "locked":  # ended less than 35 days ago: archives 28-42 days after its end
+            lo = max(t.end + 28 * _SIM_DAY, now + 1)
+            events.append((lo + int(rng.random() * (t.end + 42 * _SIM_DAY - lo)), _SIM_ARCHIVE,
+                           "archived"))
+        elif t.status in _SIM_STEP_OF:
+            step = _SIM_STEP_OF[t.status]
+            events += [e for e in _sim_steps(rng, now, self._test_core(t)[4], t.end) if e[1] > step]
+        events.append((t.end + _SIM_HORIZON, _SIM_GONE, None))
+        self._events += [(at, t.id, step, t, value) for at, step, value in events]
+
+    def _make_new_test(self, p: _SimProduct, slot: int) -> None:
+        """The product's new test number `slot`: its creation and its life, as events."""
+        rng = random.Random(_sim_seed(self._seed, 6, p.doc["id"], slot))
+        created = self._origin + slot * self._gap + 1 + int(rng.random() * (self._gap - 1))
+        end = created + rng.randint(2 * _SIM_DAY, 45 * _SIM_DAY)
+        end -= end % 900
+        start = max(end - (4 + int(rng.random() * 24)) * 21_600, (created + end) // 2)
+        start -= start % 900
+        tid = self._new_ids + 3 * (slot * len(self._products) + p.index) + rng.randrange(3)
+        t = _SimTest(tid, p.doc["id"], end, "initialized", self._bug_count(rng), created,
+                     "initialized", start)
+        steps = _sim_steps(rng, created, start, end)
+        fate, u = rng.random(), rng.random()
+        if fate < _SIM_CANCELLED_SHARE:  # cancelled before it starts
+            at = created + 1 + int(u * (start - created - 1))
+            steps = [e for e in steps if e[0] < at] + [(at, _SIM_CANCEL, "cancelled")]
+        elif fate < _SIM_CANCELLED_SHARE + _SIM_MOVED_SHARE:  # rescheduled while it waits
+            approved = steps[1][0]
+            at = approved + 1 + int(u * max(0, start - approved - 1))
+            shift = _sim_pick(_SIM_SHIFT_DAYS, rng.random()) * _SIM_DAY
+            if start + shift <= at + _SIM_HOUR:
+                shift = -shift
+            steps = steps[:2] + [(at, _SIM_MOVE, shift)] + [(e[0] + shift, e[1], e[2])
+                                                             for e in steps[2:]]
+            end += shift
+        if end + _SIM_HORIZON <= self._at:
+            return  # it has left the account already
+        events = [(created, _SIM_NEW, None), *steps, (end + _SIM_HORIZON, _SIM_GONE, None)]
+        for at, step, value in events:
+            heapq.heappush(self._events, (at, tid, step, t, value))
+
+    def _catch_up(self) -> None:
+        """Bring the account to its clock's time: every event up to then, in time order."""
+        if self._clock is None:
+            return
+        now = int(self._clock().timestamp())
+        if now <= self._at:
+            return
+        self._at = now
+        if self._gap:
+            # Slots whose test has left by now are skipped: no later answer can show them.
+            first = (now - self._origin - _SIM_HORIZON - 60 * _SIM_DAY) // self._gap - 1
+            for p in self._products.values():
+                p.slots = max(p.slots, first)
+                while self._origin + p.slots * self._gap <= now:
+                    self._make_new_test(p, p.slots)
+                    p.slots += 1
+        events = self._events
+        while events and events[0][0] <= now:
+            _, _, step, t, value = heapq.heappop(events)
+            self._apply(t, step, value)
+
+    def _apply(self, t: _SimTest, step: int, value: str | int | None) -> None:
+        if t.gone or not t.alive:
+            return
+        p = self._products[t.product_id]
+        if step == _SIM_NEW:
+            if t.id in self._tests:  # a scenario control took the id
+                t.gone = True
+                return
+            self._tests[t.id] = t
+            p.order.append(t)
+            p.dirty = True
+        elif step == _SIM_GONE:
+            t.gone = True
+            del self._tests[t.id]
+            p.dirty = p.pruned = True
+        elif step == _SIM_MOVE:
+            t.start += value
+            t.end += value
+            p.dirty = True
+        else:
+            t.status = value
 
     def _bug_count(self, rng: random.Random) -> int:
         mean = self._bugs_per_test
@@ -4149,6 +4273,9 @@ class SimulatedAccount:
 
     def _ordered(self, pid: int) -> list[_SimTest]:
         p = self._products[pid]
+        if p.pruned:
+            p.order = [t for t in p.order if not t.gone]
+            p.pruned = False
         if p.dirty:
             p.order.sort(key=lambda t: (-t.end, -t.id))
             p.dirty = False
@@ -4164,11 +4291,38 @@ class SimulatedAccount:
         title = (f"{_sim_pick(_SIM_TEST_KINDS, rng.random())} {rng.randint(1, 12)}."
                  f"{rng.randint(0, 20)} – {chosen[0]['title']}")
         start = t.end - (4 + int(rng.random() * 24)) * 21_600  # 1-7 days, 6-hour steps
-        if t.status == "running":
-            start = min(start, self._now - 3_600)
-        elif t.end > self._now:
-            start = max(start, (self._now + t.end) // 2)
+        if t.start is not None:
+            start = t.start
+        elif t.status0 == "running":
+            start = min(start, t.born - 3_600)
+        elif t.end > t.born:
+            start = max(start, (t.born + t.end) // 2)
         return rng, section_id, chosen, title, min(start, t.end - 900)
+
+    def _reporting(self, t: _SimTest) -> tuple[int, int, int, int]:
+        """(bugs visible now, bugs visible at `t.born`, the window [w0, w1) the others come in).
+
+        At `t.born` the status0 decides: a running test shows a third of its bugs, an ended one
+        all. The rest are reported evenly over the window, up to the clock."""
+        n, s0 = t.nbugs, t.status0
+        n0 = n if s0 in ("locked", "archived") else n // 3 if s0 == "running" else 0
+        if n0 == n or not t.alive or t.status == "cancelled":
+            return n0, n0, 0, 0
+        w0, w1 = max(t.born, self._test_core(t)[4] if t.start is None else t.start), t.end - 60
+        if self._at <= w0:
+            return n0, n0, w0, w1
+        return n0 + min(n - n0, int((self._at - w0) * (n - n0) / (w1 - w0) + 0.5)), n0, w0, w1
+
+    def _decision(self, t: _SimTest, outcome: str | None, reported: int,
+                  u: float) -> tuple[int, str]:
+        """When a bug still forwarded at `t.born` is decided, and how (accepted, rejected, auto)."""
+        deadline = t.end + _SIM_REVIEW_WINDOW
+        if deadline <= t.born:  # overdue when the history ends: the next auto-acceptance run
+            return t.born + 1 + int(u * _SIM_CATCH_UP), "auto"
+        if outcome is None:
+            return deadline, "auto"
+        lo = max(t.end, reported, t.born)  # the customer reviews after the test ends
+        return lo + 1 + int(u * (deadline - lo - 1)), outcome
 
     def _test_doc(self, t: _SimTest) -> dict:
         p = self._products[t.product_id]
@@ -4199,7 +4353,9 @@ class SimulatedAccount:
             section = next(s for s in p.doc["sections"] if s["id"] == section_id)
         else:
             section = None if r() < 0.1 else p.doc["sections_with_default"][0]
-        review = ("not_finalized" if r() < 0.7 else "review_failed") if t.status == "initialized" \
+        # Drawn from status0: the draws after it stay the same while the status moves on.
+        failed = r() >= 0.7 if t.status0 == "initialized" else False
+        review = ("review_failed" if failed else "not_finalized") if t.status == "initialized" \
             else "review_initialized" if t.status == "customer_finalized" else "review_successful"
         return {
             "id": t.id, "test_title": title, "title": title, "status": t.status,
@@ -4222,22 +4378,32 @@ class SimulatedAccount:
             "reviews": [], "review_status": review, "demo": False,
         }
 
-    def _bug_doc(self, t: _SimTest, core: tuple, j: int, u: list[float]) -> dict:
+    def _bug_doc(self, t: _SimTest, core: tuple, window: tuple, j: int, u: list[float]) -> dict:
         p = self._products[t.product_id]
         _, _, chosen, test_title, start = core
+        _, n0, w0, w1 = window
         bid = t.id * _SIM_BUG_STRIDE + j
         k = int(u[0] * len(chosen))
         feature = chosen[k]
         severity = _sim_weighted(_SIM_SEVERITIES, _SIM_SEVERITY_CUM, u[1])
         problem = _sim_pick(_SIM_PROBLEMS.get(severity, _SIM_PROBLEMS["functional"]), u[2])
         outcome = "accepted" if u[3] < 0.6 else "rejected" if u[3] < 0.85 else None
-        if outcome is None:  # never reviewed: auto-accepted once the test is archived
-            status, auto = ("accepted", True) if t.status == "archived" else ("forwarded", False)
-        elif u[4] < _SIM_REVIEWED_SHARE.get(t.status, 0.0):
-            status, auto = outcome, False
-        else:
-            status, auto = "forwarded", False
-        reported = start + int(u[5] * max(0, min(t.end, self._now) - 60 - start))
+        status, auto = "forwarded", False
+        if j > n0:  # reported after t.born, in order: bug j's time is in the j-th share
+            reported = w0 + int((w1 - w0) * (j - n0 - 1 + 0.5 * u[5]) / (t.nbugs - n0))
+        else:  # at t.born the status0 decides how far the review has come
+            if outcome is None:  # never reviewed: auto-accepted once the test is archived
+                if t.status0 == "archived":
+                    status, auto = "accepted", True
+            elif u[4] < _SIM_REVIEWED_SHARE.get(t.status0, 0.0):
+                status = outcome
+            reported = start + int(u[5] * max(0, min(t.end, t.born) - 60 - start))
+        exported_at = min(t.born, reported + (1 + int(u[12] * 90)) * _SIM_DAY)
+        if status == "forwarded" and t.alive:
+            decided, how = self._decision(t, outcome, reported, u[23])
+            if decided <= self._at:
+                status, auto = ("accepted", True) if how == "auto" else (how, False)
+            exported_at = decided + (1 + int(u[12] * 90)) * _SIM_DAY
         comments = []
         if u[6] < 0.2:
             comments.append({"id": bid * 10 + 1, "body": _sim_pick(_SIM_CHATTER, u[7]),
@@ -4249,7 +4415,7 @@ class SimulatedAccount:
                              + REJECTION_REASONS[reason]})
         plat = _SIM_PLATFORMS[_sim_pick(_SIM_TYPE_PLATFORMS[p.doc["type"]], u[10])]
         model = _sim_pick(plat["models"], u[11])
-        exported = status == "accepted" and u[12] < 0.1
+        exported = status == "accepted" and u[12] < 0.1 and exported_at <= self._at
         path = feature["title"].lower().replace(" ", "-").replace("&", "and")
         bug = {
             "id": bid, "title": f"[{feature['title']}] {problem}", "severity": severity,
@@ -4275,8 +4441,7 @@ class SimulatedAccount:
             "attachments": [{"id": bid * 10 + a,
                              "url": f"https://upload.test.io/attachments/{bid}/{a}.png"}
                             for a in range(int(u[20] * 4))],
-            "exported_at": _sim_iso(min(self._now, reported + (1 + int(u[12] * 90)) * _SIM_DAY), 0)
-            if exported else None,
+            "exported_at": _sim_iso(exported_at, 0) if exported else None,
             "external_idx": f"DEMO-{bid % 100_000}" if exported else None,
             "reported_at": _sim_iso(reported, _sim_pick(_SIM_OFFSETS_MIN, u[21])),
         }
@@ -4286,28 +4451,22 @@ class SimulatedAccount:
                 for key in ("Summary", "Impact", "Suggestion", "Details")[:2 + int(u[22] * 3)]]}}
         return bug
 
-    def _bugs(self, t: _SimTest, only: int | None = None) -> list[dict]:
-        n = t.visible_bugs()
-        if not n or (only is not None and not 1 <= only <= n):
+    def _bugs(self, t: _SimTest) -> list[dict]:
+        window = self._reporting(t)
+        if not window[0]:
             return []
         core = self._test_core(t)
         # A fixed number of draws per bug keeps bug j the same whatever the test's status.
         rng = random.Random(_sim_seed(self._seed, 4, t.id))
-        bugs = []
-        for j in range(1, (only or n) + 1):
-            u = [rng.random() for _ in range(_SIM_BUG_DRAWS)]
-            if only is None or j == only:
-                bugs.append(self._bug_doc(t, core, j, u))
-        return bugs
+        return [self._bug_doc(t, core, window, j, [rng.random() for _ in range(_SIM_BUG_DRAWS)])
+                for j in range(1, window[0] + 1)]
 
     # -- HTTP -----------------------------------------------------------------------------
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         """Answer one Customer API v2 request; usable as httpx.MockTransport(account.handler)."""
         with self._lock:
-            self.request_log.append(request.url.raw_path.decode("ascii", "replace"))
-            if len(self.request_log) > _SIM_LOG_CAP:
-                del self.request_log[0]
+            self._catch_up()
             if request.headers.get("authorization") != f"Token {self._token}":
                 return _sim_error(401, "You need to sign in or sign up before continuing.")
             if request.method != "GET":
@@ -4319,7 +4478,6 @@ class SimulatedAccount:
                 if len(pattern) == len(parts) and all(
                         p == s if isinstance(p, str) else s.isascii() and s.isdigit()
                         for p, s in zip(pattern, parts)):
-                    self.requests[route] += 1
                     ids = [int(s) for p, s in zip(pattern, parts) if not isinstance(p, str)]
                     return getattr(self, f"_route_{route}")(*ids, params=request.url.params)
             return _sim_error(404, "Not found")
@@ -4344,16 +4502,12 @@ class SimulatedAccount:
             chunk = order[(page - 1) * per:page * per]
         else:
             chunk = order[:_SIM_UNPAGED_LIMIT]  # the API's quirk: no page -> newest 150 only
-        if any(t.id in self._poisoned for t in chunk):
-            return _sim_error(500, "Internal Server Error")
         return _sim_response(200, {"exploratory_tests": [self._test_doc(t) for t in chunk]})
 
     def _route_test(self, tid: int, *, params: httpx.QueryParams) -> httpx.Response:
         t = self._tests.get(tid)
         if t is None:
             return _sim_error(404, "Not found")
-        if tid in self._poisoned:
-            return _sim_error(500, "Internal Server Error")
         return _sim_response(200, {"exploratory_test": self._test_doc(t)})
 
     def _route_bugs(self, *, params: httpx.QueryParams) -> httpx.Response:
@@ -4366,17 +4520,12 @@ class SimulatedAccount:
                  else list(self._tests.values()))
         if product_ids is not None:
             tests = [t for t in tests if t.product_id in product_ids]
-        if sum(t.visible_bugs() for t in tests) > self._max_bugs:
+        if sum(self._reporting(t)[0] for t in tests) > self._max_bugs:
             return httpx.Response(524, content=b"<html><body>524: A timeout occurred</body></html>",
                                   headers={"content-type": "text/html"})
         bugs = [b for t in tests for b in self._bugs(t)]
         bugs.sort(key=lambda b: -b["id"])
         return _sim_response(200, {"bugs": bugs})
-
-    def _route_bug(self, bid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        t = self._tests.get(bid // _SIM_BUG_STRIDE)
-        found = self._bugs(t, bid % _SIM_BUG_STRIDE) if t else []
-        return _sim_response(200, {"bug": found[0]}) if found else _sim_error(404, "Not found")
 
     def _route_features(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
         p = self._products.get(pid)
@@ -4393,122 +4542,17 @@ class SimulatedAccount:
             return _sim_error(404, "Not found")
         return _sim_response(200, {"features": p.section_features[sid]})
 
-    def _route_user_stories(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        p = self._products.get(pid)
-        if p is None:
-            return _sim_error(404, "Not found")
-        features = p.features
-        if p.sectioned:
-            sid = params.get("section_id", "")
-            if not sid.isdigit():
-                return _sim_error(422, "section_id is required for a product with sections")
-            if int(sid) not in p.section_features:
-                return _sim_error(404, "Not found")
-            features = p.section_features[int(sid)]
-        stories = [{"id": f["id"] * 100 + k, "path": f"{f['title']} / {s}", "title": s}
-                   for f in features for k, s in enumerate(f["user_stories"])]
-        return _sim_response(200, {"user_stories": stories})
 
-    # -- scenario controls ----------------------------------------------------------------
-
-    def add_tests(self, product_id: int, n: int) -> list[int]:
-        """Add n tests ending just after the newest ended one (or running now); return their ids."""
-        with self._lock:
-            p = self._products[product_id]
-            ended = [t.end for t in p.order if t.end <= self._now]
-            newest = max(ended, default=self._now - _SIM_DAY)
-            step = max(60, (self._now - newest) // (n + 1))
-            ids = []
-            for k in range(n):
-                self._max_id += 1 + self._max_id % 3
-                tid, end = self._max_id, newest + step * (k + 1)
-                nbugs = self._bug_count(random.Random(_sim_seed(self._seed, 5, tid)))
-                t = _SimTest(tid, product_id, end, "locked" if end <= self._now else "running",
-                             max(nbugs, 3))
-                self._tests[tid] = t
-                p.order.append(t)
-                ids.append(tid)
-            p.dirty = True
-            return ids
-
-    def set_test_status(self, test_id: int, status: str) -> None:
-        """Change a test's status; its visible bugs and their statuses follow from it."""
-        if status not in TEST_STATUSES:
-            raise ValueError(f"unknown test status {status!r}; use one of {TEST_STATUSES}")
-        with self._lock:
-            self._tests[test_id].status = status
-
-    def move_test(self, test_id: int, end_at: datetime) -> None:
-        """Change a test's end_at (naive means UTC); its place in the pages follows."""
-        if end_at.tzinfo is None:
-            end_at = end_at.replace(tzinfo=timezone.utc)
-        with self._lock:
-            t = self._tests[test_id]
-            t.end = int(end_at.timestamp())
-            self._products[t.product_id].dirty = True
-
-    def delete_test(self, test_id: int) -> None:
-        """Remove a test and its bugs, as if the server no longer returned them."""
-        with self._lock:
-            t = self._tests.pop(test_id)
-            self._products[t.product_id].order.remove(t)
-            self._poisoned.discard(test_id)
-
-    def poison_test(self, test_id: int) -> None:
-        """Make every page holding this test, and GET exploratory_tests/{id}, answer HTTP 500."""
-        with self._lock:
-            if test_id not in self._tests:
-                raise KeyError(test_id)
-            self._poisoned.add(test_id)
-
-    # -- truth for tests ------------------------------------------------------------------
-
-    def product_ids(self) -> list[int]:
-        """Ids of all products, in API order."""
-        return list(self._products)
-
-    def products_json(self) -> list[dict]:
-        """The products exactly as GET products returns them."""
-        with self._lock:
-            return json.loads(json.dumps([p.doc for p in self._products.values()]))
-
-    def test_ids(self, product_id: int | None = None) -> list[int]:
-        """Test ids newest first by end_at, for one product or across all."""
-        with self._lock:
-            pids = [product_id] if product_id is not None else list(self._products)
-            tests = [t for pid in pids for t in self._ordered(pid)]
-            if product_id is None:
-                tests.sort(key=lambda t: (-t.end, -t.id))
-            return [t.id for t in tests]
-
-    def test_json(self, test_id: int) -> dict:
-        """The test as GET exploratory_tests/{id} serves it, poison aside; KeyError if unknown."""
-        with self._lock:
-            return json.loads(json.dumps(self._test_doc(self._tests[test_id])))
-
-    def bug_ids(self, test_id: int | None = None, product_id: int | None = None) -> list[int]:
-        """Sorted ids of the bugs the API currently serves, optionally for one test or product."""
-        with self._lock:
-            tests = [self._tests[test_id]] if test_id is not None else self._tests.values()
-            return sorted(t.id * _SIM_BUG_STRIDE + j for t in tests
-                          if product_id is None or t.product_id == product_id
-                          for j in range(1, t.visible_bugs() + 1))
-
-    def bugs_of(self, test_id: int) -> list[dict]:
-        """The bugs of one test as the bugs endpoint returns them; KeyError if unknown."""
-        with self._lock:
-            return json.loads(json.dumps(self._bugs(self._tests[test_id])))
-
-    def features_of(self, product_id: int) -> list[dict]:
-        """All features of a product, deduped across sections, sorted by id."""
-        with self._lock:
-            return json.loads(json.dumps(sorted(self._products[product_id].features,
-                                                key=lambda f: f["id"])))
+# The --demo account: its history ends on `now`; it has lived by the clock since, so the same
+# time shows the same data to everyone.
+DEMO_ACCOUNT = {"seed": 1, "products": 4, "tests_per_product": 750,
+                "now": datetime(2026, 1, 1, tzinfo=timezone.utc)}
 
 
 def demo_account() -> SimulatedAccount:
-    """The --demo account: 4 products (one with sections), 3,000 tests, ~24,000 bugs; same data all day."""
-    return SimulatedAccount(seed=1, products=4, tests_per_product=750)
+    """The --demo account at this moment: 4 products (one with sections), about 3,000 tests and
+    24,000 bugs, moving on with the clock (at any time some bugs await the customer's review)."""
+    return SimulatedAccount(**DEMO_ACCOUNT, clock=utc_now)
 
 
 ###############################################################################
