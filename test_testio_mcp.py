@@ -214,6 +214,11 @@ class Account(tm.SimulatedAccount):
                                                 key=lambda f: f["id"])))
 
 
+def demo_truth() -> Account:
+    """The --demo account as it stands at NOW (its clock held there)."""
+    return Account(**tm.DEMO_ACCOUNT, at=NOW)
+
+
 
 ###############################################################################
 # Fixtures and helpers shared by every section
@@ -2454,16 +2459,17 @@ def synced_template(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_template(tmp_path_factory):
-    """The whole --demo account (4 products, 3,000 tests, ~23,000 bugs) synced through the CLI; its first
-    product id."""
+    """The whole --demo account as it stands at NOW (4 products, ~3,000 tests, ~23,000 bugs) synced
+    through the CLI; its first product id."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         path = clean_environment(mp, root)
         mp.delenv("TESTIO_CUSTOMER_API_BASE_URL")
         mp.setenv("LOG_LEVEL", "WARNING")
-        first = tm.demo_account().product_ids()[0]
+        demo = demo_truth()
+        first = demo.product_ids()[0]
         with restored_logging():
-            assert tm.main(["--demo", "sync"]) == 0
+            assert tm.main(["--demo", "sync"], transport=transport_for(demo.handler)) == 0
     return path.with_name("demo.db"), first
 
 
@@ -3383,7 +3389,7 @@ async def test_every_tool_answers_the_demo_account_in_at_most_20_kb_with_default
     env.parent.mkdir(parents=True)
     shutil.copyfile(demo_template[0], env.with_name("demo.db"))
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
-    demo = tm.demo_account()
+    demo = demo_truth()
     pids = demo.product_ids()
     busiest = max(demo.test_ids(pids[0]), key=lambda t: len(demo.bug_ids(t)))
     every_metric = list(tm.METRICS)
@@ -4276,7 +4282,7 @@ async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_dem
             tools = (await client.list_tools()).tools
             products = await ok(client, "list_products")
             tests = await ok(client, "list_tests", {"product_id": pid, "per_page": 5})
-    demo = tm.demo_account()
+    demo = demo_truth()
     assert sorted(t.name for t in tools) == sorted(TOOLS)
     assert [(p["id"], p["name"]) for p in products["products"]] == sorted(
         ((p["id"], p["name"]) for p in demo.products_json()), key=lambda p: p[1])
@@ -4475,7 +4481,7 @@ async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_forei
                                                                               "Origin": local.removesuffix("/mcp")})
     assert sorted(t.name for t in tools) == sorted(TOOLS)
     assert demo_template[1] in [p["id"] for p in products["products"]]
-    assert len(products["products"]) == len(tm.demo_account().product_ids())
+    assert len(products["products"]) == len(demo_truth().product_ids())
     assert (foreign_origin.status_code, foreign_host.status_code, not_json.status_code) == (403, 421, 400)
     assert local_origin.status_code == 200
     assert "Traceback" not in b"".join(err_lines.lines).decode()
