@@ -4600,6 +4600,115 @@ def test_readme_team_setup_makes_a_token_the_server_accepts(env):
 
 
 ###############################################################################
+# Demo account: it lives with the clock, and each sync stores what it changed
+###############################################################################
+
+def served_state(acc: Account, product_id: int | None = None) -> tuple[dict, dict]:
+    """What the account serves now: test id -> status, bug id -> status as the tools show it."""
+    tests = {t: acc.test_json(t)["status"] for t in acc.test_ids(product_id)}
+    return tests, {b["id"]: shown_status(b) for t in tests for b in acc.bugs_of(t)}
+
+
+def stored_state(db_path: Path, product_id: int | None = None) -> tuple[dict, dict]:
+    """The same from the local copy."""
+    where, args = ("WHERE product_id = ?", (product_id,)) if product_id else ("", ())
+    return (dict(db_rows(db_path, f"SELECT id, status FROM tests {where}", args)),
+            dict(db_rows(db_path, f"SELECT id, status FROM bugs {where}", args)))
+
+
+def changes(before: tuple[dict, dict], after: tuple[dict, dict]) -> dict[str, set]:
+    """An independent diff of two states: new tests, status steps, new bugs, reviews."""
+    (tests0, bugs0), (tests1, bugs1) = before, after
+    kept = bugs0.keys() & bugs1.keys()
+    return {"new_tests": tests1.keys() - tests0.keys(),
+            "status_steps": {(tests0[t], tests1[t]) for t in tests0.keys() & tests1.keys()
+                             if tests0[t] != tests1[t]},
+            "new_bugs": bugs1.keys() - bugs0.keys(),
+            "reviewed": {b for b in kept if bugs0[b] == "open" and bugs1[b] in ("accepted", "rejected")},
+            "auto_accepted": {b for b in kept if bugs0[b] == "open" and bugs1[b] == "auto_accepted"}}
+
+
+def test_a_day_later_a_refresh_sync_stores_the_new_tests_status_steps_new_bugs_and_reviews(env, capsys):
+    acc = make_account(products=1, tests_per_product=760, bugs_per_test=2)  # a new test about daily
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    before = served_state(acc)
+    assert stored_state(env) == before
+    acc.advance(timedelta(days=1))
+    after = served_state(acc)
+    changed = changes(before, after)
+    assert {kind: bool(found) for kind, found in changed.items()} == dict.fromkeys(changed, True)
+    assert changed["status_steps"] >= {("running", "locked"), ("initialized", "customer_finalized")}
+    # a review does not change the test's status: the refresh (the server's background mode) reads it
+    code, _, err = cli(capsys, "sync", "--refresh", transport=transport)
+    assert code == 0, err
+    assert stored_state(env) == after
+    assert_matches_truth(env, acc)
+
+
+def test_the_same_seed_at_the_same_time_gives_the_same_data_whatever_steps_led_there(
+        env, capsys, monkeypatch):
+    stepped = make_account(bugs_per_test=2)
+    monkeypatch.setenv("TESTIO_DB_PATH", str(env.with_name("on-the-way.db")))
+    for hours in (1, 5, 18, 48, 100):  # it answers a sync at each step on the way
+        stepped.advance(timedelta(hours=hours))
+        assert cli(capsys, "sync", transport=mock(stepped.handler))[0] == 0
+    direct = make_account(bugs_per_test=2, at=NOW + timedelta(hours=172))
+    synced = []
+    for name, acc in (("stepped", stepped), ("direct", direct), ("still", make_account(bugs_per_test=2))):
+        db_path = env.with_name(f"{name}.db")
+        monkeypatch.setenv("TESTIO_DB_PATH", str(db_path))
+        assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+        synced.append((db_rows(db_path, "SELECT id, status, start_at, end_at, raw FROM tests ORDER BY id"),
+                       db_rows(db_path, "SELECT id, status, reported_at, exported_at, raw FROM bugs "
+                                        "ORDER BY id")))
+    assert synced[0] == synced[1]
+    assert synced[0] != synced[2]  # the week did change the account
+
+
+def test_the_demo_account_has_bugs_awaiting_review_at_any_time():
+    for days in range(0, 400, 37):
+        at = NOW + timedelta(days=days, hours=days % 24)
+        demo, window_start = Account(**tm.DEMO_ACCOUNT, at=at), tm.iso(at - timedelta(days=10))
+        awaiting = 0
+        for pid in demo.product_ids():
+            for test_id in demo.test_ids(pid):  # newest end first
+                end = utc(demo.test_json(test_id)["end_at"])
+                if end <= window_start:
+                    break
+                if end <= tm.iso(at):
+                    awaiting += sum(shown_status(b) == "open" for b in demo.bugs_of(test_id))
+        assert awaiting > 0, at
+
+
+@pytest.mark.slow
+def test_the_demo_account_moves_on_with_the_clock_and_two_syncs_days_apart_store_what_changed(
+        env, capsys, monkeypatch):
+    clock = [NOW + timedelta(hours=9)]
+    monkeypatch.setattr(tm, "utc_now", lambda: clock[0])  # the demo's clock, and the syncs' own
+    pid = str(demo_truth().product_ids()[0])
+    demo_db = env.with_name("demo.db")
+    assert cli(capsys, "--demo", "sync", "--product-ids", pid)[0] == 0
+    before = stored_state(demo_db)
+    clock[0] += timedelta(days=2)  # one product: a day may pass without an auto-acceptance
+    assert cli(capsys, "--demo", "sync", "--refresh", "--product-ids", pid)[0] == 0
+    after = stored_state(demo_db)
+    changed = changes(before, after)
+    assert {kind: bool(found) for kind, found in changed.items()} == dict.fromkeys(changed, True)
+    served = served_state(Account(**tm.DEMO_ACCOUNT, at=clock[0]), int(pid))
+    # tests that left the account meanwhile (ended 760 days ago) stay until a --force sync
+    left = after[0].keys() - served[0].keys()
+    assert {after[0][t] for t in left} <= {"archived", "cancelled"}
+    kept_bugs = dict(db_rows(demo_db, "SELECT id, status FROM bugs WHERE test_id NOT IN "
+                                      f"({','.join(map(str, left)) or 'NULL'})"))
+    assert ({t: s for t, s in after[0].items() if t not in left}, kept_bugs) == served
+    # the review queue: open bugs of tests that ended within the 10-day review window
+    open_in_window = db_rows(demo_db, "SELECT count(*) FROM bugs b JOIN tests t ON t.id = b.test_id "
+                                      "WHERE b.status = 'open' AND t.end_at > ? AND t.end_at <= ?",
+                             (tm.iso(clock[0] - timedelta(days=10)), tm.iso(clock[0])))[0][0]
+    assert open_in_window > 0
+
+###############################################################################
 # Docs stay honest
 ###############################################################################
 
