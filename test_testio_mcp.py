@@ -64,16 +64,16 @@ class Account(tm.SimulatedAccount):
 
     A scenario control freezes the test it touches (it no longer moves on with the clock)."""
 
+    LOG_CAP = 10_000
+
     def __init__(self, *, at: datetime | None = None, **options) -> None:
         self.at: datetime | None = None  # the account's clock (default: where its history ends)
         super().__init__(clock=lambda: self.at, **options)
         self.at = at or datetime.fromtimestamp(self._origin, timezone.utc)
-        self._max_id = max(self._tests, default=tm._SIM_TEST_ID_BASE)
+        self._max_id = tm._SIM_TEST_ID_BASE
         self._poisoned: set[int] = set()
         self.requests: collections.Counter = collections.Counter()  # accepted requests by route
         self.request_log: list[str] = []  # the last LOG_CAP request paths with their query
-
-    LOG_CAP = 10_000
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         with self._lock:
@@ -114,7 +114,7 @@ class Account(tm.SimulatedAccount):
             newest = max(ended, default=now - tm._SIM_DAY)
             step = max(60, (now - newest) // (n + 1))
             ids = []
-            self._max_id = max(self._max_id, *self._tests)
+            self._max_id = max(self._max_id, max(self._tests, default=0))
             for k in range(n):
                 self._max_id += 1 + self._max_id % 3
                 tid, end = self._max_id, newest + step * (k + 1)

@@ -3968,16 +3968,18 @@ _SIM_ROUTES = (
     (("products", 0, "sections", 0, "features"), "section_features"),
 )
 # The account's life after its generated history ends (`now`): what a real account does over time.
-_SIM_REVIEW_WINDOW = 10 * _SIM_DAY  # forwarded bugs auto-accept this long after the test's end
-_SIM_CATCH_UP = 6 * _SIM_HOUR       # bugs the history left overdue auto-accept within this
-_SIM_HORIZON = 760 * _SIM_DAY       # a test leaves the account this long after its end (the
-                                    # history spans 730 days: its oldest test stays a month)
+# Forwarded bugs auto-accept this long after their test's end (testio-api.md); those the history
+# left overdue do within the catch-up. A test leaves the account (the API stops listing it) this
+# long after its end: the history spans 730 days, so its oldest test stays a month more.
+_SIM_REVIEW_WINDOW = 10 * _SIM_DAY
+_SIM_CATCH_UP = 6 * _SIM_HOUR
+_SIM_HORIZON = 760 * _SIM_DAY
+_SIM_CANCELLED_SHARE, _SIM_MOVED_SHARE = 0.05, 0.08  # of new tests, before they start
 _SIM_SHIFT_DAYS = (-2, -1, 1, 2, 3, 5, 7, 10)  # how far a rescheduled test moves
-_SIM_CANCELLED_SHARE, _SIM_MOVED_SHARE = 0.05, 0.08
 # A test's life steps: its events sort by (time, test id, step). A step's value is the status it
 # sets, the seconds its dates move (_SIM_MOVE), or None (_SIM_NEW, _SIM_GONE).
-_SIM_NEW, _SIM_SUBMIT, _SIM_APPROVE, _SIM_MOVE, _SIM_START, _SIM_END, _SIM_ARCHIVE, \
-    _SIM_CANCEL, _SIM_GONE = range(9)
+(_SIM_NEW, _SIM_SUBMIT, _SIM_APPROVE, _SIM_MOVE, _SIM_START, _SIM_END, _SIM_ARCHIVE, _SIM_CANCEL,
+ _SIM_GONE) = range(9)
 _SIM_STEP_OF = {"initialized": _SIM_NEW, "customer_finalized": _SIM_SUBMIT,
                 "waiting": _SIM_APPROVE, "running": _SIM_START, "locked": _SIM_END}
 
