@@ -4180,17 +4180,15 @@ class SimulatedAccount:
             self._queue_history_end(self._tests[tid])
 
     def _queue_history_end(self, t: _SimTest) -> None:
-        # What a generated test still goes through after the history's end.
-        rng = random.Random(_sim_seed(self._seed, 8, t.id))
-        now, events = self._origin, []
+        """Queue what a generated test still goes through after the history's end."""
+        now, events = self._origin, [(t.end + _SIM_HORIZON, _SIM_GONE, None)]
         if t.status == "locked":  # ended less than 35 days ago: archives 28-42 days after its end
             lo = max(t.end + 28 * _SIM_DAY, now + 1)
-            events.append((lo + int(rng.random() * (t.end + 42 * _SIM_DAY - lo)), _SIM_ARCHIVE,
-                           "archived"))
+            u = random.Random(_sim_seed(self._seed, 8, t.id)).random()
+            events.append((lo + int(u * (t.end + 42 * _SIM_DAY - lo)), _SIM_ARCHIVE, "archived"))
         elif t.status in _SIM_STEP_OF:
-            step = _SIM_STEP_OF[t.status]
+            rng, step = random.Random(_sim_seed(self._seed, 8, t.id)), _SIM_STEP_OF[t.status]
             events += [e for e in _sim_steps(rng, now, self._test_core(t)[4], t.end) if e[1] > step]
-        events.append((t.end + _SIM_HORIZON, _SIM_GONE, None))
         self._events += [(at, t.id, step, t, value) for at, step, value in events]
 
     def _make_new_test(self, p: _SimProduct, slot: int) -> None:
@@ -4400,12 +4398,17 @@ class SimulatedAccount:
             elif u[4] < _SIM_REVIEWED_SHARE.get(t.status0, 0.0):
                 status = outcome
             reported = start + int(u[5] * max(0, min(t.end, t.born) - 60 - start))
-        exported_at = min(t.born, reported + (1 + int(u[12] * 90)) * _SIM_DAY)
+        decided = None
         if status == "forwarded" and t.alive:
             decided, how = self._decision(t, outcome, reported, u[23])
             if decided <= self._at:
                 status, auto = ("accepted", True) if how == "auto" else (how, False)
-            exported_at = decided + (1 + int(u[12] * 90)) * _SIM_DAY
+        exported_at = None
+        if status == "accepted" and u[12] < 0.1:  # exported to the customer's tracker days later
+            days = (1 + int(u[12] * 90)) * _SIM_DAY
+            exported_at = min(t.born, reported + days) if decided is None else decided + days
+            if exported_at > self._at:
+                exported_at = None
         comments = []
         if u[6] < 0.2:
             comments.append({"id": bid * 10 + 1, "body": _sim_pick(_SIM_CHATTER, u[7]),
@@ -4417,7 +4420,6 @@ class SimulatedAccount:
                              + REJECTION_REASONS[reason]})
         plat = _SIM_PLATFORMS[_sim_pick(_SIM_TYPE_PLATFORMS[p.doc["type"]], u[10])]
         model = _sim_pick(plat["models"], u[11])
-        exported = status == "accepted" and u[12] < 0.1 and exported_at <= self._at
         path = feature["title"].lower().replace(" ", "-").replace("&", "and")
         bug = {
             "id": bid, "title": f"[{feature['title']}] {problem}", "severity": severity,
@@ -4443,8 +4445,8 @@ class SimulatedAccount:
             "attachments": [{"id": bid * 10 + a,
                              "url": f"https://upload.test.io/attachments/{bid}/{a}.png"}
                             for a in range(int(u[20] * 4))],
-            "exported_at": _sim_iso(exported_at, 0) if exported else None,
-            "external_idx": f"DEMO-{bid % 100_000}" if exported else None,
+            "exported_at": None if exported_at is None else _sim_iso(exported_at, 0),
+            "external_idx": None if exported_at is None else f"DEMO-{bid % 100_000}",
             "reported_at": _sim_iso(reported, _sim_pick(_SIM_OFFSETS_MIN, u[21])),
         }
         if severity == "custom":
