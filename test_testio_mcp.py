@@ -882,6 +882,7 @@ def test_sync_status_on_an_empty_database_says_never(env, capsys):
 # The incremental stop rule
 ###############################################################################
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tests, new_on_top, expected_pages", [
     (520, 0, [1, 2, 3]),           # page 1 holds known tests: read 2 more
     (520, 150, [1, 2, 3, 4]),      # page 1 all new, page 2 holds the first known test
@@ -1013,6 +1014,7 @@ def db_rows_write(db_path, sql, args=()):
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trigger", ["a-day-later", "force", "problematic-retry"])
 def test_a_known_unreadable_position_gets_the_full_recovery_again_a_day_later_on_force_or_retry(
         env, capsys, trigger):
@@ -1043,6 +1045,7 @@ def test_a_known_unreadable_position_gets_the_full_recovery_again_a_day_later_on
     assert reads_of(acc.request_log, pid) == {**AROUND, 100: [2]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new_on_top", [1, 40])
 def test_a_known_unreadable_position_that_moved_gets_the_full_recovery_and_no_test_is_skipped(
         env, capsys, new_on_top):
@@ -1488,6 +1491,7 @@ def silent_server():
     listener.close()
 
 
+@pytest.mark.slow
 def test_a_hung_api_fails_each_request_within_its_timeout_and_the_sync_ends_with_a_clear_error(
         env, capsys, monkeypatch, silent_server):
     url, accepted = silent_server
@@ -1510,6 +1514,7 @@ def assert_end_at_matches(db_path, acc):
     assert stored == {t: tm.to_utc(acc.test_json(t)["end_at"]) for t in acc.test_ids()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["cold", "warm"])
 def test_page_drift_while_paging_is_absorbed_by_the_next_sync(env, capsys, when):
     acc = make_account(products=1, tests_per_product=250, bugs_per_test=2)
@@ -1538,6 +1543,7 @@ def test_page_drift_while_paging_is_absorbed_by_the_next_sync(env, capsys, when)
     assert stored == {b["id"]: tm.bug_status(b) for b in acc.bugs_of(changed)}
 
 
+@pytest.mark.slow
 def test_a_sync_keeps_at_most_two_bug_batches_per_request_slot_waiting_to_be_stored(env, capsys, monkeypatch):
     monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "2")
     acc = make_account(products=1, tests_per_product=500, bugs_per_test=8)
@@ -1588,6 +1594,7 @@ def large_batches(env, monkeypatch):
     return acc, answers
 
 
+@pytest.mark.slow
 def test_the_event_loop_stays_free_while_a_sync_decodes_and_stores_large_bug_batches(env, capsys, large_batches):
     acc, answers = large_batches
     batches = [body.decode() for url, body in answers.items() if "/bugs?" in url]
@@ -1635,6 +1642,7 @@ def thread_cpu(prefix: str) -> float:
                if t.name.startswith(prefix) and t.ident is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_tool_calls_during_a_sync_hold_back_its_writer(env, monkeypatch, large_batches):
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
@@ -1704,6 +1712,7 @@ def snapshot(db_path):
                              "FROM features ORDER BY id"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, body", MALFORMED, ids=[f"{t}-{b}" for t, b in MALFORMED])
 def test_a_malformed_page_or_bug_batch_fails_with_a_logged_error_and_keeps_stored_data(env, capsys, target, body):
     acc = make_account(products=2, tests_per_product=30, bugs_per_test=2)
@@ -1763,6 +1772,7 @@ def test_a_bug_is_stored_as_the_json_text_the_api_sent_not_a_second_encoding(env
 # Crashes and locks: kill -9 mid-sync, two syncs at once, disk full
 ###############################################################################
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing_page, resumed_pages", [
     (2, [1, 2, 3, 4, 5]),
     (3, [1, 2, 3, 4, 5]),
@@ -1849,6 +1859,7 @@ def test_kill_9_at_random_moments_leaves_a_sound_database_and_the_next_sync_conv
     print(f"kill -9: {kills} kills ({interrupted} mid-run) in {rounds} rounds at (mode, after request n) {moments}")
 
 
+@pytest.mark.slow
 def test_two_syncs_at_once_one_runs_and_the_other_waits_its_lock_timeout_then_exits(env, capsys, loopback,
                                                                                     tmp_path):
     acc = make_account(products=1, tests_per_product=50, bugs_per_test=1)
@@ -1885,6 +1896,7 @@ def limit_file_size(limit):
     return preexec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [48 * 1024, 600 * 1024, 1500 * 1024], ids=["48KiB", "600KiB", "1500KiB"])
 def test_disk_full_mid_sync_fails_with_one_readable_line_and_the_next_sync_converges(env, capsys, loopback,
                                                                                      tmp_path, limit):
@@ -1993,6 +2005,7 @@ def assert_told_once(err, env):
     return aside
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", DAMAGE)
 def test_sync_on_a_damaged_cache_moves_it_aside_and_fills_a_fresh_one(env, capsys, small_synced, where):
     damaged_copy(small_synced, env, where)
@@ -3383,6 +3396,7 @@ async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_no
 DEFAULT_ANSWER_MAX = 20_000  # bytes of one answer's text with default arguments
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_every_tool_answers_the_demo_account_in_at_most_20_kb_with_default_arguments(
         env, monkeypatch, demo_template):
@@ -3664,6 +3678,7 @@ class Gated:
         return self.handler(request)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_while_the_first_sync_runs_every_answer_says_so_and_the_log_has_its_start_and_end(
         env, monkeypatch, caplog):
@@ -3868,6 +3883,7 @@ def heal_note(answer: dict) -> str | None:
     return next((n for n in answer.get("notes", ()) if n.startswith("the local cache was damaged")), None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", DAMAGE)
 @pytest.mark.anyio
 async def test_a_server_on_a_damaged_cache_answers_says_where_the_old_file_is_and_refills_a_fresh_one(
@@ -4649,10 +4665,11 @@ def test_a_day_later_a_refresh_sync_stores_the_new_tests_status_steps_new_bugs_a
 def test_the_same_seed_at_the_same_time_gives_the_same_data_whatever_steps_led_there(
         env, capsys, monkeypatch):
     stepped = make_account(bugs_per_test=2)
-    monkeypatch.setenv("TESTIO_DB_PATH", str(env.with_name("on-the-way.db")))
-    for hours in (1, 5, 18, 48, 100):  # it answers a sync at each step on the way
-        stepped.advance(timedelta(hours=hours))
-        assert cli(capsys, "sync", transport=mock(stepped.handler))[0] == 0
+    with httpx.Client(transport=mock(stepped.handler), base_url=BASE_URL,
+                      headers={"Authorization": f"Token {TOKEN}"}) as api:
+        for hours in (1, 5, 18, 48, 100):  # it answers at each step on the way
+            stepped.advance(timedelta(hours=hours))
+            assert api.get(f"products/{P}/exploratory_tests", params={"page": 1}).status_code == 200
     direct = make_account(bugs_per_test=2, at=NOW + timedelta(hours=172))
     synced = []
     for name, acc in (("stepped", stepped), ("direct", direct), ("still", make_account(bugs_per_test=2))):
@@ -4666,8 +4683,9 @@ def test_the_same_seed_at_the_same_time_gives_the_same_data_whatever_steps_led_t
     assert synced[0] != synced[2]  # the week did change the account
 
 
+@pytest.mark.slow
 def test_the_demo_account_has_bugs_awaiting_review_at_any_time():
-    for days in range(0, 400, 37):
+    for days in range(0, 366, 61):  # a year, at different hours
         at = NOW + timedelta(days=days, hours=days % 24)
         demo, window_start = Account(**tm.DEMO_ACCOUNT, at=at), tm.iso(at - timedelta(days=10))
         awaiting = 0
