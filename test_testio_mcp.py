@@ -2,6 +2,7 @@
 subprocess), with fakes only at the boundaries: the simulated TestIO account behind
 httpx.MockTransport (or a loopback server), and a real SQLite file in tmp_path."""
 
+import ast
 import asyncio
 import collections
 import contextlib
@@ -304,10 +305,16 @@ class Faults:
         return self.handler(request)
 
 
-def readme_code_blocks() -> list[tuple[str, str]]:
-    """README's fenced code blocks: (language, text)."""
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
+def readme_code_blocks(text: str | None = None) -> list[tuple[str, str]]:
+    """README's fenced code blocks (or those of `text`, a part of it): (language, text)."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8") if text is None else text
     return re.findall(r"^```(\w*)\n(.*?)^```", readme, flags=re.M | re.S)
+
+
+def readme_section(title: str) -> str:
+    """The text of README's `## title` section, up to the next `## ` heading."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    return re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", readme, flags=re.M | re.S).group(1)
 
 
 def readme_quick_start() -> list[str]:
@@ -4830,8 +4837,45 @@ def test_ci_runs_exactly_the_readme_quick_start_and_its_test_command():
     ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
     # `|| exit 1`: under `set -e` a failure inside an && chain would not stop the script
     assert ci.index(setup + " || exit 1") < ci.index(tests) == len(ci) - 1
-    development = [text for _, text in readme_code_blocks() if text.strip().endswith("test_testio_mcp.py")][-1]
-    assert development.strip() == tests  # the Development section's test command is the same
+    development = [text.strip() for _, text in readme_code_blocks(readme_section("Development"))]
+    assert development[0] == tests  # the Development section's test command is the same
+
+
+def _development_commands() -> list[list[str]]:
+    """The commands README's Development section runs: its code blocks and inline `.venv/...` spans."""
+    section = readme_section("Development")
+    lines = [line for _, text in readme_code_blocks(section) for line in text.splitlines() if line.strip()]
+    return [shlex.split(c) for c in lines + re.findall(r"`(\.venv/[^`\n]+)`", section)]
+
+
+def test_readme_development_runs_the_test_command_its_fast_loop_and_bench_runs_the_bench_accepts():
+    commands = _development_commands()
+    tests = shlex.split(readme_quick_start()[1])
+    pytest_runs = [argv for argv in commands if argv[1:3] == ["-m", "pytest"]]
+    assert pytest_runs == [tests, [*tests[:4], "-m", "not slow", *tests[4:]]]
+    markers = re.search(r"^markers = \[(.*?)\]$", (HERE / "pyproject.toml").read_text(), flags=re.M).group(1)
+    assert re.search(r'"slow: ', markers)  # registered: `-m "not slow"` names a marker pytest knows
+    bench_runs = [argv for argv in commands if argv[1:2] == ["bench_testio_mcp.py"]]
+    assert len(bench_runs) >= 2 and len(pytest_runs) + len(bench_runs) == len(commands)
+    import bench_testio_mcp
+    for argv in bench_runs:
+        assert argv[0] == ".venv/bin/python"
+        bench_testio_mcp.build_parser().parse_args(argv[2:])  # exits (fails the test) on an unknown flag
+
+
+@pytest.mark.slow
+def test_the_readme_fast_loop_collects_every_test_but_those_marked_slow():
+    fast = next(argv for argv in _development_commands() if "not slow" in argv)
+    done = subprocess.run([sys.executable, *fast[1:], "--collect-only", "--strict-markers", "-p", "no:cacheprovider"],
+                          cwd=HERE, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = {line.split("::")[1].split("[")[0] for line in done.stdout.splitlines() if "::" in line}
+    tree = ast.parse((HERE / "test_testio_mcp.py").read_text())
+    tests = {node.name: any("mark.slow" in ast.unparse(d) for d in node.decorator_list)
+             for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+             and node.name.startswith("test_")}
+    assert collected == {name for name, slow in tests.items() if not slow}
+    assert re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", done.stdout)
 
 
 @pytest.mark.slow
