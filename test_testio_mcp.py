@@ -60,7 +60,7 @@ class Poisoned(Exception):
 
 
 class Account(tm.SimulatedAccount):
-    """The demo account plus what only the tests and the bench use: scenario controls that change
+    """The simulated account plus what only the tests and the bench use: scenario controls that change
     it, truth accessors that read it, and a clock that stands still until `advance()`.
 
     A scenario control freezes the test it touches (it no longer moves on with the clock)."""
@@ -4866,7 +4866,8 @@ def test_readme_development_runs_the_test_command_its_fast_loop_and_bench_runs_t
 @pytest.mark.slow
 def test_the_readme_fast_loop_collects_every_test_but_those_marked_slow():
     fast = next(argv for argv in _development_commands() if "not slow" in argv)
-    done = subprocess.run([sys.executable, *fast[1:], "--collect-only", "--strict-markers", "-p", "no:cacheprovider"],
+    done = subprocess.run([sys.executable, *fast[1:], "--collect-only", "--strict-markers",
+                           "-p", "no:cacheprovider"],
                           cwd=HERE, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stdout + done.stderr
     collected = {line.split("::")[1].split("[")[0] for line in done.stdout.splitlines() if "::" in line}
