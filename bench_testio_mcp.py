@@ -43,7 +43,7 @@ Processes start the way the `testio-mcp` console script does (import the module,
 bytecode cached in a private PYTHONPYCACHEPREFIX as after `pip install`.
 
 The fake API's own cost is kept out of the figures: before the cold sync the answers the sync will ask
-for (test pages, and each test's bug list) are rendered once by `SimulatedAccount.handler`; a bug batch
+for (test pages, and each test's bug list) are rendered once by the simulator's `handler`; a bug batch
 is served as the concatenation of its tests' lists, byte-identical to the simulator's own answer
 (checked at start). Anything else goes to the simulator live. `--no-warm` serves everything live.
 
@@ -81,6 +81,8 @@ from typing import Any
 import httpx
 
 import testio_mcp as tm
+# The simulated account with its test-only parts (scenario controls, truth), its clock held still.
+from test_testio_mcp import Account
 
 HERE = Path(__file__).resolve().parent
 
@@ -217,9 +219,9 @@ def machine_info() -> dict[str, Any]:
 ###############################################################################
 
 class FakeApi:
-    """SimulatedAccount served over HTTP on 127.0.0.1; each answer takes `latency` seconds."""
+    """The simulated account served over HTTP on 127.0.0.1; each answer takes `latency` seconds."""
 
-    def __init__(self, account: tm.SimulatedAccount, token: str, latency: float) -> None:
+    def __init__(self, account: Account, token: str, latency: float) -> None:
         self.account = account
         self.token = token
         self.latency = latency
@@ -468,7 +470,7 @@ def _route(path: str) -> str:
 # The account's truth: dataset figures and the request budget of a cold sync
 ###############################################################################
 
-def dataset_truth(account: tm.SimulatedAccount, statuses: dict[int, str]) -> dict[str, Any]:
+def dataset_truth(account: Account, statuses: dict[int, str]) -> dict[str, Any]:
     """Products, tests, bugs, sections, and the requests a cold sync needs at most.
 
     Per product: pages = floor(tests / PAGE_SIZE) + 1 (the walk stops at the first short or empty
@@ -1088,8 +1090,8 @@ def tools_during_sync(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
     log(f"during sync: building the account ({products} x {per_product} tests)")
-    account = tm.SimulatedAccount(products=products, tests_per_product=per_product, bugs_per_test=BUGS_PER_TEST,
-                                  token=token, max_bugs_per_response=MAX_BUGS_PER_RESPONSE)
+    account = Account(products=products, tests_per_product=per_product, bugs_per_test=BUGS_PER_TEST,
+                      token=token, max_bugs_per_response=MAX_BUGS_PER_RESPONSE)
     api = FakeApi(account, token, opts.latency_ms / 1000)
     try:
         if opts.warm:
@@ -1188,9 +1190,8 @@ def bench_size(name: str, opts: argparse.Namespace, root: Path, startup: dict[st
     result: dict[str, Any] = {"products": products, "tests_per_product": per_product}
 
     log(f"{name}: building the account ({products} x {per_product} tests)")
-    account = tm.SimulatedAccount(products=products, tests_per_product=per_product,
-                                  bugs_per_test=BUGS_PER_TEST, token=token,
-                                  max_bugs_per_response=MAX_BUGS_PER_RESPONSE)
+    account = Account(products=products, tests_per_product=per_product, bugs_per_test=BUGS_PER_TEST,
+                      token=token, max_bugs_per_response=MAX_BUGS_PER_RESPONSE)
     api = FakeApi(account, token, latency)
     try:
         if opts.warm:

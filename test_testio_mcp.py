@@ -2,6 +2,7 @@
 subprocess), with fakes only at the boundaries: the simulated TestIO account behind
 httpx.MockTransport (or a loopback server), and a real SQLite file in tmp_path."""
 
+import ast
 import asyncio
 import collections
 import contextlib
@@ -52,6 +53,176 @@ NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
 
 
 ###############################################################################
+# Simulated account: the test-only parts (scenario controls, truth, a clock to advance)
+###############################################################################
+
+class Poisoned(Exception):
+    """Raised while rendering a poisoned test: the request that would show it answers 500."""
+
+
+class Account(tm.SimulatedAccount):
+    """The simulated account plus what only the tests and the bench use: scenario controls that change
+    it, truth accessors that read it, and a clock that stands still until `advance()`.
+
+    A scenario control freezes the test it touches (it no longer moves on with the clock)."""
+
+    LOG_CAP = 10_000
+
+    def __init__(self, *, at: datetime | None = None, **options) -> None:
+        self.at: datetime | None = None  # the account's clock (default: where its history ends)
+        super().__init__(clock=lambda: self.at, **options)
+        self.at = at or datetime.fromtimestamp(self._origin, timezone.utc)
+        self._max_id = tm._SIM_TEST_ID_BASE
+        self._poisoned: set[int] = set()
+        self.requests: collections.Counter = collections.Counter()  # accepted requests by route
+        self.request_log: list[str] = []  # the last LOG_CAP request paths with their query
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            self.request_log.append(request.url.raw_path.decode("ascii", "replace"))
+            if len(self.request_log) > self.LOG_CAP:
+                del self.request_log[0]
+            try:
+                response = super().handler(request)
+            except Poisoned:
+                response = tm._sim_error(500, "Internal Server Error")
+            if response.status_code not in (401, 405):
+                self.requests[request.url.path.split("/customer/v2/")[-1].split("/")[0]] += 1
+            return response
+
+    def _test_doc(self, t) -> dict:
+        if t.id in self._poisoned:
+            raise Poisoned(t.id)
+        return super()._test_doc(t)
+
+    def _freeze(self, t) -> None:
+        t.alive, t.born = False, self._at
+
+    # -- the clock ------------------------------------------------------------------------
+
+    def advance(self, delta: timedelta) -> None:
+        """Move the account's clock forward; it catches up at its next request or accessor."""
+        with self._lock:
+            self.at += delta
+
+    # -- scenario controls ----------------------------------------------------------------
+
+    def add_tests(self, product_id: int, n: int) -> list[int]:
+        """Add n tests ending just after the newest ended one (or running now); return their ids."""
+        with self._lock:
+            self._catch_up()
+            now, p = self._at, self._products[product_id]
+            ended = [t.end for t in p.order if t.end <= now]
+            newest = max(ended, default=now - tm._SIM_DAY)
+            step = max(60, (now - newest) // (n + 1))
+            ids = []
+            self._max_id = max(self._max_id, max(self._tests, default=0))
+            for k in range(n):
+                self._max_id += 1 + self._max_id % 3
+                tid, end = self._max_id, newest + step * (k + 1)
+                nbugs = self._bug_count(random.Random(tm._sim_seed(self._seed, 5, tid)))
+                status = "locked" if end <= now else "running"
+                t = tm._SimTest(tid, product_id, end, status, max(nbugs, 3), now, status, alive=False)
+                self._tests[tid] = t
+                p.order.append(t)
+                ids.append(tid)
+            p.dirty = True
+            return ids
+
+    def set_test_status(self, test_id: int, status: str) -> None:
+        """Change a test's status; its visible bugs and their statuses follow from it."""
+        if status not in tm.TEST_STATUSES:
+            raise ValueError(f"unknown test status {status!r}; use one of {tm.TEST_STATUSES}")
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            self._freeze(t)
+            t.status = t.status0 = status
+
+    def move_test(self, test_id: int, end_at: datetime) -> None:
+        """Change a test's end_at (naive means UTC); its place in the pages follows."""
+        if end_at.tzinfo is None:
+            end_at = end_at.replace(tzinfo=timezone.utc)
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            self._freeze(t)
+            t.status0, t.end = t.status, int(end_at.timestamp())
+            self._products[t.product_id].dirty = True
+
+    def delete_test(self, test_id: int) -> None:
+        """Remove a test and its bugs, as if the server no longer returned them."""
+        with self._lock:
+            self._catch_up()
+            t = self._tests.pop(test_id)
+            t.gone = True
+            self._products[t.product_id].order.remove(t)
+            self._poisoned.discard(test_id)
+
+    def poison_test(self, test_id: int) -> None:
+        """Make every page holding this test, and GET exploratory_tests/{id}, answer HTTP 500."""
+        with self._lock:
+            self._catch_up()
+            if test_id not in self._tests:
+                raise KeyError(test_id)
+            self._poisoned.add(test_id)
+
+    # -- truth ----------------------------------------------------------------------------
+
+    def product_ids(self) -> list[int]:
+        """Ids of all products, in API order."""
+        return list(self._products)
+
+    def products_json(self) -> list[dict]:
+        """The products exactly as GET products returns them."""
+        with self._lock:
+            return json.loads(json.dumps([p.doc for p in self._products.values()]))
+
+    def test_ids(self, product_id: int | None = None) -> list[int]:
+        """Test ids newest first by end_at, for one product or across all."""
+        with self._lock:
+            self._catch_up()
+            pids = [product_id] if product_id is not None else list(self._products)
+            tests = [t for pid in pids for t in self._ordered(pid)]
+            if product_id is None:
+                tests.sort(key=lambda t: (-t.end, -t.id))
+            return [t.id for t in tests]
+
+    def test_json(self, test_id: int) -> dict:
+        """The test as GET exploratory_tests/{id} serves it, poison aside; KeyError if unknown."""
+        with self._lock:
+            self._catch_up()
+            return json.loads(json.dumps(super()._test_doc(self._tests[test_id])))
+
+    def bug_ids(self, test_id: int | None = None, product_id: int | None = None) -> list[int]:
+        """Sorted ids of the bugs the API currently serves, optionally for one test or product."""
+        with self._lock:
+            self._catch_up()
+            tests = [self._tests[test_id]] if test_id is not None else self._tests.values()
+            return sorted(t.id * tm._SIM_BUG_STRIDE + j for t in tests
+                          if product_id is None or t.product_id == product_id
+                          for j in range(1, self._reporting(t)[0] + 1))
+
+    def bugs_of(self, test_id: int) -> list[dict]:
+        """The bugs of one test as the bugs endpoint returns them; KeyError if unknown."""
+        with self._lock:
+            self._catch_up()
+            return json.loads(json.dumps(self._bugs(self._tests[test_id])))
+
+    def features_of(self, product_id: int) -> list[dict]:
+        """All features of a product, deduped across sections, sorted by id."""
+        with self._lock:
+            return json.loads(json.dumps(sorted(self._products[product_id].features,
+                                                key=lambda f: f["id"])))
+
+
+def demo_truth() -> Account:
+    """The --demo account as it stands at NOW (its clock held there)."""
+    return Account(**tm.DEMO_ACCOUNT, at=NOW)
+
+
+
+###############################################################################
 # Fixtures and helpers shared by every section
 ###############################################################################
 
@@ -98,11 +269,11 @@ def env(tmp_path, monkeypatch):
     return clean_environment(monkeypatch, tmp_path)
 
 
-def make_account(**kw) -> tm.SimulatedAccount:
-    """A small deterministic account that answers to the canary token."""
+def make_account(**kw) -> Account:
+    """A small deterministic account that answers to the canary token; its clock stands at NOW."""
     options = {"seed": 7, "products": 3, "tests_per_product": 120, "now": NOW, "token": TOKEN}
     options.update(kw)
-    return tm.SimulatedAccount(**options)
+    return Account(**options)
 
 
 @pytest.fixture
@@ -135,10 +306,16 @@ class Faults:
         return self.handler(request)
 
 
-def readme_code_blocks() -> list[tuple[str, str]]:
-    """README's fenced code blocks: (language, text)."""
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
+def readme_code_blocks(text: str | None = None) -> list[tuple[str, str]]:
+    """README's fenced code blocks (or those of `text`, a part of it): (language, text)."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8") if text is None else text
     return re.findall(r"^```(\w*)\n(.*?)^```", readme, flags=re.M | re.S)
+
+
+def readme_section(title: str) -> str:
+    """The text of README's `## title` section, up to the next `## ` heading."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    return re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", readme, flags=re.M | re.S).group(1)
 
 
 def readme_quick_start() -> list[str]:
@@ -174,7 +351,7 @@ def db_rows(db_path, sql, args=()):
         conn.close()
 
 
-def assert_matches_truth(db_path, acc: tm.SimulatedAccount, product_ids=None):
+def assert_matches_truth(db_path, acc: Account, product_ids=None):
     """The local data equals the simulator's truth: same tests, same bugs, no duplicates/orphans."""
     pids = product_ids or acc.product_ids()
     for pid in pids:
@@ -746,6 +923,7 @@ def test_the_cli_commands_but_serve_never_import_the_mcp_sdk_or_pydantic(env, lo
 # The incremental stop rule
 ###############################################################################
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tests, new_on_top, expected_pages", [
     (520, 0, [1, 2, 3]),           # page 1 holds known tests: read 2 more
     (520, 150, [1, 2, 3, 4]),      # page 1 all new, page 2 holds the first known test
@@ -955,6 +1133,7 @@ def db_rows_write(db_path, sql, args=()):
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trigger", ["a-day-later", "force", "problematic-retry"])
 def test_a_known_unreadable_position_gets_the_full_recovery_again_a_day_later_on_force_or_retry(
         env, capsys, trigger):
@@ -985,6 +1164,7 @@ def test_a_known_unreadable_position_gets_the_full_recovery_again_a_day_later_on
     assert reads_of(acc.request_log, pid) == {**AROUND, 100: [2]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new_on_top", [1, 40])
 def test_a_known_unreadable_position_that_moved_gets_the_full_recovery_and_no_test_is_skipped(
         env, capsys, new_on_top):
@@ -1430,6 +1610,7 @@ def silent_server():
     listener.close()
 
 
+@pytest.mark.slow
 def test_a_hung_api_fails_each_request_within_its_timeout_and_the_sync_ends_with_a_clear_error(
         env, capsys, monkeypatch, silent_server):
     url, accepted = silent_server
@@ -1452,6 +1633,7 @@ def assert_end_at_matches(db_path, acc):
     assert stored == {t: tm.to_utc(acc.test_json(t)["end_at"]) for t in acc.test_ids()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["cold", "warm"])
 def test_page_drift_while_paging_is_absorbed_by_the_next_sync(env, capsys, when):
     acc = make_account(products=1, tests_per_product=250, bugs_per_test=2)
@@ -1480,6 +1662,7 @@ def test_page_drift_while_paging_is_absorbed_by_the_next_sync(env, capsys, when)
     assert stored == {b["id"]: tm.bug_status(b) for b in acc.bugs_of(changed)}
 
 
+@pytest.mark.slow
 def test_a_sync_keeps_at_most_two_bug_batches_per_request_slot_waiting_to_be_stored(env, capsys, monkeypatch):
     monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "2")
     acc = make_account(products=1, tests_per_product=500, bugs_per_test=8)
@@ -1530,6 +1713,7 @@ def large_batches(env, monkeypatch):
     return acc, answers
 
 
+@pytest.mark.slow
 def test_the_event_loop_stays_free_while_a_sync_decodes_and_stores_large_bug_batches(env, capsys, large_batches):
     acc, answers = large_batches
     batches = [body.decode() for url, body in answers.items() if "/bugs?" in url]
@@ -1577,6 +1761,7 @@ def thread_cpu(prefix: str) -> float:
                if t.name.startswith(prefix) and t.ident is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_tool_calls_during_a_sync_hold_back_its_writer(env, monkeypatch, large_batches):
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
@@ -1646,6 +1831,7 @@ def snapshot(db_path):
                              "FROM features ORDER BY id"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, body", MALFORMED, ids=[f"{t}-{b}" for t, b in MALFORMED])
 def test_a_malformed_page_or_bug_batch_fails_with_a_logged_error_and_keeps_stored_data(env, capsys, target, body):
     acc = make_account(products=2, tests_per_product=30, bugs_per_test=2)
@@ -1705,6 +1891,7 @@ def test_a_bug_is_stored_as_the_json_text_the_api_sent_not_a_second_encoding(env
 # Crashes and locks: kill -9 mid-sync, two syncs at once, disk full
 ###############################################################################
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing_page, resumed_pages", [
     (2, [1, 2, 3, 4, 5]),
     (3, [1, 2, 3, 4, 5]),
@@ -1791,6 +1978,7 @@ def test_kill_9_at_random_moments_leaves_a_sound_database_and_the_next_sync_conv
     print(f"kill -9: {kills} kills ({interrupted} mid-run) in {rounds} rounds at (mode, after request n) {moments}")
 
 
+@pytest.mark.slow
 def test_two_syncs_at_once_one_runs_and_the_other_waits_its_lock_timeout_then_exits(env, capsys, loopback,
                                                                                     tmp_path):
     acc = make_account(products=1, tests_per_product=50, bugs_per_test=1)
@@ -1827,6 +2015,7 @@ def limit_file_size(limit):
     return preexec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [48 * 1024, 600 * 1024, 1500 * 1024], ids=["48KiB", "600KiB", "1500KiB"])
 def test_disk_full_mid_sync_fails_with_one_readable_line_and_the_next_sync_converges(env, capsys, loopback,
                                                                                      tmp_path, limit):
@@ -1935,6 +2124,7 @@ def assert_told_once(err, env):
     return aside
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", DAMAGE)
 def test_sync_on_a_damaged_cache_moves_it_aside_and_fills_a_fresh_one(env, capsys, small_synced, where):
     damaged_copy(small_synced, env, where)
@@ -2421,16 +2611,17 @@ def synced_template(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_template(tmp_path_factory):
-    """The whole --demo account (4 products, 3,000 tests, ~23,000 bugs) synced through the CLI; its first
-    product id."""
+    """The whole --demo account as it stands at NOW (4 products, ~3,000 tests, ~23,000 bugs) synced
+    through the CLI; its first product id."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         path = clean_environment(mp, root)
         mp.delenv("TESTIO_CUSTOMER_API_BASE_URL")
         mp.setenv("LOG_LEVEL", "WARNING")
-        first = tm.demo_account().product_ids()[0]
+        demo = demo_truth()
+        first = demo.product_ids()[0]
         with restored_logging():
-            assert tm.main(["--demo", "sync"]) == 0
+            assert tm.main(["--demo", "sync"], transport=transport_for(demo.handler)) == 0
     return path.with_name("demo.db"), first
 
 
@@ -3415,13 +3606,14 @@ async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_no
 DEFAULT_ANSWER_MAX = 20_000  # bytes of one answer's text with default arguments
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_every_tool_answers_the_demo_account_in_at_most_20_kb_with_default_arguments(
         env, monkeypatch, demo_template):
     env.parent.mkdir(parents=True)
     shutil.copyfile(demo_template[0], env.with_name("demo.db"))
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
-    demo = tm.demo_account()
+    demo = demo_truth()
     pids = demo.product_ids()
     busiest = max(demo.test_ids(pids[0]), key=lambda t: len(demo.bug_ids(t)))
     every_metric = list(tm.METRICS)
@@ -3697,6 +3889,7 @@ class Gated:
         return self.handler(request)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_while_the_first_sync_runs_every_answer_says_so_and_the_log_has_its_start_and_end(
         env, monkeypatch, caplog):
@@ -3901,6 +4094,7 @@ def heal_note(answer: dict) -> str | None:
     return next((n for n in answer.get("notes", ()) if n.startswith("the local cache was damaged")), None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", DAMAGE)
 @pytest.mark.anyio
 async def test_a_server_on_a_damaged_cache_answers_says_where_the_old_file_is_and_refills_a_fresh_one(
@@ -4315,7 +4509,7 @@ async def test_stdio_subprocess_initializes_lists_the_tools_and_answers_with_dem
             tools = (await client.list_tools()).tools
             products = await ok(client, "list_products")
             tests = await ok(client, "list_tests", {"product_id": pid, "per_page": 5})
-    demo = tm.demo_account()
+    demo = demo_truth()
     assert sorted(t.name for t in tools) == sorted(TOOLS)
     assert [(p["id"], p["name"]) for p in products["products"]] == sorted(
         ((p["id"], p["name"]) for p in demo.products_json()), key=lambda p: p[1])
@@ -4514,7 +4708,7 @@ async def test_http_subprocess_serves_the_tools_and_refuses_foreign_origin_forei
                                                                               "Origin": local.removesuffix("/mcp")})
     assert sorted(t.name for t in tools) == sorted(TOOLS)
     assert demo_template[1] in [p["id"] for p in products["products"]]
-    assert len(products["products"]) == len(tm.demo_account().product_ids())
+    assert len(products["products"]) == len(demo_truth().product_ids())
     assert (foreign_origin.status_code, foreign_host.status_code, not_json.status_code) == (403, 421, 400)
     assert local_origin.status_code == 200
     assert "Traceback" not in b"".join(err_lines.lines).decode()
@@ -4633,6 +4827,117 @@ def test_readme_team_setup_makes_a_token_the_server_accepts(env):
 
 
 ###############################################################################
+# Demo account: it lives with the clock, and each sync stores what it changed
+###############################################################################
+
+def served_state(acc: Account, product_id: int | None = None) -> tuple[dict, dict]:
+    """What the account serves now: test id -> status, bug id -> status as the tools show it."""
+    tests = {t: acc.test_json(t)["status"] for t in acc.test_ids(product_id)}
+    return tests, {b["id"]: shown_status(b) for t in tests for b in acc.bugs_of(t)}
+
+
+def stored_state(db_path: Path, product_id: int | None = None) -> tuple[dict, dict]:
+    """The same from the local copy."""
+    where, args = ("WHERE product_id = ?", (product_id,)) if product_id else ("", ())
+    return (dict(db_rows(db_path, f"SELECT id, status FROM tests {where}", args)),
+            dict(db_rows(db_path, f"SELECT id, status FROM bugs {where}", args)))
+
+
+def changes(before: tuple[dict, dict], after: tuple[dict, dict]) -> dict[str, set]:
+    """An independent diff of two states: new tests, status steps, new bugs, reviews."""
+    (tests0, bugs0), (tests1, bugs1) = before, after
+    kept = bugs0.keys() & bugs1.keys()
+    return {"new_tests": tests1.keys() - tests0.keys(),
+            "status_steps": {(tests0[t], tests1[t]) for t in tests0.keys() & tests1.keys()
+                             if tests0[t] != tests1[t]},
+            "new_bugs": bugs1.keys() - bugs0.keys(),
+            "reviewed": {b for b in kept if bugs0[b] == "open" and bugs1[b] in ("accepted", "rejected")},
+            "auto_accepted": {b for b in kept if bugs0[b] == "open" and bugs1[b] == "auto_accepted"}}
+
+
+def test_a_day_later_a_refresh_sync_stores_the_new_tests_status_steps_new_bugs_and_reviews(env, capsys):
+    acc = make_account(products=1, tests_per_product=760, bugs_per_test=2)  # a new test about daily
+    transport = mock(acc.handler)
+    assert cli(capsys, "sync", transport=transport)[0] == 0
+    before = served_state(acc)
+    assert stored_state(env) == before
+    acc.advance(timedelta(days=1))
+    after = served_state(acc)
+    changed = changes(before, after)
+    assert {kind: bool(found) for kind, found in changed.items()} == dict.fromkeys(changed, True)
+    assert changed["status_steps"] >= {("running", "locked"), ("initialized", "customer_finalized")}
+    # a review does not change the test's status: the refresh (the server's background mode) reads it
+    code, _, err = cli(capsys, "sync", "--refresh", transport=transport)
+    assert code == 0, err
+    assert stored_state(env) == after
+    assert_matches_truth(env, acc)
+
+
+def test_the_same_seed_at_the_same_time_gives_the_same_data_whatever_steps_led_there(
+        env, capsys, monkeypatch):
+    stepped = make_account(bugs_per_test=2)
+    with httpx.Client(transport=mock(stepped.handler), base_url=BASE_URL,
+                      headers={"Authorization": f"Token {TOKEN}"}) as api:
+        for hours in (1, 5, 18, 48, 100):  # it answers at each step on the way
+            stepped.advance(timedelta(hours=hours))
+            assert api.get(f"products/{P}/exploratory_tests", params={"page": 1}).status_code == 200
+    direct = make_account(bugs_per_test=2, at=NOW + timedelta(hours=172))
+    synced = []
+    for name, acc in (("stepped", stepped), ("direct", direct), ("still", make_account(bugs_per_test=2))):
+        db_path = env.with_name(f"{name}.db")
+        monkeypatch.setenv("TESTIO_DB_PATH", str(db_path))
+        assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+        synced.append((db_rows(db_path, "SELECT id, status, start_at, end_at, raw FROM tests ORDER BY id"),
+                       db_rows(db_path, "SELECT id, status, reported_at, exported_at, raw FROM bugs "
+                                        "ORDER BY id")))
+    assert synced[0] == synced[1]
+    assert synced[0] != synced[2]  # the week did change the account
+
+
+@pytest.mark.slow
+def test_the_demo_account_has_bugs_awaiting_review_at_any_time():
+    for days in range(0, 366, 61):  # a year, at different hours
+        at = NOW + timedelta(days=days, hours=days % 24)
+        demo, window_start = Account(**tm.DEMO_ACCOUNT, at=at), tm.iso(at - timedelta(days=10))
+        awaiting = 0
+        for pid in demo.product_ids():
+            for test_id in demo.test_ids(pid):  # newest end first
+                end = utc(demo.test_json(test_id)["end_at"])
+                if end <= window_start:
+                    break
+                if end <= tm.iso(at):
+                    awaiting += sum(shown_status(b) == "open" for b in demo.bugs_of(test_id))
+        assert awaiting > 0, at
+
+
+@pytest.mark.slow
+def test_the_demo_account_moves_on_with_the_clock_and_two_syncs_days_apart_store_what_changed(
+        env, capsys, monkeypatch):
+    clock = [NOW + timedelta(hours=9)]
+    monkeypatch.setattr(tm, "utc_now", lambda: clock[0])  # the demo's clock, and the syncs' own
+    pid = str(demo_truth().product_ids()[0])
+    demo_db = env.with_name("demo.db")
+    assert cli(capsys, "--demo", "sync", "--product-ids", pid)[0] == 0
+    before = stored_state(demo_db)
+    clock[0] += timedelta(days=2)  # one product: a day may pass without an auto-acceptance
+    assert cli(capsys, "--demo", "sync", "--refresh", "--product-ids", pid)[0] == 0
+    after = stored_state(demo_db)
+    changed = changes(before, after)
+    assert {kind: bool(found) for kind, found in changed.items()} == dict.fromkeys(changed, True)
+    served = served_state(Account(**tm.DEMO_ACCOUNT, at=clock[0]), int(pid))
+    # tests that left the account meanwhile (ended 760 days ago) stay until a --force sync
+    left = after[0].keys() - served[0].keys()
+    assert {after[0][t] for t in left} <= {"archived", "cancelled"}
+    kept_bugs = dict(db_rows(demo_db, "SELECT id, status FROM bugs WHERE test_id NOT IN "
+                                      f"({','.join(map(str, left)) or 'NULL'})"))
+    assert ({t: s for t, s in after[0].items() if t not in left}, kept_bugs) == served
+    # the review queue: open bugs of tests that ended within the 10-day review window
+    open_in_window = db_rows(demo_db, "SELECT count(*) FROM bugs b JOIN tests t ON t.id = b.test_id "
+                                      "WHERE b.status = 'open' AND t.end_at > ? AND t.end_at <= ?",
+                             (tm.iso(clock[0] - timedelta(days=10)), tm.iso(clock[0])))[0][0]
+    assert open_in_window > 0
+
+###############################################################################
 # Docs stay honest
 ###############################################################################
 
@@ -4736,8 +5041,46 @@ def test_ci_runs_exactly_the_readme_quick_start_and_its_test_command():
     ci = [line.strip() for line in (HERE / ".ci" / "run").read_text().splitlines()]
     # `|| exit 1`: under `set -e` a failure inside an && chain would not stop the script
     assert ci.index(setup + " || exit 1") < ci.index(tests) == len(ci) - 1
-    development = [text for _, text in readme_code_blocks() if text.strip().endswith("test_testio_mcp.py")][-1]
-    assert development.strip() == tests  # the Development section's test command is the same
+    development = [text.strip() for _, text in readme_code_blocks(readme_section("Development"))]
+    assert development[0] == tests  # the Development section's test command is the same
+
+
+def _development_commands() -> list[list[str]]:
+    """The commands README's Development section runs: its code blocks and inline `.venv/...` spans."""
+    section = readme_section("Development")
+    lines = [line for _, text in readme_code_blocks(section) for line in text.splitlines() if line.strip()]
+    return [shlex.split(c) for c in lines + re.findall(r"`(\.venv/[^`\n]+)`", section)]
+
+
+def test_readme_development_runs_the_test_command_its_fast_loop_and_bench_runs_the_bench_accepts():
+    commands = _development_commands()
+    tests = shlex.split(readme_quick_start()[1])
+    pytest_runs = [argv for argv in commands if argv[1:3] == ["-m", "pytest"]]
+    assert pytest_runs == [tests, [*tests[:4], "-m", "not slow", *tests[4:]]]
+    markers = re.search(r"^markers = \[(.*?)\]$", (HERE / "pyproject.toml").read_text(), flags=re.M).group(1)
+    assert re.search(r'"slow: ', markers)  # registered: `-m "not slow"` names a marker pytest knows
+    bench_runs = [argv for argv in commands if argv[1:2] == ["bench_testio_mcp.py"]]
+    assert len(bench_runs) >= 2 and len(pytest_runs) + len(bench_runs) == len(commands)
+    import bench_testio_mcp
+    for argv in bench_runs:
+        assert argv[0] == ".venv/bin/python"
+        bench_testio_mcp.build_parser().parse_args(argv[2:])  # exits (fails the test) on an unknown flag
+
+
+@pytest.mark.slow
+def test_the_readme_fast_loop_collects_every_test_but_those_marked_slow():
+    fast = next(argv for argv in _development_commands() if "not slow" in argv)
+    done = subprocess.run([sys.executable, *fast[1:], "--collect-only", "--strict-markers",
+                           "-p", "no:cacheprovider"],
+                          cwd=HERE, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = {line.split("::")[1].split("[")[0] for line in done.stdout.splitlines() if "::" in line}
+    tree = ast.parse((HERE / "test_testio_mcp.py").read_text())
+    tests = {node.name: any("mark.slow" in ast.unparse(d) for d in node.decorator_list)
+             for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+             and node.name.startswith("test_")}
+    assert collected == {name for name, slow in tests.items() if not slow}
+    assert re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", done.stdout)
 
 
 @pytest.mark.slow

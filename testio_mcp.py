@@ -27,6 +27,7 @@ import dataclasses
 import email.utils
 import gc
 import hashlib
+import heapq
 import hmac
 import inspect
 import ipaddress
@@ -3087,648 +3088,6 @@ async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, 
 
 
 ###############################################################################
-# Simulated TestIO account: the one fake of the API (demo mode, tests, bench)
-###############################################################################
-
-SIM_PRODUCT_TYPES = PRODUCT_TYPES
-_SIM_TYPE_SUFFIX = ("Web", "iOS", "Android", "Windows", "TV", "Play")
-_SIM_NAME_PREFIX = ("Drift", "Velvet", "Vertex", "Nimbus", "Cobalt",
-                    "Juniper", "Harbor", "Quartz", "Ember", "Atlas")
-_SIM_NAME_DOMAIN = ("Health", "Home", "Mobility", "Bank", "Travel",
-                    "Grocer", "Fitness", "Insure", "Media", "Learn")
-_SIM_FEATURES = ("Login", "Registration", "Checkout", "Search", "Product Detail Page",
-                 "Shopping Cart", "User Profile", "Settings", "Notifications", "Payment",
-                 "Onboarding", "Messaging", "Wishlist", "Filters & Sorting",
-                 "Newsletter Signup", "Store Locator", "Order History", "Video Player",
-                 "Help Center", "Loyalty Points")
-_SIM_ROLES = ("guest user", "registered user", "customer", "premium subscriber",
-              "first-time visitor", "admin")
-_SIM_WANTS = ("reset my password", "book a time slot", "see delivery estimates",
-              "find my previous orders", "upload a profile picture", "save items for later",
-              "share a product with a friend", "filter results by price",
-              "receive a push notification", "change the app language")
-_SIM_WHYS = ("I do not lose my progress", "I save time", "I stay informed", "I feel secure",
-             "I can decide faster", "I can use the app in my language")
-_SIM_SECTION_NAMES = ("Web shop", "Mobile app", "Partner portal")
-_SIM_TEST_KINDS = ("Release", "Regression", "Sprint", "Smoke", "Hotfix", "Exploratory")
-_SIM_TESTING_TYPES = ("coverage", "focused", "rapid", "usability", "external", None)
-_SIM_TESTING_CUM = tuple(itertools.accumulate((35, 20, 20, 8, 7, 10)))
-# Mixed offsets on purpose: consumers must normalise to UTC before comparing text.
-_SIM_OFFSETS_MIN = (0, 120, -300, 330, 60)
-_SIM_FIRST = ("clara", "greta", "mara", "jonas", "li", "amir", "sofia", "ivan", "noah",
-              "emma", "lucas", "aiko", "pedro", "zoe", "omar", "lena", "ravi", "nina")
-_SIM_LAST = ("dubois", "silva", "berg", "novak", "kim", "haddad", "rossi", "petrov",
-             "smith", "nakamura", "garcia", "weber", "singh", "okafor")
-_SIM_CUSTOMER_USERS = ("Mara Novak", "Tom Becker", "Priya Shah")
-_SIM_SEVERITIES = SEVERITIES  # weighted by _SIM_SEVERITY_CUM, in this order
-_SIM_SEVERITY_CUM = tuple(itertools.accumulate((30, 25, 7, 18, 15, 5)))
-_SIM_PROBLEMS = {
-    "functional": ("App crashes after saving", "Button does nothing on tap",
-                   "Error 500 after submitting the form", "Wrong total price shown",
-                   "Cannot log out", "Filter resets after going back",
-                   "Infinite spinner on load", "Entered data lost after refresh"),
-    "visual": ("Footer overlaps content", "Button label is cut off", "Icon misaligned",
-               "White text on white background in dark mode"),
-    "content": ("Typo in confirmation message", "Untranslated string",
-                "Outdated terms and conditions link", "Placeholder text visible"),
-    "custom": ("Usability feedback on the flow", "Accessibility: missing label",
-               "Suggestion: clearer call to action"),
-}
-_SIM_REASONS = tuple(REJECTION_REASONS)
-_SIM_REASON_CUM = tuple(itertools.accumulate((12, 10, 22, 16, 14, 20, 6)))
-_SIM_CHATTER = ("Could you please add a screen recording?", "Thanks, forwarded to the dev team.",
-                "Reproduced on our side with the latest build.")
-# Shared sub-objects: requirements and bug devices both serve them, and they are never mutated.
-_SIM_PLATFORMS = {
-    "computer": {"category": {"id": 1, "key": "computer", "name": "Computers"},
-                 "operating_system": {"id": 6, "key": "windows", "name": "Windows"},
-                 "version": {"id": 600, "name": "10"}, "vendor": {"name": "Dell"},
-                 "browsers": ("Chrome", "Firefox", "Edge Chromium"),
-                 "models": ("Latitude 5520", "XPS 13")},
-    "ios": {"category": {"id": 2, "key": "smartphone", "name": "Smartphones"},
-            "operating_system": {"id": 1, "key": "ios", "name": "iOS"},
-            "version": {"id": 100, "name": "17.4"}, "vendor": {"name": "Apple"},
-            "browsers": ("Safari",), "models": ("iPhone 14", "iPhone 15 Pro")},
-    "android": {"category": {"id": 2, "key": "smartphone", "name": "Smartphones"},
-                "operating_system": {"id": 2, "key": "android", "name": "Android"},
-                "version": {"id": 200, "name": "14"}, "vendor": {"name": "Samsung"},
-                "browsers": ("Chrome",), "models": ("Galaxy S23", "Pixel 8")},
-    "tv": {"category": {"id": 5, "key": "streaming_device", "name": "Streaming Devices"},
-           "operating_system": {"id": 9, "key": "tvos", "name": "tvOS"},
-           "version": {"id": 900, "name": "17"}, "vendor": {"name": "Apple"},
-           "browsers": (), "models": ("Apple TV 4K",)},
-    "console": {"category": {"id": 6, "key": "console", "name": "Consoles"},
-                "operating_system": {"id": 11, "key": "playstation", "name": "PlayStation OS"},
-                "version": {"id": 1100, "name": "5"}, "vendor": {"name": "Sony"},
-                "browsers": (), "models": ("PlayStation 5",)},
-}
-_SIM_TYPE_PLATFORMS = {"website": ("computer", "ios"), "mobile_app_ios": ("ios",),
-                       "mobile_app_android": ("android",), "mobile_app_windows": ("computer",),
-                       "streaming_app": ("tv",), "gaming": ("console", "computer")}
-_SIM_REVIEWED_SHARE = {"archived": 1.0, "locked": 0.4, "running": 0.1}
-_SIM_TEST_ID_BASE = 100_000
-_SIM_FEATURE_ID_BASE = 40_000
-_SIM_SECTION_ID_BASE = 21_000
-# Child ids are derived from their parent's id, so any bug can be found from its id alone.
-_SIM_BUG_STRIDE = 1000
-_SIM_DAY = 86_400
-_SIM_BUG_DRAWS = 24
-_SIM_UNPAGED_LIMIT = 150
-_SIM_LOG_CAP = 10_000
-_SIM_ROUTES = (
-    (("products",), "products"), (("products", 0), "product"),
-    (("products", 0, "exploratory_tests"), "tests_page"), (("exploratory_tests", 0), "test"),
-    (("bugs",), "bugs"), (("bugs", 0), "bug"), (("products", 0, "features"), "features"),
-    (("products", 0, "sections", 0, "features"), "section_features"),
-    (("products", 0, "user_stories"), "user_stories"),
-)
-
-
-def _sim_seed(*parts: int) -> int:
-    # FNV-style mix of ints: str hashing is salted per process, so it would break determinism.
-    h = 0xCBF29CE484222325
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def _sim_iso(epoch: int, offset_min: int) -> str:
-    if offset_min == 0:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-    sign, mag = ("+" if offset_min > 0 else "-"), abs(offset_min)
-    local = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch + offset_min * 60))
-    return f"{local}{sign}{mag // 60:02d}:{mag % 60:02d}"
-
-
-def _sim_pick(seq, u: float):
-    return seq[int(u * len(seq))]
-
-
-def _sim_weighted(seq, cum: tuple, u: float):
-    return seq[bisect.bisect(cum, u * cum[-1])]
-
-
-def _sim_response(status: int, payload: object) -> httpx.Response:
-    # Payloads share sub-objects but never hold cycles; skipping the check halves the cost.
-    body = json.dumps(payload, check_circular=False).encode()
-    return httpx.Response(status, content=body, headers={"content-type": "application/json"})
-
-
-def _sim_error(status: int, message: str) -> httpx.Response:
-    return _sim_response(status, {"error": message})
-
-
-def _sim_id_list(raw: str | None) -> set[int] | None:
-    if raw is None:
-        return None
-    return {int(s) for s in raw.split(",") if s.strip()}
-
-
-@dataclasses.dataclass(slots=True)
-class _SimTest:
-    id: int
-    product_id: int
-    end: int
-    status: str
-    nbugs: int  # bugs the test has once it ended; the status decides how many are visible
-
-    def visible_bugs(self) -> int:
-        if self.status in ("locked", "archived"):
-            return self.nbugs
-        return self.nbugs // 3 if self.status == "running" else 0
-
-
-@dataclasses.dataclass
-class _SimProduct:
-    index: int
-    doc: dict
-    url: str
-    features: list[dict]
-    section_features: dict[int, list[dict]]  # section id -> features; one entry if unsectioned
-    sectioned: bool
-    envs: list[dict]
-    order: list[_SimTest] = dataclasses.field(default_factory=list)
-    dirty: bool = True
-
-
-class SimulatedAccount:
-    """A deterministic fake TestIO customer account answering the Customer API v2 in-process."""
-
-    def __init__(self, *, seed: int = 1, products: int = 3, tests_per_product: int = 250,
-                 bugs_per_test: float = 8.0, now: datetime | None = None,
-                 token: str = "demo-token", max_bugs_per_response: int = 2500,
-                 with_sections: bool = True) -> None:
-        if now is None:
-            now = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-        elif now.tzinfo is None:
-            now = now.replace(tzinfo=timezone.utc)
-        self._seed, self._now, self._token = seed, int(now.timestamp()), token
-        self._bugs_per_test, self._max_bugs = bugs_per_test, max_bugs_per_response
-        self._lock = threading.RLock()
-        self._products: dict[int, _SimProduct] = {}
-        self._tests: dict[int, _SimTest] = {}
-        self._poisoned: set[int] = set()
-        self.requests: collections.Counter = collections.Counter()
-        self.request_log: list[str] = []
-        rng = random.Random(_sim_seed(seed, 7))
-        self._testers = [f"{rng.choice(_SIM_FIRST)}_{rng.choice(_SIM_LAST)}_{rng.randint(100, 999)}"
-                         for _ in range(40)]
-        for i in range(products):
-            p = self._make_product(i, with_sections and i == 1)
-            self._products[p.doc["id"]] = p
-            self._make_tests(p, products, tests_per_product)
-        self._max_id = max(self._tests, default=_SIM_TEST_ID_BASE)
-
-    # -- generation -----------------------------------------------------------------------
-
-    def _make_product(self, i: int, sectioned: bool) -> _SimProduct:
-        rng = random.Random(_sim_seed(self._seed, 1, i))
-        a, b = i % 10, (i // 10 + i) % 10
-        base = f"{_SIM_NAME_PREFIX[(a + self._seed) % 10]} {_SIM_NAME_DOMAIN[b]}"
-        ptype = SIM_PRODUCT_TYPES[i % len(SIM_PRODUCT_TYPES)]
-        short = f"{base} {_SIM_TYPE_SUFFIX[i % 6]}" + (f" {i // 100 + 1}" if i >= 100 else "")
-        pid = 18_000 + 7 * i + rng.randrange(7)
-        url = "https://" + short.lower().replace(" ", "-") + ".example.com"
-        features = []
-        for k, title in zip(sorted(rng.sample(range(40), rng.randint(6, 12))),
-                            rng.sample(_SIM_FEATURES, 12)):
-            stories = [] if rng.random() < 0.2 else [
-                f"As a {rng.choice(_SIM_ROLES)}, I want to {rng.choice(_SIM_WANTS)} "
-                f"so that {rng.choice(_SIM_WHYS)}." for _ in range(rng.randint(1, 4))]
-            features.append({"id": _SIM_FEATURE_ID_BASE + 40 * i + k, "title": title,
-                             "description": f"Everything around {title.lower()} in {short}.",
-                             "howtofind": None if rng.random() < 0.3
-                             else f"Open the app and navigate to {title}.",
-                             "user_stories": stories})
-        nsec = rng.randint(2, 3) if sectioned else 0
-        sections = [{"id": _SIM_SECTION_ID_BASE + 4 * i + 1 + s, "name": _SIM_SECTION_NAMES[s],
-                     "connection": None, "test_templates": {"total": 20, "count": 0}}
-                    for s in range(nsec)]
-        if sectioned:
-            members: dict[int, list[dict]] = {s["id"]: [] for s in sections}
-            for k, f in enumerate(features):
-                members[sections[k % nsec]["id"]].append(f)
-                # Overlap is what forces callers to dedupe section features by id.
-                if k == 0 or rng.random() < 0.3:
-                    members[sections[(k + 1) % nsec]["id"]].append(f)
-            with_default, default_id = sections, sections[0]["id"]
-        else:
-            default_id = _SIM_SECTION_ID_BASE + 4 * i
-            with_default = [{"id": default_id, "name": "default-section", "connection": None,
-                             "test_templates": {"total": 20, "count": 0}}]
-            members = {default_id: features}
-        envs = [{"id": 7000 + 3 * i + e, "title": title, "url": url.replace("://", f"://{sub}."),
-                 "username": "qa-user", "password": f"demo-secret-{7000 + 3 * i + e}",
-                 "access": "Log in with username qa-user and the password above.",
-                 "proxy": False, "allow_orders": False, "access_type": "url",
-                 "environment_test_information": None, "binary_app": None}
-                for e, (title, sub) in enumerate((("Staging", "staging"), ("QA", "qa")))]
-        product = {"id": pid, "name": f"Demo · {short}",
-                   "description": f"Demo data – simulated {ptype} product, not a real customer.",
-                   "type": ptype, "default_section_id": default_id, "sections": sections,
-                   "sections_with_default": with_default, "connection": None,
-                   "remote_device_testing": False}
-        return _SimProduct(i, product, url, features, members, sectioned, envs)
-
-    def _make_tests(self, p: _SimProduct, nproducts: int, count: int) -> None:
-        rng = random.Random(_sim_seed(self._seed, 2, p.doc["id"]))
-        now, nfuture = self._now, min(count, max(4, count // 60))
-        rows = []  # (created, end, status, nbugs)
-        for k in range(count):
-            if k < nfuture:
-                end = now + (rng.randint(7_200, 3 * _SIM_DAY) if k == 0
-                             else rng.randint(_SIM_DAY, 30 * _SIM_DAY))
-                status = (("running", "waiting", "customer_finalized", "initialized")[k] if k < 4
-                          else rng.choices(TEST_STATUSES[:4], (2, 3, 2, 2))[0])
-            else:
-                end = now - rng.randint(3_600, 730 * _SIM_DAY)
-                age = now - end
-                if rng.random() < 0.05:
-                    status = "cancelled"
-                elif age < 35 * _SIM_DAY:
-                    status = "archived" if age > 28 * _SIM_DAY and rng.random() < 0.5 else "locked"
-                else:
-                    status = "archived"
-            end -= end % 900
-            nbugs = self._bug_count(rng)
-            rows.append((end - rng.randint(2 * _SIM_DAY, 45 * _SIM_DAY), end, status, nbugs))
-        # Ids follow creation time, not end_at, so ordering by id is visibly wrong.
-        for rank, (_, end, status, nbugs) in enumerate(sorted(rows)):
-            tid = _SIM_TEST_ID_BASE + 3 * (rank * nproducts + p.index) + rng.randrange(3)
-            self._tests[tid] = _SimTest(tid, p.doc["id"], end, status, nbugs)
-            p.order.append(self._tests[tid])
-
-    def _bug_count(self, rng: random.Random) -> int:
-        mean = self._bugs_per_test
-        if mean <= 0 or rng.random() < 0.08:
-            return 0
-        return min(_SIM_BUG_STRIDE - 1, max(1, round(rng.gammavariate(2.0, mean / 1.84))))
-
-    def _ordered(self, pid: int) -> list[_SimTest]:
-        p = self._products[pid]
-        if p.dirty:
-            p.order.sort(key=lambda t: (-t.end, -t.id))
-            p.dirty = False
-        return p.order
-
-    def _test_core(self, t: _SimTest) -> tuple[random.Random, int, list[dict], str, int]:
-        # The part bugs need too (section, features, title, window); the rng goes on to the doc.
-        p = self._products[t.product_id]
-        rng = random.Random(_sim_seed(self._seed, 3, t.id))
-        section_id = _sim_pick(list(p.section_features), rng.random())
-        pool = p.section_features[section_id]
-        chosen = rng.sample(pool, min(len(pool), 2 + int(rng.random() * 4)))
-        title = (f"{_sim_pick(_SIM_TEST_KINDS, rng.random())} {rng.randint(1, 12)}."
-                 f"{rng.randint(0, 20)} – {chosen[0]['title']}")
-        start = t.end - (4 + int(rng.random() * 24)) * 21_600  # 1-7 days, 6-hour steps
-        if t.status == "running":
-            start = min(start, self._now - 3_600)
-        elif t.end > self._now:
-            start = max(start, (self._now + t.end) // 2)
-        return rng, section_id, chosen, title, min(start, t.end - 900)
-
-    def _test_doc(self, t: _SimTest) -> dict:
-        p = self._products[t.product_id]
-        rng, section_id, chosen, title, start = self._test_core(t)
-        r = rng.random
-        features = [{"id": t.id * 100 + k + 1, "feature_id": f["id"], "title": f["title"],
-                     "description": f["description"], "location": f["howtofind"],
-                     "howtofind": f["howtofind"], "target_idx": None, "enable_default": True,
-                     "enable_content": True if r() < 0.5 else None, "enable_visual": r() < 0.6,
-                     "custom_report_configurations": [],
-                     "user_stories": f["user_stories"][:1 + int(r() * 4)]}
-                    for k, f in enumerate(chosen)]
-        platforms = _SIM_TYPE_PLATFORMS[p.doc["type"]]
-        requirements = []
-        for k, key in enumerate(platforms[:1 + int(r() * len(platforms))]):
-            plat = _SIM_PLATFORMS[key]
-            requirements.append({
-                "id": t.id * 100 + 50 + k, "browsers": [{"id": 2 + b, "name": n, "key": n.lower()}
-                                                         for b, n in enumerate(plat["browsers"])],
-                "category": plat["category"], "devices": [], "input_devices": [],
-                "max_operating_system_version": None,
-                "min_operating_system_version": plat["version"],
-                "operating_system": plat["operating_system"], "vendor": None,
-                "browser_based": bool(plat["browsers"]), "gaming": key == "console"})
-        focus = chosen[0]["title"].lower()
-        user = _sim_pick(_SIM_CUSTOMER_USERS, r()) if r() < 0.9 else None
-        if p.sectioned:
-            section = next(s for s in p.doc["sections"] if s["id"] == section_id)
-        else:
-            section = None if r() < 0.1 else p.doc["sections_with_default"][0]
-        review = ("not_finalized" if r() < 0.7 else "review_failed") if t.status == "initialized" \
-            else "review_initialized" if t.status == "customer_finalized" else "review_successful"
-        return {
-            "id": t.id, "test_title": title, "title": title, "status": t.status,
-            "test_environment": _sim_pick(p.envs, r()), "features": features,
-            "goal": f"**Find functional bugs in {focus} before the release.**",
-            "goal_text": f"Find functional bugs in {focus} before the release.",
-            "out_of_scope": "**Performance, security and load testing are out of scope.**",
-            "out_of_scope_text": "Performance, security and load testing are out of scope.",
-            "instructions": "**Please focus on the listed features. Use the test account.**",
-            "instructions_text": "Please focus on the listed features. Use the test account.",
-            "testing_type": _sim_weighted(_SIM_TESTING_TYPES, _SIM_TESTING_CUM, r()),
-            "attachments": [], "requirements": requirements, "report_language": "en",
-            "section": section, "product": p.doc, "enable_low": r() < 0.9,
-            "enable_high": True, "enable_critical": True,
-            "allow_device_clouds_test_scenario": False, "created_by": user,
-            "submitted_by": None if t.status == "initialized" else user,
-            "start_at": _sim_iso(start, _sim_pick(_SIM_OFFSETS_MIN, r())),
-            "end_at": _sim_iso(t.end, _sim_pick(_SIM_OFFSETS_MIN, r())),
-            "allowed_bug_types": ["default"] + [b for b in ("content", "visual") if r() < 0.8],
-            "reviews": [], "review_status": review, "demo": False,
-        }
-
-    def _bug_doc(self, t: _SimTest, core: tuple, j: int, u: list[float]) -> dict:
-        p = self._products[t.product_id]
-        _, _, chosen, test_title, start = core
-        bid = t.id * _SIM_BUG_STRIDE + j
-        k = int(u[0] * len(chosen))
-        feature = chosen[k]
-        severity = _sim_weighted(_SIM_SEVERITIES, _SIM_SEVERITY_CUM, u[1])
-        problem = _sim_pick(_SIM_PROBLEMS.get(severity, _SIM_PROBLEMS["functional"]), u[2])
-        outcome = "accepted" if u[3] < 0.6 else "rejected" if u[3] < 0.85 else None
-        if outcome is None:  # never reviewed: auto-accepted once the test is archived
-            status, auto = ("accepted", True) if t.status == "archived" else ("forwarded", False)
-        elif u[4] < _SIM_REVIEWED_SHARE.get(t.status, 0.0):
-            status, auto = outcome, False
-        else:
-            status, auto = "forwarded", False
-        reported = start + int(u[5] * max(0, min(t.end, self._now) - 60 - start))
-        comments = []
-        if u[6] < 0.2:
-            comments.append({"id": bid * 10 + 1, "body": _sim_pick(_SIM_CHATTER, u[7]),
-                             "author": {"name": _sim_pick(_SIM_CUSTOMER_USERS, u[7])}})
-        if status == "rejected":
-            reason = _sim_weighted(_SIM_REASONS, _SIM_REASON_CUM, u[8])
-            comments.append({"id": bid * 10 + 2, "author": {"name": "Customer"},
-                             "body": ("Rejected - " if u[9] < 0.5 else "")
-                             + REJECTION_REASONS[reason]})
-        plat = _SIM_PLATFORMS[_sim_pick(_SIM_TYPE_PLATFORMS[p.doc["type"]], u[10])]
-        model = _sim_pick(plat["models"], u[11])
-        exported = status == "accepted" and u[12] < 0.1
-        path = feature["title"].lower().replace(" ", "-").replace("&", "and")
-        bug = {
-            "id": bid, "title": f"[{feature['title']}] {problem}", "severity": severity,
-            "status": status, "auto_accepted": auto, "known": u[13] < 0.07,
-            "language": "en" if u[14] < 0.9 else "de", "location": f"{p.url}/{path}",
-            "expected_result": "" if u[15] < 0.1
-            else f"{feature['title']} works as described in the test instructions.",
-            "actual_result": "" if u[16] < 0.05 else f"{problem}.",
-            "steps": [f"Open {p.url}", f"Navigate to {feature['title']}",
-                      "Perform the described action"][:1 + int(u[17] * 3)],
-            "author": {"name": _sim_pick(self._testers, u[18])},
-            "test": {"id": t.id, "title": test_title},
-            # Samples show feature_id, the contract page shows feature {id}: serve both.
-            "test_feature": {"id": t.id * 100 + k + 1, "feature_id": feature["id"],
-                             "title": feature["title"], "feature": {"id": feature["id"]}},
-            "feature": feature, "product": {"id": p.doc["id"], "name": p.doc["name"]},
-            "comments": comments,
-            "devices": [{"id": bid, "category": plat["category"], "vendor": plat["vendor"],
-                         "devices": {"name": model}, "device": {"name": model},
-                         "operating_system": plat["operating_system"],
-                         "operating_system_version": plat["version"],
-                         "browsers": [{"name": n} for n in plat["browsers"][:int(u[19] * 2)]]}],
-            "attachments": [{"id": bid * 10 + a,
-                             "url": f"https://upload.test.io/attachments/{bid}/{a}.png"}
-                            for a in range(int(u[20] * 4))],
-            "exported_at": _sim_iso(min(self._now, reported + (1 + int(u[12] * 90)) * _SIM_DAY), 0)
-            if exported else None,
-            "external_idx": f"DEMO-{bid % 100_000}" if exported else None,
-            "reported_at": _sim_iso(reported, _sim_pick(_SIM_OFFSETS_MIN, u[21])),
-        }
-        if severity == "custom":
-            bug["report"] = {"custom_report_configuration_id": 900 + p.index, "content": {"data": [
-                {"key": key, "value": f"{key} notes for {feature['title']}: {problem.lower()}."}
-                for key in ("Summary", "Impact", "Suggestion", "Details")[:2 + int(u[22] * 3)]]}}
-        return bug
-
-    def _bugs(self, t: _SimTest, only: int | None = None) -> list[dict]:
-        n = t.visible_bugs()
-        if not n or (only is not None and not 1 <= only <= n):
-            return []
-        core = self._test_core(t)
-        # A fixed number of draws per bug keeps bug j the same whatever the test's status.
-        rng = random.Random(_sim_seed(self._seed, 4, t.id))
-        bugs = []
-        for j in range(1, (only or n) + 1):
-            u = [rng.random() for _ in range(_SIM_BUG_DRAWS)]
-            if only is None or j == only:
-                bugs.append(self._bug_doc(t, core, j, u))
-        return bugs
-
-    # -- HTTP -----------------------------------------------------------------------------
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        """Answer one Customer API v2 request; usable as httpx.MockTransport(account.handler)."""
-        with self._lock:
-            self.request_log.append(request.url.raw_path.decode("ascii", "replace"))
-            if len(self.request_log) > _SIM_LOG_CAP:
-                del self.request_log[0]
-            if request.headers.get("authorization") != f"Token {self._token}":
-                return _sim_error(401, "You need to sign in or sign up before continuing.")
-            if request.method != "GET":
-                return _sim_error(405, f"{request.method} is not supported here")
-            path = request.url.path
-            at = path.find("/customer/v2")
-            parts = path[at + len("/customer/v2"):].strip("/").split("/") if at >= 0 else []
-            for pattern, route in _SIM_ROUTES:
-                if len(pattern) == len(parts) and all(
-                        p == s if isinstance(p, str) else s.isascii() and s.isdigit()
-                        for p, s in zip(pattern, parts)):
-                    self.requests[route] += 1
-                    ids = [int(s) for p, s in zip(pattern, parts) if not isinstance(p, str)]
-                    return getattr(self, f"_route_{route}")(*ids, params=request.url.params)
-            return _sim_error(404, "Not found")
-
-    def _route_products(self, *, params: httpx.QueryParams) -> httpx.Response:
-        return _sim_response(200, {"products": [p.doc for p in self._products.values()]})
-
-    def _route_product(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        p = self._products.get(pid)
-        return _sim_response(200, {"product": p.doc}) if p else _sim_error(404, "Not found")
-
-    def _route_tests_page(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        if pid not in self._products:
-            return _sim_error(404, "Not found")
-        order = self._ordered(pid)
-        if "page" in params:
-            try:
-                page, per = int(params["page"]), int(params.get("per_page", 25))
-            except ValueError:
-                return _sim_error(400, "page and per_page must be integers")
-            page, per = max(page, 1), per if per > 0 else 25
-            chunk = order[(page - 1) * per:page * per]
-        else:
-            chunk = order[:_SIM_UNPAGED_LIMIT]  # the API's quirk: no page -> newest 150 only
-        if any(t.id in self._poisoned for t in chunk):
-            return _sim_error(500, "Internal Server Error")
-        return _sim_response(200, {"exploratory_tests": [self._test_doc(t) for t in chunk]})
-
-    def _route_test(self, tid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        t = self._tests.get(tid)
-        if t is None:
-            return _sim_error(404, "Not found")
-        if tid in self._poisoned:
-            return _sim_error(500, "Internal Server Error")
-        return _sim_response(200, {"exploratory_test": self._test_doc(t)})
-
-    def _route_bugs(self, *, params: httpx.QueryParams) -> httpx.Response:
-        try:
-            test_ids = _sim_id_list(params.get("filter_test_cycle_ids"))
-            product_ids = _sim_id_list(params.get("filter_product_ids"))
-        except ValueError:
-            return _sim_error(400, "filters must be comma-separated integers")
-        tests = ([self._tests[i] for i in test_ids if i in self._tests] if test_ids is not None
-                 else list(self._tests.values()))
-        if product_ids is not None:
-            tests = [t for t in tests if t.product_id in product_ids]
-        if sum(t.visible_bugs() for t in tests) > self._max_bugs:
-            return httpx.Response(524, content=b"<html><body>524: A timeout occurred</body></html>",
-                                  headers={"content-type": "text/html"})
-        bugs = [b for t in tests for b in self._bugs(t)]
-        bugs.sort(key=lambda b: -b["id"])
-        return _sim_response(200, {"bugs": bugs})
-
-    def _route_bug(self, bid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        t = self._tests.get(bid // _SIM_BUG_STRIDE)
-        found = self._bugs(t, bid % _SIM_BUG_STRIDE) if t else []
-        return _sim_response(200, {"bug": found[0]}) if found else _sim_error(404, "Not found")
-
-    def _route_features(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        p = self._products.get(pid)
-        if p is None:
-            return _sim_error(404, "Not found")
-        if p.sectioned:
-            return _sim_error(422, "This product has sections; use sections/{id}/features")
-        return _sim_response(200, {"features": p.features})
-
-    def _route_section_features(self, pid: int, sid: int, *,
-                                params: httpx.QueryParams) -> httpx.Response:
-        p = self._products.get(pid)
-        if p is None or sid not in p.section_features:
-            return _sim_error(404, "Not found")
-        return _sim_response(200, {"features": p.section_features[sid]})
-
-    def _route_user_stories(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
-        p = self._products.get(pid)
-        if p is None:
-            return _sim_error(404, "Not found")
-        features = p.features
-        if p.sectioned:
-            sid = params.get("section_id", "")
-            if not sid.isdigit():
-                return _sim_error(422, "section_id is required for a product with sections")
-            if int(sid) not in p.section_features:
-                return _sim_error(404, "Not found")
-            features = p.section_features[int(sid)]
-        stories = [{"id": f["id"] * 100 + k, "path": f"{f['title']} / {s}", "title": s}
-                   for f in features for k, s in enumerate(f["user_stories"])]
-        return _sim_response(200, {"user_stories": stories})
-
-    # -- scenario controls ----------------------------------------------------------------
-
-    def add_tests(self, product_id: int, n: int) -> list[int]:
-        """Add n tests ending just after the newest ended one (or running now); return their ids."""
-        with self._lock:
-            p = self._products[product_id]
-            ended = [t.end for t in p.order if t.end <= self._now]
-            newest = max(ended, default=self._now - _SIM_DAY)
-            step = max(60, (self._now - newest) // (n + 1))
-            ids = []
-            for k in range(n):
-                self._max_id += 1 + self._max_id % 3
-                tid, end = self._max_id, newest + step * (k + 1)
-                nbugs = self._bug_count(random.Random(_sim_seed(self._seed, 5, tid)))
-                t = _SimTest(tid, product_id, end, "locked" if end <= self._now else "running",
-                             max(nbugs, 3))
-                self._tests[tid] = t
-                p.order.append(t)
-                ids.append(tid)
-            p.dirty = True
-            return ids
-
-    def set_test_status(self, test_id: int, status: str) -> None:
-        """Change a test's status; its visible bugs and their statuses follow from it."""
-        if status not in TEST_STATUSES:
-            raise ValueError(f"unknown test status {status!r}; use one of {TEST_STATUSES}")
-        with self._lock:
-            self._tests[test_id].status = status
-
-    def move_test(self, test_id: int, end_at: datetime) -> None:
-        """Change a test's end_at (naive means UTC); its place in the pages follows."""
-        if end_at.tzinfo is None:
-            end_at = end_at.replace(tzinfo=timezone.utc)
-        with self._lock:
-            t = self._tests[test_id]
-            t.end = int(end_at.timestamp())
-            self._products[t.product_id].dirty = True
-
-    def delete_test(self, test_id: int) -> None:
-        """Remove a test and its bugs, as if the server no longer returned them."""
-        with self._lock:
-            t = self._tests.pop(test_id)
-            self._products[t.product_id].order.remove(t)
-            self._poisoned.discard(test_id)
-
-    def poison_test(self, test_id: int) -> None:
-        """Make every page holding this test, and GET exploratory_tests/{id}, answer HTTP 500."""
-        with self._lock:
-            if test_id not in self._tests:
-                raise KeyError(test_id)
-            self._poisoned.add(test_id)
-
-    # -- truth for tests ------------------------------------------------------------------
-
-    def product_ids(self) -> list[int]:
-        """Ids of all products, in API order."""
-        return list(self._products)
-
-    def products_json(self) -> list[dict]:
-        """The products exactly as GET products returns them."""
-        with self._lock:
-            return json.loads(json.dumps([p.doc for p in self._products.values()]))
-
-    def test_ids(self, product_id: int | None = None) -> list[int]:
-        """Test ids newest first by end_at, for one product or across all."""
-        with self._lock:
-            pids = [product_id] if product_id is not None else list(self._products)
-            tests = [t for pid in pids for t in self._ordered(pid)]
-            if product_id is None:
-                tests.sort(key=lambda t: (-t.end, -t.id))
-            return [t.id for t in tests]
-
-    def test_json(self, test_id: int) -> dict:
-        """The test as GET exploratory_tests/{id} serves it, poison aside; KeyError if unknown."""
-        with self._lock:
-            return json.loads(json.dumps(self._test_doc(self._tests[test_id])))
-
-    def bug_ids(self, test_id: int | None = None, product_id: int | None = None) -> list[int]:
-        """Sorted ids of the bugs the API currently serves, optionally for one test or product."""
-        with self._lock:
-            tests = [self._tests[test_id]] if test_id is not None else self._tests.values()
-            return sorted(t.id * _SIM_BUG_STRIDE + j for t in tests
-                          if product_id is None or t.product_id == product_id
-                          for j in range(1, t.visible_bugs() + 1))
-
-    def bugs_of(self, test_id: int) -> list[dict]:
-        """The bugs of one test as the bugs endpoint returns them; KeyError if unknown."""
-        with self._lock:
-            return json.loads(json.dumps(self._bugs(self._tests[test_id])))
-
-    def features_of(self, product_id: int) -> list[dict]:
-        """All features of a product, deduped across sections, sorted by id."""
-        with self._lock:
-            return json.loads(json.dumps(sorted(self._products[product_id].features,
-                                                key=lambda f: f["id"])))
-
-
-def demo_account() -> SimulatedAccount:
-    """The --demo account: 4 products (one with sections), 3,000 tests, ~24,000 bugs; same data all day."""
-    return SimulatedAccount(seed=1, products=4, tests_per_product=750)
-
-
-###############################################################################
 # MCP server: app state, lifespan, background freshness, the tools in a registry (event loop;
 # the SDK and pydantic are imported by build_server only: `testio-mcp sync` never loads them)
 ###############################################################################
@@ -4923,6 +4282,695 @@ async def _serve_http(server: Any, host: str, port: int, token: str | None) -> i
         print(f"testio-mcp: MCP over HTTP at {url}{needs}", file=sys.stderr, flush=True)
     await serving
     return 0 if web.started else 1
+
+
+###############################################################################
+# Demo account: a simulated TestIO customer that moves on with the clock (only `--demo`
+# serves it; the product path never does). The tests and the bench extend it in
+# test_testio_mcp.py with scenario controls, truth accessors and a clock they advance.
+###############################################################################
+
+SIM_PRODUCT_TYPES = PRODUCT_TYPES
+_SIM_TYPE_SUFFIX = ("Web", "iOS", "Android", "Windows", "TV", "Play")
+_SIM_NAME_PREFIX = ("Drift", "Velvet", "Vertex", "Nimbus", "Cobalt",
+                    "Juniper", "Harbor", "Quartz", "Ember", "Atlas")
+_SIM_NAME_DOMAIN = ("Health", "Home", "Mobility", "Bank", "Travel",
+                    "Grocer", "Fitness", "Insure", "Media", "Learn")
+_SIM_FEATURES = ("Login", "Registration", "Checkout", "Search", "Product Detail Page",
+                 "Shopping Cart", "User Profile", "Settings", "Notifications", "Payment",
+                 "Onboarding", "Messaging", "Wishlist", "Filters & Sorting",
+                 "Newsletter Signup", "Store Locator", "Order History", "Video Player",
+                 "Help Center", "Loyalty Points")
+_SIM_ROLES = ("guest user", "registered user", "customer", "premium subscriber",
+              "first-time visitor", "admin")
+_SIM_WANTS = ("reset my password", "book a time slot", "see delivery estimates",
+              "find my previous orders", "upload a profile picture", "save items for later",
+              "share a product with a friend", "filter results by price",
+              "receive a push notification", "change the app language")
+_SIM_WHYS = ("I do not lose my progress", "I save time", "I stay informed", "I feel secure",
+             "I can decide faster", "I can use the app in my language")
+_SIM_SECTION_NAMES = ("Web shop", "Mobile app", "Partner portal")
+_SIM_TEST_KINDS = ("Release", "Regression", "Sprint", "Smoke", "Hotfix", "Exploratory")
+_SIM_TESTING_TYPES = ("coverage", "focused", "rapid", "usability", "external", None)
+_SIM_TESTING_CUM = tuple(itertools.accumulate((35, 20, 20, 8, 7, 10)))
+# Mixed offsets on purpose: consumers must normalise to UTC before comparing text.
+_SIM_OFFSETS_MIN = (0, 120, -300, 330, 60)
+_SIM_FIRST = ("clara", "greta", "mara", "jonas", "li", "amir", "sofia", "ivan", "noah",
+              "emma", "lucas", "aiko", "pedro", "zoe", "omar", "lena", "ravi", "nina")
+_SIM_LAST = ("dubois", "silva", "berg", "novak", "kim", "haddad", "rossi", "petrov",
+             "smith", "nakamura", "garcia", "weber", "singh", "okafor")
+_SIM_CUSTOMER_USERS = ("Mara Novak", "Tom Becker", "Priya Shah")
+_SIM_SEVERITIES = SEVERITIES  # weighted by _SIM_SEVERITY_CUM, in this order
+_SIM_SEVERITY_CUM = tuple(itertools.accumulate((30, 25, 7, 18, 15, 5)))
+_SIM_PROBLEMS = {
+    "functional": ("App crashes after saving", "Button does nothing on tap",
+                   "Error 500 after submitting the form", "Wrong total price shown",
+                   "Cannot log out", "Filter resets after going back",
+                   "Infinite spinner on load", "Entered data lost after refresh"),
+    "visual": ("Footer overlaps content", "Button label is cut off", "Icon misaligned",
+               "White text on white background in dark mode"),
+    "content": ("Typo in confirmation message", "Untranslated string",
+                "Outdated terms and conditions link", "Placeholder text visible"),
+    "custom": ("Usability feedback on the flow", "Accessibility: missing label",
+               "Suggestion: clearer call to action"),
+}
+_SIM_REASONS = tuple(REJECTION_REASONS)
+_SIM_REASON_CUM = tuple(itertools.accumulate((12, 10, 22, 16, 14, 20, 6)))
+_SIM_CHATTER = ("Could you please add a screen recording?", "Thanks, forwarded to the dev team.",
+                "Reproduced on our side with the latest build.")
+# Shared sub-objects: requirements and bug devices both serve them, and they are never mutated.
+_SIM_PLATFORMS = {
+    "computer": {"category": {"id": 1, "key": "computer", "name": "Computers"},
+                 "operating_system": {"id": 6, "key": "windows", "name": "Windows"},
+                 "version": {"id": 600, "name": "10"}, "vendor": {"name": "Dell"},
+                 "browsers": ("Chrome", "Firefox", "Edge Chromium"),
+                 "models": ("Latitude 5520", "XPS 13")},
+    "ios": {"category": {"id": 2, "key": "smartphone", "name": "Smartphones"},
+            "operating_system": {"id": 1, "key": "ios", "name": "iOS"},
+            "version": {"id": 100, "name": "17.4"}, "vendor": {"name": "Apple"},
+            "browsers": ("Safari",), "models": ("iPhone 14", "iPhone 15 Pro")},
+    "android": {"category": {"id": 2, "key": "smartphone", "name": "Smartphones"},
+                "operating_system": {"id": 2, "key": "android", "name": "Android"},
+                "version": {"id": 200, "name": "14"}, "vendor": {"name": "Samsung"},
+                "browsers": ("Chrome",), "models": ("Galaxy S23", "Pixel 8")},
+    "tv": {"category": {"id": 5, "key": "streaming_device", "name": "Streaming Devices"},
+           "operating_system": {"id": 9, "key": "tvos", "name": "tvOS"},
+           "version": {"id": 900, "name": "17"}, "vendor": {"name": "Apple"},
+           "browsers": (), "models": ("Apple TV 4K",)},
+    "console": {"category": {"id": 6, "key": "console", "name": "Consoles"},
+                "operating_system": {"id": 11, "key": "playstation", "name": "PlayStation OS"},
+                "version": {"id": 1100, "name": "5"}, "vendor": {"name": "Sony"},
+                "browsers": (), "models": ("PlayStation 5",)},
+}
+_SIM_TYPE_PLATFORMS = {"website": ("computer", "ios"), "mobile_app_ios": ("ios",),
+                       "mobile_app_android": ("android",), "mobile_app_windows": ("computer",),
+                       "streaming_app": ("tv",), "gaming": ("console", "computer")}
+_SIM_REVIEWED_SHARE = {"archived": 1.0, "locked": 0.4, "running": 0.1}
+_SIM_TEST_ID_BASE = 100_000
+_SIM_FEATURE_ID_BASE = 40_000
+_SIM_SECTION_ID_BASE = 21_000
+# Child ids are derived from their parent's id, so any bug can be found from its id alone.
+_SIM_BUG_STRIDE = 1000
+_SIM_DAY = 86_400
+_SIM_HOUR = 3_600
+_SIM_BUG_DRAWS = 24
+_SIM_UNPAGED_LIMIT = 150
+_SIM_ROUTES = (
+    (("products",), "products"), (("products", 0), "product"),
+    (("products", 0, "exploratory_tests"), "tests_page"), (("exploratory_tests", 0), "test"),
+    (("bugs",), "bugs"), (("products", 0, "features"), "features"),
+    (("products", 0, "sections", 0, "features"), "section_features"),
+)
+# The account's life after its generated history ends (`now`): what a real account does over time.
+# Forwarded bugs auto-accept this long after their test's end (testio-api.md); those the history
+# left overdue do within the catch-up. A test leaves the account (the API stops listing it) this
+# long after its end: the history spans 730 days, so its oldest test stays a month more.
+_SIM_REVIEW_WINDOW = 10 * _SIM_DAY
+_SIM_CATCH_UP = 6 * _SIM_HOUR
+_SIM_HORIZON = 760 * _SIM_DAY
+_SIM_CANCELLED_SHARE, _SIM_MOVED_SHARE = 0.05, 0.08  # of new tests, before they start
+_SIM_SHIFT_DAYS = (-2, -1, 1, 2, 3, 5, 7, 10)  # how far a rescheduled test moves
+# A test's life steps: its events sort by (time, test id, step). A step's value is the status it
+# sets, the seconds its dates move (_SIM_MOVE), or None (_SIM_NEW, _SIM_GONE).
+(_SIM_NEW, _SIM_SUBMIT, _SIM_APPROVE, _SIM_MOVE, _SIM_START, _SIM_END, _SIM_ARCHIVE, _SIM_CANCEL,
+ _SIM_GONE) = range(9)
+_SIM_STEP_OF = {"initialized": _SIM_NEW, "customer_finalized": _SIM_SUBMIT,
+                "waiting": _SIM_APPROVE, "running": _SIM_START, "locked": _SIM_END}
+
+
+def _sim_seed(*parts: int) -> int:
+    # FNV-style mix of ints: str hashing is salted per process, so it would break determinism.
+    h = 0xCBF29CE484222325
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def _sim_iso(epoch: int, offset_min: int) -> str:
+    if offset_min == 0:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    sign, mag = ("+" if offset_min > 0 else "-"), abs(offset_min)
+    local = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch + offset_min * 60))
+    return f"{local}{sign}{mag // 60:02d}:{mag % 60:02d}"
+
+
+def _sim_pick(seq, u: float):
+    return seq[int(u * len(seq))]
+
+
+def _sim_weighted(seq, cum: tuple, u: float):
+    return seq[bisect.bisect(cum, u * cum[-1])]
+
+
+def _sim_response(status: int, payload: object) -> httpx.Response:
+    # Payloads share sub-objects but never hold cycles; skipping the check halves the cost.
+    body = json.dumps(payload, check_circular=False).encode()
+    return httpx.Response(status, content=body, headers={"content-type": "application/json"})
+
+
+def _sim_error(status: int, message: str) -> httpx.Response:
+    return _sim_response(status, {"error": message})
+
+
+def _sim_id_list(raw: str | None) -> set[int] | None:
+    if raw is None:
+        return None
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def _sim_steps(rng: random.Random, since: int, start: int, end: int) -> list[tuple[int, int, str]]:
+    """A test's status steps after `since`: (time, step, status), submitted to archived."""
+    submit = since + 1 + int((start - since) * (0.1 + 0.4 * rng.random()))
+    approve = submit + int((start - submit) * (0.2 + 0.6 * rng.random()))
+    archive = end + rng.randint(28 * _SIM_DAY, 42 * _SIM_DAY)
+    return [(submit, _SIM_SUBMIT, "customer_finalized"), (approve, _SIM_APPROVE, "waiting"),
+            (start, _SIM_START, "running"), (end, _SIM_END, "locked"),
+            (archive, _SIM_ARCHIVE, "archived")]
+
+
+@dataclasses.dataclass(slots=True)
+class _SimTest:
+    id: int
+    product_id: int
+    end: int
+    status: str
+    nbugs: int  # bugs the test has once it ended; they appear while it runs
+    born: int  # when `status0` held: the end of the generated history, or the test's creation
+    status0: str  # the status its bugs' history starts from (see SimulatedAccount._reporting)
+    start: int | None = None  # None: derived from its draws (SimulatedAccount._test_core)
+    alive: bool = True  # it moves on with the clock; a scenario control freezes it
+    gone: bool = False  # it left the account (aged out, or deleted by a scenario control)
+
+
+@dataclasses.dataclass
+class _SimProduct:
+    index: int
+    doc: dict
+    url: str
+    features: list[dict]
+    section_features: dict[int, list[dict]]  # section id -> features; one entry if unsectioned
+    sectioned: bool
+    envs: list[dict]
+    order: list[_SimTest] = dataclasses.field(default_factory=list)
+    dirty: bool = True
+    pruned: bool = False  # tests left `order`: drop them at the next sort
+    slots: int = 0  # new tests made so far by its stream (see SimulatedAccount._make_new_test)
+
+
+class SimulatedAccount:
+    """A fake TestIO customer account answering the Customer API v2 in-process.
+
+    Its history (products, features, tests, bugs, reviews) is generated up to `now` (default:
+    today 00:00 UTC) from `seed`. From then on it lives by `clock` (default: it stays at `now`):
+    new tests appear, statuses move on as dates pass, bugs come in while a test runs, the
+    customer reviews some, the rest auto-accept, a few tests are rescheduled or cancelled, and
+    old ones leave. What it serves at time T depends only on (the arguments, T)."""
+
+    def __init__(self, *, seed: int = 1, products: int = 3, tests_per_product: int = 250,
+                 bugs_per_test: float = 8.0, now: datetime | None = None,
+                 clock: Callable[[], datetime] | None = None, token: str = "demo-token",
+                 max_bugs_per_response: int = 2500) -> None:
+        if now is None:
+            now = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        elif now.tzinfo is None:
+            now = now.replace(tzinfo=timezone.utc)
+        self._seed, self._origin, self._token = seed, int(now.timestamp()), token
+        self._at, self._clock = self._origin, clock  # the time the account has reached
+        self._bugs_per_test, self._max_bugs = bugs_per_test, max_bugs_per_response
+        self._lock = threading.RLock()
+        self._products: dict[int, _SimProduct] = {}
+        self._tests: dict[int, _SimTest] = {}
+        self._events: list[tuple] = []  # (time, test id, step, test, value), a heap
+        # New tests arrive at the pace the history has, so the account keeps its size.
+        self._gap = _SIM_HORIZON // tests_per_product if tests_per_product > 0 else 0
+        self._new_ids = _SIM_TEST_ID_BASE + 3 * products * tests_per_product + 3
+        rng = random.Random(_sim_seed(seed, 7))
+        self._testers = [f"{rng.choice(_SIM_FIRST)}_{rng.choice(_SIM_LAST)}_{rng.randint(100, 999)}"
+                         for _ in range(40)]
+        for i in range(products):
+            p = self._make_product(i, i == 1)
+            self._products[p.doc["id"]] = p
+            self._make_tests(p, products, tests_per_product)
+        heapq.heapify(self._events)
+
+    # -- generation -----------------------------------------------------------------------
+
+    def _make_product(self, i: int, sectioned: bool) -> _SimProduct:
+        rng = random.Random(_sim_seed(self._seed, 1, i))
+        a, b = i % 10, (i // 10 + i) % 10
+        base = f"{_SIM_NAME_PREFIX[(a + self._seed) % 10]} {_SIM_NAME_DOMAIN[b]}"
+        ptype = SIM_PRODUCT_TYPES[i % len(SIM_PRODUCT_TYPES)]
+        short = f"{base} {_SIM_TYPE_SUFFIX[i % 6]}" + (f" {i // 100 + 1}" if i >= 100 else "")
+        pid = 18_000 + 7 * i + rng.randrange(7)
+        url = "https://" + short.lower().replace(" ", "-") + ".example.com"
+        features = []
+        for k, title in zip(sorted(rng.sample(range(40), rng.randint(6, 12))),
+                            rng.sample(_SIM_FEATURES, 12)):
+            stories = [] if rng.random() < 0.2 else [
+                f"As a {rng.choice(_SIM_ROLES)}, I want to {rng.choice(_SIM_WANTS)} "
+                f"so that {rng.choice(_SIM_WHYS)}." for _ in range(rng.randint(1, 4))]
+            features.append({"id": _SIM_FEATURE_ID_BASE + 40 * i + k, "title": title,
+                             "description": f"Everything around {title.lower()} in {short}.",
+                             "howtofind": None if rng.random() < 0.3
+                             else f"Open the app and navigate to {title}.",
+                             "user_stories": stories})
+        nsec = rng.randint(2, 3) if sectioned else 0
+        sections = [{"id": _SIM_SECTION_ID_BASE + 4 * i + 1 + s, "name": _SIM_SECTION_NAMES[s],
+                     "connection": None, "test_templates": {"total": 20, "count": 0}}
+                    for s in range(nsec)]
+        if sectioned:
+            members: dict[int, list[dict]] = {s["id"]: [] for s in sections}
+            for k, f in enumerate(features):
+                members[sections[k % nsec]["id"]].append(f)
+                # Overlap is what forces callers to dedupe section features by id.
+                if k == 0 or rng.random() < 0.3:
+                    members[sections[(k + 1) % nsec]["id"]].append(f)
+            with_default, default_id = sections, sections[0]["id"]
+        else:
+            default_id = _SIM_SECTION_ID_BASE + 4 * i
+            with_default = [{"id": default_id, "name": "default-section", "connection": None,
+                             "test_templates": {"total": 20, "count": 0}}]
+            members = {default_id: features}
+        envs = [{"id": 7000 + 3 * i + e, "title": title, "url": url.replace("://", f"://{sub}."),
+                 "username": "qa-user", "password": f"demo-secret-{7000 + 3 * i + e}",
+                 "access": "Log in with username qa-user and the password above.",
+                 "proxy": False, "allow_orders": False, "access_type": "url",
+                 "environment_test_information": None, "binary_app": None}
+                for e, (title, sub) in enumerate((("Staging", "staging"), ("QA", "qa")))]
+        product = {"id": pid, "name": f"Demo · {short}",
+                   "description": f"Demo data – simulated {ptype} product, not a real customer.",
+                   "type": ptype, "default_section_id": default_id, "sections": sections,
+                   "sections_with_default": with_default, "connection": None,
+                   "remote_device_testing": False}
+        return _SimProduct(i, product, url, features, members, sectioned, envs)
+
+    def _make_tests(self, p: _SimProduct, nproducts: int, count: int) -> None:
+        rng = random.Random(_sim_seed(self._seed, 2, p.doc["id"]))
+        now, nfuture = self._origin, min(count, max(4, count // 60))
+        rows = []  # (created, end, status, nbugs)
+        for k in range(count):
+            if k < nfuture:
+                end = now + (rng.randint(7_200, 3 * _SIM_DAY) if k == 0
+                             else rng.randint(_SIM_DAY, 30 * _SIM_DAY))
+                status = (("running", "waiting", "customer_finalized", "initialized")[k] if k < 4
+                          else rng.choices(TEST_STATUSES[:4], (2, 3, 2, 2))[0])
+            else:
+                end = now - rng.randint(3_600, 730 * _SIM_DAY)
+                age = now - end
+                if rng.random() < 0.05:
+                    status = "cancelled"
+                elif age < 35 * _SIM_DAY:
+                    status = "archived" if age > 28 * _SIM_DAY and rng.random() < 0.5 else "locked"
+                else:
+                    status = "archived"
+            end -= end % 900
+            nbugs = self._bug_count(rng)
+            rows.append((end - rng.randint(2 * _SIM_DAY, 45 * _SIM_DAY), end, status, nbugs))
+        # Ids follow creation time, not end_at, so ordering by id is visibly wrong.
+        for rank, (_, end, status, nbugs) in enumerate(sorted(rows)):
+            tid = _SIM_TEST_ID_BASE + 3 * (rank * nproducts + p.index) + rng.randrange(3)
+            self._tests[tid] = _SimTest(tid, p.doc["id"], end, status, nbugs, now, status)
+            p.order.append(self._tests[tid])
+            self._queue_history_end(self._tests[tid])
+
+    def _queue_history_end(self, t: _SimTest) -> None:
+        """Queue what a generated test still goes through after the history's end."""
+        now, events = self._origin, [(t.end + _SIM_HORIZON, _SIM_GONE, None)]
+        if t.status == "locked":  # ended less than 35 days ago: archives 28-42 days after its end
+            lo = max(t.end + 28 * _SIM_DAY, now + 1)
+            u = random.Random(_sim_seed(self._seed, 8, t.id)).random()
+            events.append((lo + int(u * (t.end + 42 * _SIM_DAY - lo)), _SIM_ARCHIVE, "archived"))
+        elif t.status in _SIM_STEP_OF:
+            rng, step = random.Random(_sim_seed(self._seed, 8, t.id)), _SIM_STEP_OF[t.status]
+            events += [e for e in _sim_steps(rng, now, self._test_core(t)[4], t.end) if e[1] > step]
+        self._events += [(at, t.id, step, t, value) for at, step, value in events]
+
+    def _make_new_test(self, p: _SimProduct, slot: int) -> None:
+        """The product's new test number `slot`: its creation and its life, as events."""
+        rng = random.Random(_sim_seed(self._seed, 6, p.doc["id"], slot))
+        created = self._origin + slot * self._gap + 1 + int(rng.random() * (self._gap - 1))
+        end = created + rng.randint(2 * _SIM_DAY, 45 * _SIM_DAY)
+        end -= end % 900
+        start = max(end - (4 + int(rng.random() * 24)) * 21_600, (created + end) // 2)
+        start -= start % 900
+        tid = self._new_ids + 3 * (slot * len(self._products) + p.index) + rng.randrange(3)
+        t = _SimTest(tid, p.doc["id"], end, "initialized", self._bug_count(rng), created,
+                     "initialized", start)
+        steps = _sim_steps(rng, created, start, end)
+        fate, u = rng.random(), rng.random()
+        if fate < _SIM_CANCELLED_SHARE:  # cancelled before it starts
+            at = created + 1 + int(u * (start - created - 1))
+            steps = [e for e in steps if e[0] < at] + [(at, _SIM_CANCEL, "cancelled")]
+        elif fate < _SIM_CANCELLED_SHARE + _SIM_MOVED_SHARE:  # rescheduled while it waits
+            approved = steps[1][0]
+            at = approved + 1 + int(u * max(0, start - approved - 1))
+            shift = _sim_pick(_SIM_SHIFT_DAYS, rng.random()) * _SIM_DAY
+            if start + shift <= at + _SIM_HOUR:
+                shift = -shift
+            steps = steps[:2] + [(at, _SIM_MOVE, shift)] + [(e[0] + shift, e[1], e[2])
+                                                             for e in steps[2:]]
+            end += shift
+        if end + _SIM_HORIZON <= self._at:
+            return  # it has left the account already
+        events = [(created, _SIM_NEW, None), *steps, (end + _SIM_HORIZON, _SIM_GONE, None)]
+        for at, step, value in events:
+            heapq.heappush(self._events, (at, tid, step, t, value))
+
+    def _catch_up(self) -> None:
+        """Bring the account to its clock's time: every event up to then, in time order."""
+        if self._clock is None:
+            return
+        now = int(self._clock().timestamp())
+        if now <= self._at:
+            return
+        self._at = now
+        if self._gap:
+            # Slots whose test has left by now are skipped: no later answer can show them.
+            first = (now - self._origin - _SIM_HORIZON - 60 * _SIM_DAY) // self._gap - 1
+            for p in self._products.values():
+                p.slots = max(p.slots, first)
+                while self._origin + p.slots * self._gap <= now:
+                    self._make_new_test(p, p.slots)
+                    p.slots += 1
+        events = self._events
+        while events and events[0][0] <= now:
+            _, _, step, t, value = heapq.heappop(events)
+            self._apply(t, step, value)
+
+    def _apply(self, t: _SimTest, step: int, value: str | int | None) -> None:
+        if t.gone or not t.alive:
+            return
+        p = self._products[t.product_id]
+        if step == _SIM_NEW:
+            if t.id in self._tests:  # a scenario control took the id
+                t.gone = True
+                return
+            self._tests[t.id] = t
+            p.order.append(t)
+            p.dirty = True
+        elif step == _SIM_GONE:
+            t.gone = True
+            del self._tests[t.id]
+            p.dirty = p.pruned = True
+        elif step == _SIM_MOVE:
+            t.start += value
+            t.end += value
+            p.dirty = True
+        else:
+            t.status = value
+
+    def _bug_count(self, rng: random.Random) -> int:
+        mean = self._bugs_per_test
+        if mean <= 0 or rng.random() < 0.08:
+            return 0
+        return min(_SIM_BUG_STRIDE - 1, max(1, round(rng.gammavariate(2.0, mean / 1.84))))
+
+    def _ordered(self, pid: int) -> list[_SimTest]:
+        p = self._products[pid]
+        if p.pruned:
+            p.order = [t for t in p.order if not t.gone]
+            p.pruned = False
+        if p.dirty:
+            p.order.sort(key=lambda t: (-t.end, -t.id))
+            p.dirty = False
+        return p.order
+
+    def _test_core(self, t: _SimTest) -> tuple[random.Random, int, list[dict], str, int]:
+        # The part bugs need too (section, features, title, window); the rng goes on to the doc.
+        p = self._products[t.product_id]
+        rng = random.Random(_sim_seed(self._seed, 3, t.id))
+        section_id = _sim_pick(list(p.section_features), rng.random())
+        pool = p.section_features[section_id]
+        chosen = rng.sample(pool, min(len(pool), 2 + int(rng.random() * 4)))
+        title = (f"{_sim_pick(_SIM_TEST_KINDS, rng.random())} {rng.randint(1, 12)}."
+                 f"{rng.randint(0, 20)} – {chosen[0]['title']}")
+        start = t.end - (4 + int(rng.random() * 24)) * 21_600  # 1-7 days, 6-hour steps
+        if t.start is not None:
+            start = t.start
+        elif t.status0 == "running":
+            start = min(start, t.born - 3_600)
+        elif t.end > t.born:
+            start = max(start, (t.born + t.end) // 2)
+        return rng, section_id, chosen, title, min(start, t.end - 900)
+
+    def _reporting(self, t: _SimTest) -> tuple[int, int, int, int]:
+        """(bugs visible now, bugs visible at `t.born`, the window [w0, w1) the others come in).
+
+        At `t.born` the status0 decides: a running test shows a third of its bugs, an ended one
+        all. The rest are reported evenly over the window, up to the clock."""
+        n, s0 = t.nbugs, t.status0
+        n0 = n if s0 in ("locked", "archived") else n // 3 if s0 == "running" else 0
+        if n0 == n or not t.alive or t.status == "cancelled":
+            return n0, n0, 0, 0
+        w0, w1 = max(t.born, self._test_core(t)[4] if t.start is None else t.start), t.end - 60
+        if self._at <= w0:
+            return n0, n0, w0, w1
+        return n0 + min(n - n0, int((self._at - w0) * (n - n0) / (w1 - w0) + 0.5)), n0, w0, w1
+
+    def _decision(self, t: _SimTest, outcome: str | None, reported: int,
+                  u: float) -> tuple[int, str]:
+        """When a bug still forwarded at `t.born` is decided, and how (accepted, rejected, auto)."""
+        deadline = t.end + _SIM_REVIEW_WINDOW
+        if deadline <= t.born:  # overdue when the history ends: the next auto-acceptance run
+            return t.born + 1 + int(u * _SIM_CATCH_UP), "auto"
+        if outcome is None:
+            return deadline, "auto"
+        lo = max(t.end, reported, t.born)  # the customer reviews after the test ends
+        return lo + 1 + int(u * (deadline - lo - 1)), outcome
+
+    def _test_doc(self, t: _SimTest) -> dict:
+        p = self._products[t.product_id]
+        rng, section_id, chosen, title, start = self._test_core(t)
+        r = rng.random
+        features = [{"id": t.id * 100 + k + 1, "feature_id": f["id"], "title": f["title"],
+                     "description": f["description"], "location": f["howtofind"],
+                     "howtofind": f["howtofind"], "target_idx": None, "enable_default": True,
+                     "enable_content": True if r() < 0.5 else None, "enable_visual": r() < 0.6,
+                     "custom_report_configurations": [],
+                     "user_stories": f["user_stories"][:1 + int(r() * 4)]}
+                    for k, f in enumerate(chosen)]
+        platforms = _SIM_TYPE_PLATFORMS[p.doc["type"]]
+        requirements = []
+        for k, key in enumerate(platforms[:1 + int(r() * len(platforms))]):
+            plat = _SIM_PLATFORMS[key]
+            requirements.append({
+                "id": t.id * 100 + 50 + k, "browsers": [{"id": 2 + b, "name": n, "key": n.lower()}
+                                                         for b, n in enumerate(plat["browsers"])],
+                "category": plat["category"], "devices": [], "input_devices": [],
+                "max_operating_system_version": None,
+                "min_operating_system_version": plat["version"],
+                "operating_system": plat["operating_system"], "vendor": None,
+                "browser_based": bool(plat["browsers"]), "gaming": key == "console"})
+        focus = chosen[0]["title"].lower()
+        user = _sim_pick(_SIM_CUSTOMER_USERS, r()) if r() < 0.9 else None
+        if p.sectioned:
+            section = next(s for s in p.doc["sections"] if s["id"] == section_id)
+        else:
+            section = None if r() < 0.1 else p.doc["sections_with_default"][0]
+        # Drawn from status0: the draws after it stay the same while the status moves on.
+        failed = r() >= 0.7 if t.status0 == "initialized" else False
+        review = ("review_failed" if failed else "not_finalized") if t.status == "initialized" \
+            else "review_initialized" if t.status == "customer_finalized" else "review_successful"
+        return {
+            "id": t.id, "test_title": title, "title": title, "status": t.status,
+            "test_environment": _sim_pick(p.envs, r()), "features": features,
+            "goal": f"**Find functional bugs in {focus} before the release.**",
+            "goal_text": f"Find functional bugs in {focus} before the release.",
+            "out_of_scope": "**Performance, security and load testing are out of scope.**",
+            "out_of_scope_text": "Performance, security and load testing are out of scope.",
+            "instructions": "**Please focus on the listed features. Use the test account.**",
+            "instructions_text": "Please focus on the listed features. Use the test account.",
+            "testing_type": _sim_weighted(_SIM_TESTING_TYPES, _SIM_TESTING_CUM, r()),
+            "attachments": [], "requirements": requirements, "report_language": "en",
+            "section": section, "product": p.doc, "enable_low": r() < 0.9,
+            "enable_high": True, "enable_critical": True,
+            "allow_device_clouds_test_scenario": False, "created_by": user,
+            "submitted_by": None if t.status == "initialized" else user,
+            "start_at": _sim_iso(start, _sim_pick(_SIM_OFFSETS_MIN, r())),
+            "end_at": _sim_iso(t.end, _sim_pick(_SIM_OFFSETS_MIN, r())),
+            "allowed_bug_types": ["default"] + [b for b in ("content", "visual") if r() < 0.8],
+            "reviews": [], "review_status": review, "demo": False,
+        }
+
+    def _bug_doc(self, t: _SimTest, core: tuple, window: tuple, j: int, u: list[float]) -> dict:
+        p = self._products[t.product_id]
+        _, _, chosen, test_title, start = core
+        _, n0, w0, w1 = window
+        bid = t.id * _SIM_BUG_STRIDE + j
+        k = int(u[0] * len(chosen))
+        feature = chosen[k]
+        severity = _sim_weighted(_SIM_SEVERITIES, _SIM_SEVERITY_CUM, u[1])
+        problem = _sim_pick(_SIM_PROBLEMS.get(severity, _SIM_PROBLEMS["functional"]), u[2])
+        outcome = "accepted" if u[3] < 0.6 else "rejected" if u[3] < 0.85 else None
+        status, auto = "forwarded", False
+        if j > n0:  # reported after t.born, in order: bug j's time is in the j-th share
+            reported = w0 + int((w1 - w0) * (j - n0 - 1 + 0.5 * u[5]) / (t.nbugs - n0))
+        else:  # at t.born the status0 decides how far the review has come
+            if outcome is None:  # never reviewed: auto-accepted once the test is archived
+                if t.status0 == "archived":
+                    status, auto = "accepted", True
+            elif u[4] < _SIM_REVIEWED_SHARE.get(t.status0, 0.0):
+                status = outcome
+            reported = start + int(u[5] * max(0, min(t.end, t.born) - 60 - start))
+        decided = None
+        if status == "forwarded" and t.alive:
+            decided, how = self._decision(t, outcome, reported, u[23])
+            if decided <= self._at:
+                status, auto = ("accepted", True) if how == "auto" else (how, False)
+        exported_at = None
+        if status == "accepted" and u[12] < 0.1:  # exported to the customer's tracker days later
+            days = (1 + int(u[12] * 90)) * _SIM_DAY
+            exported_at = min(t.born, reported + days) if decided is None else decided + days
+            if exported_at > self._at:
+                exported_at = None
+        comments = []
+        if u[6] < 0.2:
+            comments.append({"id": bid * 10 + 1, "body": _sim_pick(_SIM_CHATTER, u[7]),
+                             "author": {"name": _sim_pick(_SIM_CUSTOMER_USERS, u[7])}})
+        if status == "rejected":
+            reason = _sim_weighted(_SIM_REASONS, _SIM_REASON_CUM, u[8])
+            comments.append({"id": bid * 10 + 2, "author": {"name": "Customer"},
+                             "body": ("Rejected - " if u[9] < 0.5 else "")
+                             + REJECTION_REASONS[reason]})
+        plat = _SIM_PLATFORMS[_sim_pick(_SIM_TYPE_PLATFORMS[p.doc["type"]], u[10])]
+        model = _sim_pick(plat["models"], u[11])
+        path = feature["title"].lower().replace(" ", "-").replace("&", "and")
+        bug = {
+            "id": bid, "title": f"[{feature['title']}] {problem}", "severity": severity,
+            "status": status, "auto_accepted": auto, "known": u[13] < 0.07,
+            "language": "en" if u[14] < 0.9 else "de", "location": f"{p.url}/{path}",
+            "expected_result": "" if u[15] < 0.1
+            else f"{feature['title']} works as described in the test instructions.",
+            "actual_result": "" if u[16] < 0.05 else f"{problem}.",
+            "steps": [f"Open {p.url}", f"Navigate to {feature['title']}",
+                      "Perform the described action"][:1 + int(u[17] * 3)],
+            "author": {"name": _sim_pick(self._testers, u[18])},
+            "test": {"id": t.id, "title": test_title},
+            # Samples show feature_id, the contract page shows feature {id}: serve both.
+            "test_feature": {"id": t.id * 100 + k + 1, "feature_id": feature["id"],
+                             "title": feature["title"], "feature": {"id": feature["id"]}},
+            "feature": feature, "product": {"id": p.doc["id"], "name": p.doc["name"]},
+            "comments": comments,
+            "devices": [{"id": bid, "category": plat["category"], "vendor": plat["vendor"],
+                         "devices": {"name": model}, "device": {"name": model},
+                         "operating_system": plat["operating_system"],
+                         "operating_system_version": plat["version"],
+                         "browsers": [{"name": n} for n in plat["browsers"][:int(u[19] * 2)]]}],
+            "attachments": [{"id": bid * 10 + a,
+                             "url": f"https://upload.test.io/attachments/{bid}/{a}.png"}
+                            for a in range(int(u[20] * 4))],
+            "exported_at": None if exported_at is None else _sim_iso(exported_at, 0),
+            "external_idx": None if exported_at is None else f"DEMO-{bid % 100_000}",
+            "reported_at": _sim_iso(reported, _sim_pick(_SIM_OFFSETS_MIN, u[21])),
+        }
+        if severity == "custom":
+            bug["report"] = {"custom_report_configuration_id": 900 + p.index, "content": {"data": [
+                {"key": key, "value": f"{key} notes for {feature['title']}: {problem.lower()}."}
+                for key in ("Summary", "Impact", "Suggestion", "Details")[:2 + int(u[22] * 3)]]}}
+        return bug
+
+    def _bugs(self, t: _SimTest) -> list[dict]:
+        window = self._reporting(t)
+        if not window[0]:
+            return []
+        core = self._test_core(t)
+        # A fixed number of draws per bug keeps bug j the same whatever the test's status.
+        rng = random.Random(_sim_seed(self._seed, 4, t.id))
+        return [self._bug_doc(t, core, window, j, [rng.random() for _ in range(_SIM_BUG_DRAWS)])
+                for j in range(1, window[0] + 1)]
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        """Answer one Customer API v2 request; usable as httpx.MockTransport(account.handler)."""
+        with self._lock:
+            self._catch_up()
+            if request.headers.get("authorization") != f"Token {self._token}":
+                return _sim_error(401, "You need to sign in or sign up before continuing.")
+            if request.method != "GET":
+                return _sim_error(405, f"{request.method} is not supported here")
+            path = request.url.path
+            at = path.find("/customer/v2")
+            parts = path[at + len("/customer/v2"):].strip("/").split("/") if at >= 0 else []
+            for pattern, route in _SIM_ROUTES:
+                if len(pattern) == len(parts) and all(
+                        p == s if isinstance(p, str) else s.isascii() and s.isdigit()
+                        for p, s in zip(pattern, parts)):
+                    ids = [int(s) for p, s in zip(pattern, parts) if not isinstance(p, str)]
+                    return getattr(self, f"_route_{route}")(*ids, params=request.url.params)
+            return _sim_error(404, "Not found")
+
+    def _route_products(self, *, params: httpx.QueryParams) -> httpx.Response:
+        return _sim_response(200, {"products": [p.doc for p in self._products.values()]})
+
+    def _route_product(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
+        p = self._products.get(pid)
+        return _sim_response(200, {"product": p.doc}) if p else _sim_error(404, "Not found")
+
+    def _route_tests_page(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
+        if pid not in self._products:
+            return _sim_error(404, "Not found")
+        order = self._ordered(pid)
+        if "page" in params:
+            try:
+                page, per = int(params["page"]), int(params.get("per_page", 25))
+            except ValueError:
+                return _sim_error(400, "page and per_page must be integers")
+            page, per = max(page, 1), per if per > 0 else 25
+            chunk = order[(page - 1) * per:page * per]
+        else:
+            chunk = order[:_SIM_UNPAGED_LIMIT]  # the API's quirk: no page -> newest 150 only
+        return _sim_response(200, {"exploratory_tests": [self._test_doc(t) for t in chunk]})
+
+    def _route_test(self, tid: int, *, params: httpx.QueryParams) -> httpx.Response:
+        t = self._tests.get(tid)
+        if t is None:
+            return _sim_error(404, "Not found")
+        return _sim_response(200, {"exploratory_test": self._test_doc(t)})
+
+    def _route_bugs(self, *, params: httpx.QueryParams) -> httpx.Response:
+        try:
+            test_ids = _sim_id_list(params.get("filter_test_cycle_ids"))
+            product_ids = _sim_id_list(params.get("filter_product_ids"))
+        except ValueError:
+            return _sim_error(400, "filters must be comma-separated integers")
+        tests = ([self._tests[i] for i in test_ids if i in self._tests] if test_ids is not None
+                 else list(self._tests.values()))
+        if product_ids is not None:
+            tests = [t for t in tests if t.product_id in product_ids]
+        if sum(self._reporting(t)[0] for t in tests) > self._max_bugs:
+            return httpx.Response(524, content=b"<html><body>524: A timeout occurred</body></html>",
+                                  headers={"content-type": "text/html"})
+        bugs = [b for t in tests for b in self._bugs(t)]
+        bugs.sort(key=lambda b: -b["id"])
+        return _sim_response(200, {"bugs": bugs})
+
+    def _route_features(self, pid: int, *, params: httpx.QueryParams) -> httpx.Response:
+        p = self._products.get(pid)
+        if p is None:
+            return _sim_error(404, "Not found")
+        if p.sectioned:
+            return _sim_error(422, "This product has sections; use sections/{id}/features")
+        return _sim_response(200, {"features": p.features})
+
+    def _route_section_features(self, pid: int, sid: int, *,
+                                params: httpx.QueryParams) -> httpx.Response:
+        p = self._products.get(pid)
+        if p is None or sid not in p.section_features:
+            return _sim_error(404, "Not found")
+        return _sim_response(200, {"features": p.section_features[sid]})
+
+
+# The --demo account: its history ends on `now`; it has lived by the clock since, so the same
+# time shows the same data to everyone.
+DEMO_ACCOUNT = {"seed": 1, "products": 4, "tests_per_product": 750,
+                "now": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+
+
+def demo_account() -> SimulatedAccount:
+    """The --demo account at this moment: 4 products (one with sections), about 3,000 tests and
+    24,000 bugs, moving on with the clock (at any time some bugs await the customer's review)."""
+    return SimulatedAccount(**DEMO_ACCOUNT, clock=utc_now)
 
 
 ###############################################################################
