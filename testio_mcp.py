@@ -3120,6 +3120,7 @@ class SimulatedAccount:
         self._products: dict[int, _SimProduct] = {}
         self._tests: dict[int, _SimTest] = {}
         self._poisoned: set[int] = set()
+        self._bug_changes: dict[int, dict] = {}  # bug id -> fields a scenario control set
         self.requests: collections.Counter = collections.Counter()
         self.request_log: list[str] = []
         rng = random.Random(_sim_seed(seed, 7))
@@ -3367,6 +3368,7 @@ class SimulatedAccount:
             u = [rng.random() for _ in range(_SIM_BUG_DRAWS)]
             if only is None or j == only:
                 bugs.append(self._bug_doc(t, core, j, u))
+                bugs[-1].update(self._bug_changes.get(bugs[-1]["id"], ()))
         return bugs
 
     # -- HTTP -----------------------------------------------------------------------------
@@ -3516,6 +3518,33 @@ class SimulatedAccount:
             t.end = int(end_at.timestamp())
             self._products[t.product_id].dirty = True
 
+    def add_bugs(self, test_id: int, n: int) -> list[int]:
+        """Have testers report n more bugs on a test (all visible once it ended); return their ids."""
+        with self._lock:
+            t = self._tests[test_id]
+            before = t.visible_bugs()
+            t.nbugs = min(_SIM_BUG_STRIDE - 1, t.nbugs + n)
+            return [t.id * _SIM_BUG_STRIDE + j for j in range(before + 1, t.visible_bugs() + 1)]
+
+    def review_bug(self, bug_id: int, status: str, reason: str | None = None) -> None:
+        """The customer's decision on a bug: accepted, rejected (with a REJECTION_REASONS key, as the
+        default comment says it), auto_accepted, or forwarded again."""
+        if status not in ("forwarded", "accepted", "rejected", "auto_accepted"):
+            raise ValueError(f"unknown bug status {status!r}")
+        if (status == "rejected") != (reason in REJECTION_REASONS):
+            raise ValueError(f"a rejection, and only a rejection, takes a reason; got {status!r}, {reason!r}")
+        comments = [{"id": bug_id * 10 + 3, "author": {"name": "Customer"}, "body": REJECTION_REASONS[reason]}
+                    ] if status == "rejected" else []
+        with self._lock:
+            self._bug_changes.setdefault(bug_id, {}).update(
+                status="accepted" if status == "auto_accepted" else status,
+                auto_accepted=status == "auto_accepted", comments=comments)
+
+    def set_bug_severity(self, bug_id: int, severity: str) -> None:
+        """Change a bug's severity, as TestIO's review may."""
+        with self._lock:
+            self._bug_changes.setdefault(bug_id, {})["severity"] = severity
+
     def delete_test(self, test_id: int) -> None:
         """Remove a test and its bugs, as if the server no longer returned them."""
         with self._lock:
@@ -3581,7 +3610,7 @@ def demo_account() -> SimulatedAccount:
 
 
 ###############################################################################
-# MCP server: app state, lifespan, background freshness, the 14 tools (event loop;
+# MCP server: app state, lifespan, background freshness, the 15 tools (event loop;
 # the SDK is imported inside build_server so `testio-mcp sync` never pays its ~1 s import)
 ###############################################################################
 
@@ -4042,7 +4071,7 @@ def _argument_error(errors: Sequence[dict], arguments: dict, schema: dict) -> st
 
 
 def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False):
-    """The MCP server (MCPServer) with its lifespan and the 14 tools."""
+    """The MCP server (MCPServer) with its lifespan and the 15 tools."""
     import functools
     import signal
     from typing import Annotated, Literal
