@@ -1998,7 +1998,8 @@ def test_a_version_7_database_gets_the_change_log_with_a_baseline_per_synced_pro
     for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND sql LIKE "
                                 "'%INSERT INTO changes%'").fetchall():
         conn.execute(f"DROP TRIGGER {name}")
-    conn.executescript("DROP TABLE changes; DROP INDEX sync_runs_running; PRAGMA user_version = 7;")
+    conn.executescript("DROP TABLE changes; DROP VIEW change_stamp; DROP VIEW change_logged; "
+                       "DROP INDEX sync_runs_running; PRAGMA user_version = 7;")
     conn.close()
     assert cli(capsys, "sync", "--status")[0] == 0
     assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
