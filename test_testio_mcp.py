@@ -8,6 +8,7 @@ import contextlib
 import email.utils
 import functools
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -708,6 +709,19 @@ def test_sync_status_on_an_empty_database_says_never(env, capsys):
     assert code == 0, err
     assert "contents   0 products, 0 features, 0 tests, 0 bugs, 0 sync_runs, 0 problematic_events" in out
     assert "last good  never" in out
+
+
+def test_the_cli_commands_but_serve_never_import_the_mcp_sdk_or_pydantic(env, loopback):
+    """Their start-up never pays for the SDK's import (a fresh process: this one has it loaded)."""
+    api = loopback(make_account(products=1, tests_per_product=5).handler)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import testio_mcp; "
+              "codes = [testio_mcp.main(a.split()) for a in ('sync', 'sync --status', 'problematic list')]; "
+              "print(codes, sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2:])))")
+    heavy = ("mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "uvicorn")  # (httpx needs anyio)
+    proc = subprocess.run([sys.executable, "-c", script, str(HERE), *heavy], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=WAIT,
+                          env={**os.environ, "TESTIO_CUSTOMER_API_BASE_URL": api.base_url, "LOG_LEVEL": "WARNING"})
+    assert proc.stdout.splitlines()[-1] == "[0, 0, 0] []", proc.stdout + proc.stderr
 
 
 ###############################################################################
@@ -2549,6 +2563,77 @@ async def test_tools_list_offers_exactly_the_fifteen_tools_each_with_output_sche
 
 
 @pytest.mark.anyio
+async def test_every_registered_tool_is_listed_in_order_with_its_docstring_title_and_hints(db):
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    async with mcp_client(make_account().handler) as client:
+        listed = (await client.list_tools()).tools
+    assert [t.name for t in listed] == list(tm.TOOLS) == list(TOOLS)
+    for tool in listed:
+        spec = tm.TOOLS[tool.name]
+        assert spec.fn.__doc__ and tool.description == inspect.cleandoc(spec.fn.__doc__), tool.name
+        assert tool.title == spec.title and f"`{tool.name}`" in readme, tool.name
+        assert (tool.annotations.read_only_hint, tool.annotations.idempotent_hint,
+                tool.annotations.open_world_hint) == (spec.read_only, spec.read_only, spec.open_world)
+        parameters = inspect.signature(spec.fn).parameters
+        assert list(parameters)[0] == "state", tool.name
+        for name, parameter in parameters.items():  # a list argument also takes "a,b" (_accepted says so)
+            meta = getattr(parameter.annotation, "__metadata__", ())
+            base = parameter.annotation.__origin__ if meta else parameter.annotation
+            if list in (getattr(base, "__origin__", None), *(getattr(a, "__origin__", None)
+                                                              for a in getattr(base, "__args__", ()))):
+                assert [m.commas for m in meta if isinstance(m, tm.Arg)] == [True], f"{tool.name}.{name}"
+
+
+VOCABULARIES = ("TEST_STATUSES", "TESTING_TYPES", "BUG_STATUSES", "SEVERITIES", "BUG_TYPES", "REASONS",
+                "PRODUCT_TYPES", "SEARCH_ENTITIES", "SYNC_MODES", "TOOL_SYNC_MODES", "SORT_ORDERS",
+                "TRANSPORTS", "METRICS", "METRIC_DIMENSIONS", "METRIC_FILTERS", "TEST_SORTS", "CHANGE_KINDS")
+
+
+def _enums(schema):
+    """Every enum list anywhere in a JSON schema."""
+    if isinstance(schema, dict):
+        if "enum" in schema:
+            yield schema["enum"]
+        for value in schema.values():
+            yield from _enums(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            yield from _enums(value)
+
+
+@pytest.mark.anyio
+async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_stored_data_stays_inside_them(db):
+    words = {name: list(getattr(tm, name)) for name in VOCABULARIES}
+    words["BUG_STATUSES and the API's words"] = [*tm.BUG_STATUSES, *tm.BUG_STATUS_ALIASES]
+    async with mcp_client(make_account().handler) as client:
+        tools = (await client.list_tools()).tools
+    offered = [(tool.name, enum) for tool in tools for enum in _enums(tool.input_schema)]
+    assert len(offered) >= 14 and [(name, enum) for name, enum in offered if enum not in words.values()] == []
+    commands = tm.build_parser()._subparsers._group_actions[0].choices
+    assert [action.choices for action in commands["serve"]._actions if action.choices] == [tm.TRANSPORTS]
+    flags = {action.dest for action in commands["sync"]._actions}
+    assert [mode for mode in tm.SYNC_MODES if mode not in flags] == ["incremental"]  # the default
+    for check in re.findall(r"CHECK\s*\(\s*\w+\s+IN\s*\(([^)]*)\)", (HERE / "schema.sql").read_text()):
+        assert [w.strip(" '") for w in check.split(",")] in words.values(), check
+    for subset in (tm.FINAL_STATUSES, tm.PRE_RUN_STATUSES, tm.EXECUTED_STATUSES):
+        assert set(subset) <= set(tm.TEST_STATUSES)
+    assert set(tm.TOOL_SYNC_MODES) <= set(tm.SYNC_MODES)
+    assert set(tm.BUG_STATUS_ALIASES.values()) <= set(tm.BUG_STATUSES)
+    # the pure helpers map the API's words into the vocabularies, and the data a sync stored holds no other
+    assert {tm.bug_type(severity) for severity in tm.SEVERITIES} == set(tm.BUG_TYPES)
+    assert {tm.bug_status({"status": s, "auto_accepted": auto}) for s in ("forwarded", "accepted", "rejected")
+            for auto in (False, True)} == set(tm.BUG_STATUSES)
+    columns = {"tests.status": tm.TEST_STATUSES, "tests.testing_type": tm.TESTING_TYPES,
+               "bugs.status": tm.BUG_STATUSES, "bugs.severity": tm.SEVERITIES, "bugs.bug_type": tm.BUG_TYPES,
+               "bugs.rejection_reason": tm.REASONS, "products.type": tm.PRODUCT_TYPES}
+    stored = {key: {row[0] for row in db_rows(db, "SELECT DISTINCT {1} FROM {0} WHERE {1} IS NOT NULL".format(
+        *key.split(".")))} for key in columns}
+    assert all(stored.values())
+    assert {key: values - set(columns[key]) for key, values in stored.items()} == {key: set()
+                                                                                   for key in columns}
+
+
+@pytest.mark.anyio
 async def test_every_tool_but_sync_data_is_marked_read_only(db):
     async with mcp_client(make_account().handler) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
@@ -3358,6 +3443,8 @@ async def test_get_changes_lists_exactly_what_changed_between_two_syncs_newest_f
     _, acc, before, after, started, ended = changed
     expected = diff_states(before, after)
     assert {kind for kind, *_ in expected} == set(tm.CHANGE_KINDS)  # the scenario makes every kind
+    written = set(re.findall(r"'((?:test|bug)_[a-z]+)'", (HERE / "schema.sql").read_text()))
+    assert written == set(tm.CHANGE_KINDS)  # ... which are all the triggers write
     async with mcp_client(acc.handler) as client:
         feed = await all_pages(client, "get_changes", {"since": "2000-01-01"}, "changes")
     assert sorted(map(as_tuple, feed), key=str) == sorted(expected, key=str)
@@ -3408,20 +3495,22 @@ async def test_get_changes_summarises_per_product_and_kind_and_pages_naming_the_
 
 
 @pytest.mark.anyio
-async def test_get_changes_filters_by_products_kinds_and_since(changed):
-    _, acc, before, after, started, ended = changed
+async def test_get_changes_filters_by_products_kinds_and_since(changed, env):
+    _, acc, before, after, started, _ = changed
     expected = diff_states(before, after)
     second = acc.product_ids()[1]
     async with mcp_client(acc.handler) as client:
         mine = await all_pages(client, "get_changes", {"product_ids": [second]}, "changes")
         kinds = await all_pages(client, "get_changes", {"kinds": "bug_status,test_new"}, "changes")
-        recent = await ok(client, "get_changes", {"since": started[:-1] + "+00:00"})
-        later = await ok(client, "get_changes", {"since": ended})
+        recent = await ok(client, "get_changes", {"since": started})
+        db_rows_write(env, "UPDATE changes SET seen_at = '2026-01-01T10:00:00Z'")  # seen at one moment
+        then = await ok(client, "get_changes", {"since": "2026-01-01T11:00:00+01:00"})
+        later = await ok(client, "get_changes", {"since": "2026-01-01T10:00:01"})
     assert set(map(as_tuple, mine)) == {c for c in expected if c[1] == second} != set()
     assert set(map(as_tuple, kinds)) == {c for c in expected if c[0] in ("bug_status", "test_new")}
-    assert recent["pagination"]["total"] == len(expected)
+    assert recent["pagination"]["total"] == then["pagination"]["total"] == len(expected)
     assert (later["summary"], later["changes"], later["pagination"]["total"]) == ([], [], 0)
-    assert later["log"]["since"] == ended
+    assert (then["log"]["since"], later["log"]["since"]) == ("2026-01-01T10:00:00Z", "2026-01-01T10:00:01Z")
 
 
 def test_a_first_sync_a_product_added_later_and_a_nuke_log_a_baseline_not_new_rows(env, capsys, monkeypatch):
@@ -3632,8 +3721,9 @@ BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
     ("list_bugs", {}, ["exactly one of test_ids or product_ids", "test_ids=None", "product_ids=None"]),
     ("list_bugs", {"test_ids": [T], "product_ids": [P]}, ["exactly one of test_ids or product_ids",
                                                           f"test_ids=[{T}]", f"product_ids=[{P}]"]),
-    ("list_bugs", {"test_ids": "1,x"}, ["test_ids='1,x'", "'x'", "positive whole number"]),
-    ("list_bugs", {"test_ids": "99999999999999999999"}, ["test_ids", "'99999999999999999999'", "positive whole"]),
+    ("list_bugs", {"test_ids": "1,x"}, ["test_ids: 'x' is not accepted", "whole number from 1", '"1,2"']),
+    ("list_bugs", {"test_ids": "99999999999999999999"}, ["test_ids: '99999999999999999999'",
+                                                         "to 9223372036854775807"]),
     ("list_bugs", {"test_ids": [0]}, ["test_ids: 0", "a JSON list (each a whole number from 1", '"1,2"']),
     ("list_bugs", {"test_ids": [99]}, ["test 99 is not in the local data", "get_test_status"]),
     ("list_bugs", {"product_ids": "99"}, ["product 99 is not in the local data", "list_products"]),
@@ -3651,7 +3741,7 @@ BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
     ("query_metrics", {"metrics": ["bug_count"], "dimensions": ["colour"]}, ["dimensions: 'colour'", "severity"]),
     ("query_metrics", {"metrics": "bugs", "dimensions": "month"}, ["metrics", "'bugs'", "bug_count"]),
     ("query_metrics", {"metrics": "bug_count", "dimensions": "month,week,product"},
-     ["one or two dimensions", "dimensions='month,week,product'"]),
+     ["one or two dimensions", "dimensions=['month', 'week', 'product']"]),
     ("query_metrics", {**METRIC, "limit": 1001}, ["limit: 1001", "from 1 to 1000"]),
     ("query_metrics", {**METRIC, "filters": {"colour": ["red"]}}, ["filters", "'colour'", "product_ids"]),
     ("query_metrics", {**METRIC, "filters": {"severities": ["huge"]}}, ["filters.severities", "'huge'", "critical"]),
@@ -3664,7 +3754,7 @@ BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
     ("search", {"query": "x", "product_ids": [99]}, ["product 99 is not in the local data", "list_products"]),
     ("search", {"query": 42}, ["query: 42 is not accepted; use text"]),
     ("sync_data", {"mode": "nuke"}, ["mode: 'nuke'", "one of incremental, refresh, force"]),
-    ("sync_data", {"product_ids": "1;2"}, ["product_ids='1;2'", "positive whole number"]),
+    ("sync_data", {"product_ids": "1;2"}, ["product_ids: '1;2' is not accepted", "whole number from 1"]),
     ("get_sync_history", {"limit": 51}, ["limit: 51", "from 1 to 50"]),
     ("get_sync_history", {"limit": "ten"}, ["limit: 'ten'", "whole number from 1 to 50"]),
     ("get_problematic_tests", {"product_id": 0}, ["product_id: 0", "from 1 to"]),
