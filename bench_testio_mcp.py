@@ -24,7 +24,7 @@ against a no-work server replaying the same answers (<= 1.5x).
              wall time once the network is hidden.
     server   `testio-mcp serve` over stdio: spawn -> `initialize` reply and -> `tools/list` reply (raw
              JSON-RPC over pipes, median of 5) against a bare one-tool MCPServer; idle RSS.
-    tools    the 13 query tools over one real stdio session (mcp ClientSession): one untimed call, then
+    tools    the 14 query tools over one real stdio session (mcp ClientSession): one untimed call, then
              up to `--calls` calls each (a tool stops early after `--tool-seconds`; n is shown); p50/p99
              seen by the client and inside the server (health_check's tool_metrics); CPU per call of
              both processes; 100 concurrent list_tests, and the same 100 answers replayed by a
@@ -116,10 +116,10 @@ SYNC_DATA_CALLS = 3
 CONCURRENT_RUNS = 3
 HEAVY_MODULES = ("mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "uvicorn", "anyio")
 
-# The 13 tools timed in the loop (sync_data is timed apart, in incremental mode).
+# The 14 tools timed in the loop (sync_data is timed apart, in incremental mode).
 LOOP_TOOLS = ("list_products", "list_tests", "get_test_status", "list_bugs", "get_bug", "list_features",
               "get_quality_report", "query_metrics", "search", "get_database_stats", "get_sync_history",
-              "get_problematic_tests", "health_check")
+              "get_problematic_tests", "health_check", "get_changes")
 ALL_TOOLS = set(LOOP_TOOLS) | {"sync_data"}
 
 BARE_SERVER = '''\
@@ -737,6 +737,7 @@ def tool_arguments(db_path: Path) -> dict[str, list[dict]]:
         "get_sync_history": [{}],
         "get_problematic_tests": [{}],
         "health_check": [{}],
+        "get_changes": [{}, *({"product_ids": [p], "since": "2000-01-01"} for p in products)],
     }
 
 
@@ -969,6 +970,8 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
         add("search", f"{label}, one product", {"query": query, "product_ids": [p]}, True)
     for tool in ("get_database_stats", "get_sync_history", "get_problematic_tests", "health_check"):
         add(tool, "-", {}, False)
+    add("get_changes", "7 days", {}, False)
+    add("get_changes", "whole log, one product", {"product_ids": [p], "since": "2000-01-01"}, True)
     return shapes
 
 

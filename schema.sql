@@ -144,6 +144,8 @@ CREATE TABLE IF NOT EXISTS sync_runs (
     pid               INTEGER,
     error             TEXT
 );
+-- the change log's triggers: the run in progress (a partial index of at most a few rows)
+CREATE INDEX IF NOT EXISTS sync_runs_running ON sync_runs(id) WHERE status = 'running';
 
 CREATE TABLE IF NOT EXISTS product_sync (
     product_id       INTEGER PRIMARY KEY,
@@ -232,4 +234,100 @@ END;
 
 CREATE TRIGGER IF NOT EXISTS bugs_fts_del AFTER DELETE ON bugs BEGIN
     DELETE FROM search_fts WHERE rowid = (4 << 40) | OLD.id;
+END;
+
+-- The change log: one row per change the sync saw in the tests and bugs it stored ("what changed
+-- since Monday?": the API has no "changed since"; a copy that remembers can answer). The triggers below
+-- write it inside the statement that stores the data, so a change and its data are committed together
+-- or not at all (a killed sync never splits them). A product logs from its baseline on: the end of its
+-- first complete walk (product_sync.last_synced_at set), marked by a 'baseline' row; what that walk
+-- stored is the baseline, not thousands of "new" rows. wipe() (--nuke) deletes product_sync first, so
+-- the refill is a new baseline and the older rows stay as history. The sync prunes rows older than
+-- TESTIO_CHANGE_RETENTION_DAYS.
+CREATE TABLE IF NOT EXISTS changes (
+    id         INTEGER PRIMARY KEY,
+    seen_at    TEXT NOT NULL,                 -- UTC, when stored: the change happened before
+    run_id     INTEGER,                       -- the sync run in progress (NULL: a tool's read-through)
+    product_id INTEGER NOT NULL,
+    kind       TEXT NOT NULL,                 -- baseline, or one of CHANGE_KINDS (testio_mcp.py)
+    test_id    INTEGER,
+    bug_id     INTEGER,
+    title      TEXT,                          -- the test's (bug's) title when seen
+    old_value  TEXT,                          -- status, severity, or 'start_at/end_at' (test_dates)
+    new_value  TEXT,
+    reason     TEXT                           -- the rejection reason of a bug now rejected
+);
+-- get_changes(since) newest first; the sync's pruning by age
+CREATE INDEX IF NOT EXISTS changes_seen ON changes(seen_at);
+-- get_changes: where the log of each product starts
+CREATE INDEX IF NOT EXISTS changes_baseline ON changes(product_id, seen_at) WHERE kind = 'baseline';
+
+-- what every change row is stamped with: now, and the sync run in progress
+CREATE VIEW IF NOT EXISTS change_stamp AS
+SELECT strftime('%Y-%m-%dT%H:%M:%SZ', 'now') AS seen_at,
+       (SELECT max(id) FROM sync_runs WHERE status = 'running') AS run_id;
+-- the products past their baseline: only their changes are logged
+CREATE VIEW IF NOT EXISTS change_logged AS
+SELECT product_id FROM product_sync WHERE last_synced_at IS NOT NULL;
+
+CREATE TRIGGER IF NOT EXISTS product_sync_baseline AFTER UPDATE OF last_synced_at ON product_sync
+WHEN OLD.last_synced_at IS NULL AND NEW.last_synced_at IS NOT NULL BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind)
+    SELECT seen_at, run_id, NEW.product_id, 'baseline' FROM change_stamp;
+END;
+CREATE TRIGGER IF NOT EXISTS product_sync_baseline_new AFTER INSERT ON product_sync
+WHEN NEW.last_synced_at IS NOT NULL BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind)
+    SELECT seen_at, run_id, NEW.product_id, 'baseline' FROM change_stamp;
+END;
+
+CREATE TRIGGER IF NOT EXISTS tests_log_new AFTER INSERT ON tests
+WHEN EXISTS (SELECT 1 FROM change_logged WHERE product_id = NEW.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, title, new_value)
+    SELECT seen_at, run_id, NEW.product_id, 'test_new', NEW.id, NEW.title, NEW.status
+    FROM change_stamp;
+END;
+CREATE TRIGGER IF NOT EXISTS tests_log_status AFTER UPDATE OF status ON tests
+WHEN OLD.status IS NOT NEW.status
+     AND EXISTS (SELECT 1 FROM change_logged WHERE product_id = NEW.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, title, old_value, new_value)
+    SELECT seen_at, run_id, NEW.product_id, 'test_status', NEW.id, NEW.title, OLD.status, NEW.status
+    FROM change_stamp;
+END;
+CREATE TRIGGER IF NOT EXISTS tests_log_dates AFTER UPDATE OF start_at, end_at ON tests
+WHEN (OLD.start_at IS NOT NEW.start_at OR OLD.end_at IS NOT NEW.end_at)
+     AND EXISTS (SELECT 1 FROM change_logged WHERE product_id = NEW.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, title, old_value, new_value)
+    SELECT seen_at, run_id, NEW.product_id, 'test_dates', NEW.id, NEW.title,
+           coalesce(OLD.start_at, '') || '/' || coalesce(OLD.end_at, ''),
+           coalesce(NEW.start_at, '') || '/' || coalesce(NEW.end_at, '') FROM change_stamp;
+END;
+CREATE TRIGGER IF NOT EXISTS tests_log_deleted AFTER DELETE ON tests
+WHEN EXISTS (SELECT 1 FROM change_logged WHERE product_id = OLD.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, title, old_value)
+    SELECT seen_at, run_id, OLD.product_id, 'test_deleted', OLD.id, OLD.title, OLD.status
+    FROM change_stamp;
+END;
+
+CREATE TRIGGER IF NOT EXISTS bugs_log_new AFTER INSERT ON bugs
+WHEN EXISTS (SELECT 1 FROM change_logged WHERE product_id = NEW.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, bug_id, title, new_value, reason)
+    SELECT seen_at, run_id, NEW.product_id, 'bug_new', NEW.test_id, NEW.id, NEW.title, NEW.status,
+           NEW.rejection_reason FROM change_stamp;
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_log_status AFTER UPDATE OF status ON bugs
+WHEN OLD.status IS NOT NEW.status
+     AND EXISTS (SELECT 1 FROM change_logged WHERE product_id = NEW.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, bug_id, title, old_value,
+                         new_value, reason)
+    SELECT seen_at, run_id, NEW.product_id, 'bug_status', NEW.test_id, NEW.id, NEW.title, OLD.status,
+           NEW.status, NEW.rejection_reason FROM change_stamp;
+END;
+CREATE TRIGGER IF NOT EXISTS bugs_log_severity AFTER UPDATE OF severity ON bugs
+WHEN OLD.severity IS NOT NEW.severity
+     AND EXISTS (SELECT 1 FROM change_logged WHERE product_id = NEW.product_id) BEGIN
+    INSERT INTO changes (seen_at, run_id, product_id, kind, test_id, bug_id, title, old_value,
+                         new_value)
+    SELECT seen_at, run_id, NEW.product_id, 'bug_severity', NEW.test_id, NEW.id, NEW.title,
+           OLD.severity, NEW.severity FROM change_stamp;
 END;

@@ -74,6 +74,7 @@ class Account(tm.SimulatedAccount):
         self.at = at or datetime.fromtimestamp(self._origin, timezone.utc)
         self._max_id = tm._SIM_TEST_ID_BASE
         self._poisoned: set[int] = set()
+        self._bug_changes: dict[int, dict] = {}  # bug id -> the fields a scenario control set
         self.requests: collections.Counter = collections.Counter()  # accepted requests by route
         self.request_log: list[str] = []  # the last LOG_CAP request paths with their query
 
@@ -94,6 +95,12 @@ class Account(tm.SimulatedAccount):
         if t.id in self._poisoned:
             raise Poisoned(t.id)
         return super()._test_doc(t)
+
+    def _bugs(self, t) -> list[dict]:
+        bugs = super()._bugs(t)
+        for bug in bugs:
+            bug.update(self._bug_changes.get(bug["id"], ()))
+        return bugs
 
     def _freeze(self, t) -> None:
         t.alive, t.born = False, self._at
@@ -149,6 +156,37 @@ class Account(tm.SimulatedAccount):
             self._freeze(t)
             t.status0, t.end = t.status, int(end_at.timestamp())
             self._products[t.product_id].dirty = True
+
+    def add_bugs(self, test_id: int, n: int) -> list[int]:
+        """Have testers report n more bugs on a test; return the ids of those visible now."""
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            self._freeze(t)
+            before = self._reporting(t)[0]
+            t.nbugs = min(tm._SIM_BUG_STRIDE - 1, t.nbugs + n)
+            return [t.id * tm._SIM_BUG_STRIDE + j for j in range(before + 1, self._reporting(t)[0] + 1)]
+
+    def review_bug(self, bug_id: int, status: str, reason: str | None = None) -> None:
+        """The customer's decision on a bug: accepted, rejected (with a REJECTION_REASONS key, as the
+        default comment says it), auto_accepted, or forwarded again."""
+        if status not in ("forwarded", "accepted", "rejected", "auto_accepted"):
+            raise ValueError(f"unknown bug status {status!r}")
+        if (status == "rejected") != (reason in tm.REJECTION_REASONS):
+            raise ValueError(f"a rejection, and only it, takes a reason; got {status!r}, {reason!r}")
+        comments = [{"id": bug_id * 10 + 3, "author": {"name": "Customer"},
+                     "body": tm.REJECTION_REASONS[reason]}] if status == "rejected" else []
+        with self._lock:
+            self._catch_up()
+            self._bug_changes.setdefault(bug_id, {}).update(
+                status="accepted" if status == "auto_accepted" else status,
+                auto_accepted=status == "auto_accepted", comments=comments)
+
+    def set_bug_severity(self, bug_id: int, severity: str) -> None:
+        """Change a bug's severity, as TestIO's review may."""
+        with self._lock:
+            self._catch_up()
+            self._bug_changes.setdefault(bug_id, {})["severity"] = severity
 
     def delete_test(self, test_id: int) -> None:
         """Remove a test and its bugs, as if the server no longer returned them."""
@@ -565,6 +603,8 @@ def test_settings_come_from_env_then_env_file_then_home_file_then_dotenv(env, ca
     ("LOG_LEVEL", "LOUD"),
     ("LOG_LEVEL", "verbose"),
     ("TESTIO_CUSTOMER_API_BASE_URL", "ftp://api.test.io"),
+    ("TESTIO_CHANGE_RETENTION_DAYS", "0"),
+    ("TESTIO_CHANGE_RETENTION_DAYS", "half a year"),
 ])
 @pytest.mark.parametrize("where", ["environ", "dotenv"])
 def test_bad_setting_exits_2_with_one_line_naming_the_variable_and_value(env, capsys, monkeypatch, tmp_path,
@@ -2194,7 +2234,7 @@ def test_schema_sql_applies_twice_cleanly(tmp_path):
     conn.executescript(schema)
     assert conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall() == first
     assert {"products", "features", "tests", "test_features", "bugs", "sync_runs", "product_sync",
-            "problematic_events", "problematic_tests", "search_fts"} <= {n for t, n, _ in first if t == "table"}
+            "problematic_events", "problematic_tests", "search_fts", "changes"} <= {n for t, n, _ in first if t == "table"}
     conn.close()
 
 
@@ -2309,6 +2349,29 @@ def test_a_version_7_database_keeps_each_test_and_bug_time_under_the_name_change
     lean_account.add_tests(lean_account.product_ids()[0], 3)
     assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
     assert_matches_truth(env, lean_account)
+
+
+def test_a_version_7_database_gets_the_change_log_with_a_baseline_per_synced_product(env, capsys, lean_account):
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    data = every_row(env)
+    conn = sqlite3.connect(env)  # what version 7 had: no change log
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND sql LIKE "
+                                "'%INSERT INTO changes%'").fetchall():
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.executescript("DROP TABLE changes; DROP VIEW change_stamp; DROP VIEW change_logged; "
+                       "DROP INDEX sync_runs_running; ALTER TABLE tests RENAME COLUMN changed_at TO synced_at; "
+                       "ALTER TABLE bugs RENAME COLUMN changed_at TO synced_at; PRAGMA user_version = 7;")
+    conn.close()
+    assert cli(capsys, "sync", "--status")[0] == 0
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)]
+    assert every_row(env) == data
+    assert db_rows(env, "SELECT product_id, kind FROM changes ORDER BY 1") == [
+        (p, "baseline") for p in sorted(lean_account.product_ids())]
+    pid = lean_account.product_ids()[0]
+    [new] = lean_account.add_tests(pid, 1)
+    assert cli(capsys, "sync", transport=mock(lean_account.handler))[0] == 0
+    assert db_rows(env, "SELECT DISTINCT kind, product_id, test_id FROM changes WHERE kind != 'baseline' "
+                        "ORDER BY 1") == [("bug_new", pid, new), ("test_new", pid, new)]
 
 
 def test_a_migration_step_can_add_a_column_that_an_index_of_schema_sql_covers(env, capsys, lean_account,
@@ -2560,10 +2623,10 @@ def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(en
 
 
 ###############################################################################
-# MCP server: the 14 tools in memory, read-through, progress, stdio and HTTP subprocesses
+# MCP server: the 15 tools in memory, read-through, progress, stdio and HTTP subprocesses
 ###############################################################################
 
-# MCP server tests (issue 3, and the server side of issue 5): the 14 tools through the SDK's
+# MCP server tests (issue 3, and the server side of issue 5): the 15 tools through the SDK's
 # in-memory Client (handshake era, like Claude clients), one stdio subprocess through the SDK, raw
 # JSON-RPC over pipes, one HTTP subprocess, and the CLI. The simulated account behind
 # httpx.MockTransport (wrapped in Faults for failures) is the only fake; every expectation is
@@ -2575,7 +2638,7 @@ def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(en
 
 TOOLS = ("health_check", "list_products", "list_tests", "get_test_status", "list_bugs", "get_bug",
          "list_features", "get_quality_report", "query_metrics", "search", "sync_data",
-         "get_database_stats", "get_sync_history", "get_problematic_tests")
+         "get_database_stats", "get_sync_history", "get_problematic_tests", "get_changes")
 EXECUTED = ("running", "locked", "archived", "customer_finalized")
 # The default rejection comments, copied from the API notes (not from the module under test).
 REASON_TEXT = {
@@ -2835,7 +2898,7 @@ async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
 ###############################################################################
 
 @pytest.mark.anyio
-async def test_tools_list_offers_exactly_the_fourteen_tools_each_with_output_schema_and_described_parameters(db):
+async def test_tools_list_offers_exactly_the_fifteen_tools_each_with_output_schema_and_described_parameters(db):
     async with mcp_client(make_account().handler) as client:
         tools = (await client.list_tools()).tools
     assert sorted(t.name for t in tools) == sorted(TOOLS)
@@ -2871,7 +2934,7 @@ async def test_every_registered_tool_is_listed_in_order_with_its_docstring_title
 
 VOCABULARIES = ("TEST_STATUSES", "TESTING_TYPES", "BUG_STATUSES", "SEVERITIES", "BUG_TYPES", "REASONS",
                 "PRODUCT_TYPES", "SEARCH_ENTITIES", "SYNC_MODES", "TOOL_SYNC_MODES", "SORT_ORDERS",
-                "TRANSPORTS", "METRICS", "METRIC_DIMENSIONS", "METRIC_FILTERS", "TEST_SORTS")
+                "TRANSPORTS", "METRICS", "METRIC_DIMENSIONS", "METRIC_FILTERS", "TEST_SORTS", "CHANGE_KINDS")
 
 
 def _enums(schema):
@@ -3600,6 +3663,334 @@ async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_no
 
 
 ###############################################################################
+# The change log: get_changes against an account changed between two syncs
+###############################################################################
+
+def served_state(acc) -> dict:
+    """What the account serves, for a diff made without the module: tests by id (product, title, status,
+    UTC start/end) and bugs by id (product, test, title, shown status, rejection reason, severity)."""
+    tests, bugs = {}, {}
+    for pid in acc.product_ids():
+        for tid in acc.test_ids(pid):
+            t = acc.test_json(tid)
+            tests[tid] = {"product_id": pid, "title": t["title"], "status": t["status"],
+                          "dates": f"{utc(t['start_at']) or ''}/{utc(t['end_at']) or ''}"}
+            for b in acc.bugs_of(tid):
+                bugs[b["id"]] = {"product_id": pid, "test_id": tid, "title": b["title"], "status": shown_status(b),
+                                 "reason": reason_of(b), "severity": b["severity"]}
+    return {"tests": tests, "bugs": bugs}
+
+
+def diff_states(before: dict, after: dict) -> set[tuple]:
+    """The changes between two served states: (kind, product, test, bug, old, new, reason) each."""
+    out = set()
+    for tid, t in after["tests"].items():
+        old = before["tests"].get(tid)
+        if old is None:
+            out.add(("test_new", t["product_id"], tid, None, None, t["status"], None))
+            continue
+        for key, kind in (("status", "test_status"), ("dates", "test_dates")):
+            if old[key] != t[key]:
+                out.add((kind, t["product_id"], tid, None, old[key], t[key], None))
+    out |= {("test_deleted", t["product_id"], tid, None, t["status"], None, None)
+            for tid, t in before["tests"].items() if tid not in after["tests"]}
+    for bid, b in after["bugs"].items():
+        old = before["bugs"].get(bid)
+        if old is None:
+            out.add(("bug_new", b["product_id"], b["test_id"], bid, None, b["status"], b["reason"]))
+            continue
+        if old["status"] != b["status"]:
+            out.add(("bug_status", b["product_id"], b["test_id"], bid, old["status"], b["status"], b["reason"]))
+        if old["severity"] != b["severity"]:
+            out.add(("bug_severity", b["product_id"], b["test_id"], bid, old["severity"], b["severity"], None))
+    return out
+
+
+def as_tuple(change: dict) -> tuple:
+    return (change["kind"], change["product_id"], change["test_id"], change.get("bug_id"), change.get("old"),
+            change.get("new"), change.get("reason"))
+
+
+def lively_account(**kw):
+    """make_account() with a few more tests ending lately (locked: their bugs are still under review)."""
+    acc = make_account(**{"products": 3, "tests_per_product": 120, "bugs_per_test": 4, **kw})
+    for pid in acc.product_ids():
+        acc.add_tests(pid, 4)
+    return acc
+
+
+def change_account(acc) -> None:
+    """A week of a real account: new tests, tests starting, ending, archived (auto-acceptance), moved,
+    deleted and cancelled; bugs reported, accepted, rejected with a reason, auto-accepted, re-rated."""
+    first, second, third = acc.product_ids()[:3]
+
+    def tests(pid, status):  # (test, its forwarded bugs), the most forwarded bugs first
+        found = [(t, [b["id"] for b in acc.bugs_of(t) if b["status"] == "forwarded"]) for t in acc.test_ids(pid)
+                 if acc.test_json(t)["status"] == status]
+        return sorted(found, key=lambda tf: -len(tf[1]))
+
+    (reviewed, forwarded), (archived, _), (moved, _) = tests(first, "locked")[:3]
+    acc.review_bug(forwarded[0], "accepted")
+    acc.review_bug(forwarded[1], "rejected", "known_bug")
+    acc.set_test_status(archived, "archived")  # its forwarded bugs are accepted automatically
+    acc.move_test(moved, datetime.fromisoformat(acc.test_json(moved)["end_at"]) - timedelta(days=2))
+    acc.set_test_status(tests(first, "running")[0][0], "locked")
+    acc.set_test_status(tests(first, "waiting")[0][0], "running")
+    acc.add_tests(first, 2)
+    (deleted, _), (reported, _), (rerated, _) = tests(second, "locked")[:3]
+    acc.delete_test(deleted)
+    acc.add_bugs(reported, 2)
+    bug = acc.bugs_of(rerated)[0]
+    acc.set_bug_severity(bug["id"], "low" if bug["severity"] == "critical" else "critical")
+    acc.set_test_status(tests(second, "initialized")[0][0], "cancelled")
+    forwarded = tests(third, "locked")[0][1]
+    acc.review_bug(forwarded[0], "rejected", "not_reproducible")
+    acc.review_bug(forwarded[1], "auto_accepted")
+
+
+def answers(acc, *calls):
+    """Tool answers for a test that runs the CLI too: (tool, args) gives the answer, (tool, args, key)
+    every row under `key` of all pages."""
+    async def ask():
+        async with mcp_client(acc.handler) as client:
+            return [await (all_pages(client, *call) if len(call) == 3 else ok(client, *call)) for call in calls]
+    return asyncio.run(ask())
+
+
+@pytest.fixture(scope="module")
+def changes_synced(tmp_path_factory):
+    """An account synced, changed (change_account) and synced again with --refresh, as the server's
+    background refresh does: (database, account, served state before, after, UTC second before the
+    second sync, after it)."""
+    root = tmp_path_factory.mktemp("changes")
+    acc = lively_account()
+    with pytest.MonkeyPatch.context() as mp:
+        path = clean_environment(mp, root)
+        with restored_logging():
+            assert tm.main(["sync"], transport=transport_for(acc.handler)) == 0
+            before = served_state(acc)
+            change_account(acc)
+            started = tm.iso(datetime.now(timezone.utc))
+            assert tm.main(["sync", "--refresh"], transport=transport_for(acc.handler)) == 0
+            ended = tm.iso(datetime.now(timezone.utc) + timedelta(seconds=1))
+        assert_matches_truth(path, acc)
+    return path, acc, before, served_state(acc), started, ended
+
+
+@pytest.fixture
+def changed(env, changes_synced, monkeypatch):
+    """`env` holding a copy of changes_synced's database (no background sync); the rest of it."""
+    env.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(changes_synced[0], env)
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    return changes_synced
+
+
+@pytest.mark.anyio
+async def test_get_changes_lists_exactly_what_changed_between_two_syncs_newest_first_with_titles(changed):
+    _, acc, before, after, started, ended = changed
+    expected = diff_states(before, after)
+    assert {kind for kind, *_ in expected} == set(tm.CHANGE_KINDS)  # the scenario makes every kind
+    written = set(re.findall(r"'((?:test|bug)_[a-z]+)'", (HERE / "schema.sql").read_text()))
+    assert written == set(tm.CHANGE_KINDS)  # ... which are all the triggers write
+    async with mcp_client(acc.handler) as client:
+        feed = await all_pages(client, "get_changes", {"since": "2000-01-01"}, "changes")
+    assert sorted(map(as_tuple, feed), key=str) == sorted(expected, key=str)
+    assert [c["seen_at"] for c in feed] == sorted((c["seen_at"] for c in feed), reverse=True)
+    assert all(started <= c["seen_at"] <= ended for c in feed)
+    names = {p["id"]: p["name"] for p in acc.products_json()}
+    for c in feed:
+        test = after["tests"].get(c["test_id"]) or before["tests"][c["test_id"]]
+        assert (c["product"], c["test_title"]) == (names[c["product_id"]], test["title"])
+        if "bug_id" in c:
+            bug = after["bugs"][c["bug_id"]]
+            assert (c["bug_title"], c["severity"]) == (bug["title"], bug["severity"])
+
+
+def summary_of(changes: set[tuple], names: dict) -> list[dict]:
+    """get_changes' summary computed from (kind, product, ...) tuples: per product by name."""
+    out = {}
+    for kind, pid, _, _, _, new, _ in changes:
+        entry = out.setdefault(pid, {"product_id": pid, "product": names[pid], "total": 0, "by_kind": {}})
+        entry["total"] += 1
+        entry["by_kind"][kind] = entry["by_kind"].get(kind, 0) + 1
+        if kind in ("test_status", "bug_status"):
+            to = entry.setdefault(f"{kind}_to", {})
+            to[new] = to.get(new, 0) + 1
+    return sorted(out.values(), key=lambda e: e["product"])
+
+
+@pytest.mark.anyio
+async def test_get_changes_summarises_per_product_and_kind_and_pages_naming_the_next_call(changed):
+    _, acc, before, after, _, _ = changed
+    expected = diff_states(before, after)
+    names = {p["id"]: p["name"] for p in acc.products_json()}
+    async with mcp_client(acc.handler) as client:
+        default = await client.call_tool("get_changes", {})
+        whole = await ok(client, "get_changes", {"per_page": 200})
+        pages = [await ok(client, "get_changes", {"page": n, "per_page": 40}) for n in (1, 2)]
+    assert len(default.content[0].text.encode()) <= DEFAULT_ANSWER_MAX
+    data = default.structured_content
+    assert data["summary"] == summary_of(expected, names)
+    assert data["pagination"] == {"page": 1, "per_page": 25, "total": len(expected), "has_more": True}
+    assert data["notes"] == [f"1-25 of {len(expected)} shown; call get_changes again with page=2 and the "
+                             f"same other arguments for more"]
+    assert data["changes"] == whole["changes"][:25]
+    assert pages[0]["changes"] + pages[1]["changes"] == whole["changes"][:80]
+    assert all(page["summary"] == data["summary"] for page in pages)
+    assert data["note"].startswith("a change is stamped (seen_at) by the first sync after it, not when it "
+                                   "happened")
+
+
+@pytest.mark.anyio
+async def test_get_changes_filters_by_products_kinds_and_since(changed, env):
+    _, acc, before, after, started, _ = changed
+    expected = diff_states(before, after)
+    second = acc.product_ids()[1]
+    async with mcp_client(acc.handler) as client:
+        mine = await all_pages(client, "get_changes", {"product_ids": [second]}, "changes")
+        kinds = await all_pages(client, "get_changes", {"kinds": "bug_status,test_new"}, "changes")
+        recent = await ok(client, "get_changes", {"since": started})
+        db_rows_write(env, "UPDATE changes SET seen_at = '2026-01-01T10:00:00Z'")  # seen at one moment
+        then = await ok(client, "get_changes", {"since": "2026-01-01T11:00:00+01:00"})
+        later = await ok(client, "get_changes", {"since": "2026-01-01T10:00:01"})
+    assert set(map(as_tuple, mine)) == {c for c in expected if c[1] == second} != set()
+    assert set(map(as_tuple, kinds)) == {c for c in expected if c[0] in ("bug_status", "test_new")}
+    assert recent["pagination"]["total"] == then["pagination"]["total"] == len(expected)
+    assert (later["summary"], later["changes"], later["pagination"]["total"]) == ([], [], 0)
+    assert (then["log"]["since"], later["log"]["since"]) == ("2026-01-01T10:00:00Z", "2026-01-01T10:00:01Z")
+
+
+def test_a_first_sync_a_product_added_later_and_a_nuke_log_a_baseline_not_new_rows(env, capsys, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    acc = make_account(products=3, tests_per_product=60, bugs_per_test=2)
+    first, second, third = acc.product_ids()
+    acc.add_tests(second, 45)  # two pages
+    names = {p["id"]: p["name"] for p in acc.products_json()}
+    started = tm.iso(datetime.now(timezone.utc))
+    assert cli(capsys, "sync", "--product-ids", str(first), transport=mock(acc.handler))[0] == 0
+    [cold] = answers(acc, ("get_changes", {"since": "2020-01-01"}))
+    assert (cold["summary"], cold["changes"]) == ([], [])
+    assert started <= cold["log"]["complete_from"] <= cold["log"]["to"]
+    assert cold["note"] == (
+        f"a change is stamped (seen_at) by the first sync after it, not when it happened; the log starts after "
+        f"since for product {first} ({names[first]}) at {cold['log']['complete_from']} (a first sync, a --nuke "
+        f"or the retention limit): changes before that are not in it")
+    # the other products' first sync, the second one's cut short after a page: no log until a walk ends
+    [new] = acc.add_tests(first, 1)
+    faults = Faults(acc.handler).add(lambda r, n: httpx.Response(503) if f"/products/{second}/exploratory_tests"
+                                     in r.url.path and r.url.params.get("page") == "2" else None)
+    cli(capsys, "sync", transport=mock(faults))
+    assert db_rows(env, "SELECT count(*) FROM tests WHERE product_id = ?", (second,)) == [(100,)]
+    [added, answer] = answers(acc, ("get_changes", {}, "changes"), ("get_changes", {}))
+    assert {(c["kind"], c["product_id"], c["test_id"]) for c in added} == {("test_new", first, new),
+                                                                        ("bug_new", first, new)}
+    assert len(added) == 1 + len(acc.bug_ids(new))
+    assert answer["note"].endswith(f"; no change log yet for product {second} ({names[second]}): it starts when "
+                                   f"a first sync ends")
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    [resumed] = answers(acc, ("get_changes", {}, "changes"))
+    assert resumed == added
+    acc.add_tests(first, 1)
+    nuked = tm.iso(datetime.now(timezone.utc))
+    assert cli(capsys, "sync", "--nuke", "--yes", transport=mock(acc.handler))[0] == 0
+    kept, restarted = answers(acc, ("get_changes", {}, "changes"), ("get_changes", {}))
+    assert kept == added  # the old log stays history; what the nuke's sync stored is its baseline
+    assert nuked <= restarted["log"]["complete_from"] <= restarted["log"]["to"]
+    assert db_rows(env, "SELECT product_id, count(*) FROM changes WHERE kind = 'baseline' GROUP BY 1") == [
+        (first, 2), (second, 2), (third, 2)]
+
+
+def test_the_sync_prunes_changes_older_than_the_retention(changed, env, capsys, monkeypatch):
+    _, acc, before, after, _, _ = changed
+    expected = diff_states(before, after)
+    old = db_rows(env, "SELECT id FROM changes WHERE kind != 'baseline' ORDER BY id")[::2]
+    conn = sqlite3.connect(env)
+    with conn:
+        aged = tm.iso(datetime.now(timezone.utc) - timedelta(days=31))
+        conn.executemany("UPDATE changes SET seen_at = ? WHERE id = ?", [(aged, i) for (i,) in old])
+        conn.execute("UPDATE changes SET seen_at = ? WHERE kind = 'baseline'", (aged,))
+    conn.close()
+    monkeypatch.setenv("TESTIO_CHANGE_RETENTION_DAYS", "30")
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    kept, answer = answers(acc, ("get_changes", {"since": "2000-01-01"}, "changes"),
+                           ("get_changes", {"since": "2000-01-01"}))
+    log = answer["log"]
+    assert len(kept) == len(expected) - len(old) and set(map(as_tuple, kept)) < expected
+    assert db_rows(env, "SELECT count(*) FROM changes WHERE seen_at <= ?", (aged,)) == [(0,)]
+    thirty_days = tm.iso(datetime.now(timezone.utc) - timedelta(days=30))
+    assert aged < log["complete_from"] <= thirty_days  # the retention limit, the baselines being gone
+
+
+def test_the_change_log_outlives_a_damaged_cache_when_still_readable(changed, env, capsys):
+    _, acc, _, _, _, _ = changed
+    log = db_rows(env, "SELECT * FROM changes ORDER BY id")
+    (tests_root,), (bugs_root,) = db_rows(env, "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') "
+                                               "ORDER BY name DESC")
+    data = bytearray(env.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    for root in (tests_root, bugs_root):
+        data[(root - 1) * page:root * page] = b"\xff" * page
+    env.write_bytes(bytes(data))
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert_told_once(err, env)
+    assert_matches_truth(env, acc)
+    assert db_rows(env, "SELECT * FROM changes WHERE id <= ? ORDER BY id", (log[-1][0],)) == log
+    # the refill is the products' new baseline: it lists nothing as new
+    assert db_rows(env, "SELECT kind, count(*) FROM changes WHERE id > ? GROUP BY 1", (log[-1][0],)) == [
+        ("baseline", len(acc.product_ids()))]
+
+
+@pytest.mark.parametrize("reached", [5, 9, 11, 13, 15])  # of 16 requests: pages, then bug batches
+@pytest.mark.slow
+def test_a_sync_killed_mid_way_never_leaves_a_change_without_its_data_or_the_reverse(
+        env, capsys, loopback, tmp_path, reached):
+    acc = lively_account(tests_per_product=150, bugs_per_test=2)
+    assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+    change_account(acc)
+
+    def stored():
+        return ({r[0]: r[1:] for r in db_rows(env, "SELECT id, status, start_at, end_at FROM tests")},
+                {r[0]: r[1:] for r in db_rows(env, "SELECT id, status, severity FROM bugs")})
+
+    def logged(after_id):
+        return sorted(db_rows(env, "SELECT kind, test_id, bug_id, old_value, new_value FROM changes "
+                                   "WHERE id > ? AND kind != 'baseline'", (after_id,)), key=str)
+
+    def diff(old, new):
+        (ot, ob), (nt, nb) = old, new
+        out = [("test_new", t, None, None, v[0]) for t, v in nt.items() if t not in ot]
+        out += [("test_deleted", t, None, v[0], None) for t, v in ot.items() if t not in nt]
+        out += [("test_status", t, None, ot[t][0], v[0]) for t, v in nt.items() if t in ot and ot[t][0] != v[0]]
+        out += [("test_dates", t, None, f"{ot[t][1] or ''}/{ot[t][2] or ''}", f"{v[1] or ''}/{v[2] or ''}")
+                for t, v in nt.items() if t in ot and ot[t][1:] != v[1:]]
+        test_of = dict(db_rows(env, "SELECT id, test_id FROM bugs"))
+        out += [("bug_new", test_of[b], b, None, v[0]) for b, v in nb.items() if b not in ob]
+        out += [("bug_status", test_of[b], b, ob[b][0], v[0]) for b, v in nb.items() if b in ob and ob[b][0] != v[0]]
+        out += [("bug_severity", test_of[b], b, ob[b][1], v[1]) for b, v in nb.items()
+                if b in ob and ob[b][1] != v[1]]
+        return sorted(out, key=str)
+
+    first = stored()
+    mark = db_rows(env, "SELECT max(id) FROM changes")[0][0]
+    server = loopback(acc.handler)
+    server.pause_after = reached
+    proc = spawn_sync(tmp_path, server.base_url, "--refresh")
+    if wait_for(server.reached, proc):
+        proc.kill()
+    code, _, err = finish(proc, tmp_path)
+    server.release.set()
+    assert code == -signal.SIGKILL, f"the sync ended before request {reached}: {err}"
+    assert db_rows(env, "PRAGMA integrity_check") == [("ok",)]
+    middle = stored()
+    assert logged(mark) == diff(first, middle)
+    assert cli(capsys, "sync", "--refresh", transport=mock(acc.handler))[0] == 0
+    assert_matches_truth(env, acc)
+    assert logged(mark) == diff(first, stored()) != []
+
+
+###############################################################################
 # Answer sizes: what a chat model must read whole stays small by default
 ###############################################################################
 
@@ -3623,7 +4014,7 @@ async def test_every_tool_answers_the_demo_account_in_at_most_20_kb_with_default
              ("list_features", {"product_id": pids[1]}), ("get_quality_report", {"product_ids": pids}),
              ("query_metrics", {"metrics": every_metric, "dimensions": ["tester", "feature"]}),
              ("search", {"query": "login"}), ("sync_data", {}), ("get_database_stats", {}),
-             ("get_sync_history", {}), ("get_problematic_tests", {})]
+             ("get_sync_history", {}), ("get_problematic_tests", {}), ("get_changes", {})]
     sizes = {}
     runtime = tm.Runtime(tm.Settings.from_env(demo=True), transport_for(demo.handler))
     async with Client(tm.build_server(runtime), mode="legacy") as client:
@@ -3722,6 +4113,12 @@ BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
     ("query_metrics", {"metrics": ["bug_count"]}, ["dimensions is required", "quarter"]),
     ("query_metrics", {**METRIC, "filters": {"severities": 5}}, ["filters.severities: 5 is not accepted"]),
     ("list_tests", {"product_id": "x", "per_page": 0}, ["product_id: 'x'", "(also check per_page)"]),
+    ("get_changes", {"since": "last monday"}, ["since='last monday' is not a date or time", "YYYY-MM-DD"]),
+    ("get_changes", {"since": "2026-11-31"}, ["since='2026-11-31' is not a date or time", "ISO time"]),
+    ("get_changes", {"since": "2999-01-01"}, ["since='2999-01-01' is in the future", "give a past date"]),
+    ("get_changes", {"kinds": "bug_new,bug_closed"}, ["kinds", "'bug_closed'", "test_new", "bug_severity"]),
+    ("get_changes", {"product_ids": [99]}, ["product 99 is not in the local data", "list_products"]),
+    ("get_changes", {"per_page": 201}, ["per_page: 201 is not accepted", "from 1 to 200"]),
 ]
 
 
@@ -3788,6 +4185,21 @@ async def test_get_test_status_refreshes_a_running_test_older_than_the_refresh_i
     assert data["bug_summary"] == bug_summary(bugs)
     assert faults.calls == (2 if refreshed else 0)
     assert db_rows(db, "SELECT status FROM tests WHERE id = ?", (RUNNING,)) == [(status,)]
+
+
+@pytest.mark.anyio
+async def test_a_change_a_read_through_stores_is_in_the_change_log(db, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "3600")
+    age_test(db, RUNNING)
+    acc = make_account()
+    before = served_state(acc)
+    acc.set_test_status(RUNNING, "locked")  # no sync will see this change: the read-through stores it
+    async with mcp_client(acc.handler) as client:
+        await ok(client, "get_test_status", {"test_id": RUNNING})
+        feed = await all_pages(client, "get_changes", {}, "changes")
+    assert {"test_status", "bug_new"} < {c["kind"] for c in feed}
+    assert set(map(as_tuple, feed)) == diff_states(before, served_state(acc))
+    assert db_rows(db, "SELECT DISTINCT run_id FROM changes WHERE kind != 'baseline'") == [(None,)]
 
 
 @pytest.mark.anyio
@@ -4381,7 +4793,8 @@ def _valid_values(acc) -> dict[str, list]:
             "dimensions": [["severity"], "product,month", ["feature"], "known,tester"],
             "filters": [{"severities": ["low"]}, {"product_ids": [pid]}, {"bug_statuses": "rejected"}],
             "query": ["checkout", "log*", "login button"], "entities": [["bug"], "test,feature"],
-            "limit": [1, 5, 50], "mode": ["incremental", "refresh"]}
+            "limit": [1, 5, 50], "mode": ["incremental", "refresh"],
+            "since": ["2026-11-01", "2026-11-20T09:00:00+01:00"], "kinds": [["bug_new"], "test_status,bug_status"]}
 
 
 def generated_arguments(rng: random.Random, schema: dict, valid: dict[str, list]) -> dict:
@@ -4647,7 +5060,7 @@ def test_stdio_server_exits_within_two_seconds_on_sigterm(tmp_path, synced_templ
         Lines(proc.stderr)
         _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
               {"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
-        assert len(_replies(out, {1, 2})[2]["result"]["tools"]) == 14
+        assert len(_replies(out, {1, 2})[2]["result"]["tools"]) == len(TOOLS)
         code = _stopped_within(proc, lambda: proc.send_signal(signal.SIGTERM))
     finally:
         _reap(proc)
@@ -4830,7 +5243,7 @@ def test_readme_team_setup_makes_a_token_the_server_accepts(env):
 # Demo account: it lives with the clock, and each sync stores what it changed
 ###############################################################################
 
-def served_state(acc: Account, product_id: int | None = None) -> tuple[dict, dict]:
+def served_statuses(acc: Account, product_id: int | None = None) -> tuple[dict, dict]:
     """What the account serves now: test id -> status, bug id -> status as the tools show it."""
     tests = {t: acc.test_json(t)["status"] for t in acc.test_ids(product_id)}
     return tests, {b["id"]: shown_status(b) for t in tests for b in acc.bugs_of(t)}
@@ -4843,7 +5256,7 @@ def stored_state(db_path: Path, product_id: int | None = None) -> tuple[dict, di
             dict(db_rows(db_path, f"SELECT id, status FROM bugs {where}", args)))
 
 
-def changes(before: tuple[dict, dict], after: tuple[dict, dict]) -> dict[str, set]:
+def status_changes(before: tuple[dict, dict], after: tuple[dict, dict]) -> dict[str, set]:
     """An independent diff of two states: new tests, status steps, new bugs, reviews."""
     (tests0, bugs0), (tests1, bugs1) = before, after
     kept = bugs0.keys() & bugs1.keys()
@@ -4859,11 +5272,11 @@ def test_a_day_later_a_refresh_sync_stores_the_new_tests_status_steps_new_bugs_a
     acc = make_account(products=1, tests_per_product=760, bugs_per_test=2)  # a new test about daily
     transport = mock(acc.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0
-    before = served_state(acc)
+    before = served_statuses(acc)
     assert stored_state(env) == before
     acc.advance(timedelta(days=1))
-    after = served_state(acc)
-    changed = changes(before, after)
+    after = served_statuses(acc)
+    changed = status_changes(before, after)
     assert {kind: bool(found) for kind, found in changed.items()} == dict.fromkeys(changed, True)
     assert changed["status_steps"] >= {("running", "locked"), ("initialized", "customer_finalized")}
     # a review does not change the test's status: the refresh (the server's background mode) reads it
@@ -4922,9 +5335,9 @@ def test_the_demo_account_moves_on_with_the_clock_and_two_syncs_days_apart_store
     clock[0] += timedelta(days=2)  # one product: a day may pass without an auto-acceptance
     assert cli(capsys, "--demo", "sync", "--refresh", "--product-ids", pid)[0] == 0
     after = stored_state(demo_db)
-    changed = changes(before, after)
+    changed = status_changes(before, after)
     assert {kind: bool(found) for kind, found in changed.items()} == dict.fromkeys(changed, True)
-    served = served_state(Account(**tm.DEMO_ACCOUNT, at=clock[0]), int(pid))
+    served = served_statuses(Account(**tm.DEMO_ACCOUNT, at=clock[0]), int(pid))
     # tests that left the account meanwhile (ended 760 days ago) stay until a --force sync
     left = after[0].keys() - served[0].keys()
     assert {after[0][t] for t in left} <= {"archived", "cancelled"}
@@ -4953,7 +5366,7 @@ def _cli_commands(parser) -> list[str]:
 def test_readme_names_every_tool_and_every_cli_command():
     readme = (HERE / "README.md").read_text(encoding="utf-8")
     names = [*TOOLS, *_cli_commands(tm.build_parser())]
-    assert len(names) == 14 + 7
+    assert len(names) == 15 + 7
     assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", readme)] == []
 
 
