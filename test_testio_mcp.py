@@ -2267,7 +2267,7 @@ def test_a_version_1_database_is_migrated_in_place_and_full_text_rows_come_back(
     assert db_rows(env, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%fts%'") == [(0,)]
     code, _, err = cli(capsys, "sync", "--status")
     assert code == 0, err
-    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 8
+    assert db_rows(env, "PRAGMA user_version") == [(tm.SCHEMA_VERSION,)] and tm.SCHEMA_VERSION == 9
     assert {t: db_rows(env, f"SELECT count(*) FROM {t}")[0][0] for t in counts} == counts
     assert dict(db_rows(env, "SELECT entity, count(*) FROM search_fts GROUP BY entity")) == {
         "product": counts["products"], "feature": counts["features"], "test": counts["tests"],
