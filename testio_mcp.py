@@ -603,11 +603,12 @@ def previous_period(start: date, end: date) -> tuple[date, date, str]:
 
 def parse_period(value: str, name: str) -> tuple[date, date]:
     """'YYYY-MM-DD..YYYY-MM-DD' as (start, end); ConfigError naming `name` otherwise."""
-    first, sep, last = value.partition("..")
-    if not sep:
-        raise ConfigError(f"{name}={value!r} is not 'previous' nor a period; use e.g. "
-                          f"2026-01-01..2026-01-31")
-    start, end = parse_date(first, name), parse_date(last, name)
+    first, _, last = value.partition("..")
+    try:
+        start, end = date.fromisoformat(first.strip()), date.fromisoformat(last.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a period; use YYYY-MM-DD..YYYY-MM-DD, e.g. "
+                          f"2026-01-01..2026-01-31") from None
     if start > end:
         raise ConfigError(f"{name}={value!r} starts after it ends; swap the dates")
     return start, end
@@ -4257,8 +4258,11 @@ def _arg_compare(compare: str | None, lo: date | None, hi: date | None
     try:
         if compare.strip() == "previous":
             start, end, rule = previous_period(lo, hi)
+        elif ".." in compare:
+            (start, end), rule = parse_period(compare, "compare"), "the period given"
         else:
-            (start, end), rule = parse_period(compare.strip(), "compare"), "the period given"
+            raise ConfigError(f"compare={compare!r} is not accepted; use previous, or a period "
+                              f"YYYY-MM-DD..YYYY-MM-DD, e.g. 2026-01-01..2026-01-31")
     except (OverflowError, ValueError):  # a period before the year 1
         raise ConfigError(f"there is no period before {lo.isoformat()} to compare with; give "
                           f"compare as YYYY-MM-DD..YYYY-MM-DD") from None
@@ -4891,6 +4895,7 @@ async def _prompt_products(state: AppState, product_ids: str | None) -> dict[int
     ids = parse_id_list(product_ids, "product_ids")
     names = await state.db.read(lambda conn: _require_products(conn, ids) if ids else dict(
         conn.execute("SELECT id, name FROM products ORDER BY name, id").fetchall()))
+    names = {pid: names[pid] for pid in ids} if ids else names  # in the order given
     if not names:
         raise NotInCacheError("there are no products in the local data yet; run sync_data (or wait "
                               "for the first sync to end), then ask again")
@@ -5174,8 +5179,11 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
                 raise ResourceError(str(exc)) from None
             return [ReadResourceContents(content=text, mime_type=spec.mime_type)]
 
+    # subscriptions=False: nothing here notifies a change (the tools, prompts and resources are fixed;
+    # a resource's text is read afresh each time), so 2026-07-28 clients are not offered
+    # subscriptions/listen either
     server = Server("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS,
-                    lifespan=lifespan)
+                    lifespan=lifespan, subscriptions=False)
     calls = ToolCalls()
     for spec in TOOLS.values():
         annotations = ToolAnnotations(read_only_hint=spec.read_only, idempotent_hint=spec.read_only,
