@@ -2624,11 +2624,12 @@ def _schema_titles(schema) -> int:
 
 
 @pytest.mark.anyio
-async def test_tools_list_stays_within_its_context_budget_and_its_schemas_repeat_no_names_as_titles(db):
+async def test_tools_list_stays_within_its_context_budget_and_its_schemas_restate_no_names_or_defaults(db):
     async with mcp_client(make_account().handler) as client:
         listed = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
                   for t in (await client.list_tools()).tools]
-    assert len(json.dumps(listed, separators=(",", ":"))) <= TOOLS_LIST_BUDGET
+    text = json.dumps(listed, separators=(",", ":"))
+    assert len(text) <= TOOLS_LIST_BUDGET and '"additionalProperties":true' not in text
     assert {t["name"]: _schema_titles(t["inputSchema"]) + _schema_titles(t["outputSchema"]) for t in listed} == {
         name: 0 for name in TOOLS}
 

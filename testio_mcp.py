@@ -4184,9 +4184,8 @@ ProductId = Annotated[int, Arg("product id (see list_products)", ge=1, le=MAX_ID
 DateArg = Annotated[str | None, Arg("YYYY-MM-DD (UTC day, inclusive)", max_length=10)]
 Page = Annotated[int, Arg("1-based page number", ge=1, le=1_000_000)]
 Compare = Annotated[str | None, Arg(
-    "previous: the period of the same length before start_date..end_date (whole months: the months "
-    "before), or YYYY-MM-DD..YYYY-MM-DD; every figure then has value, previous and change",
-    max_length=22)]
+    "previous (the equally long period before start_date..end_date) or YYYY-MM-DD..YYYY-MM-DD: "
+    "each figure becomes {value, previous, change}", max_length=22)]
 Status = Literal[TEST_STATUSES]
 TestingType = Literal[TESTING_TYPES]
 BugStatus = Literal[(*BUG_STATUSES, *BUG_STATUS_ALIASES)]
@@ -4463,11 +4462,10 @@ async def get_review_queue(
     page: Page = 1,
     per_page: Annotated[int, Arg("bugs per page, at most 200", ge=1, le=200)] = 50,
 ) -> ReviewQueue:
-    """Open (forwarded) bugs awaiting the customer's accept/reject, by test, the soonest auto-accept
-    first: each test's auto_accept_at (its end + the review window) and days_left; a summary first.
-    A test past its deadline with bugs still open here is flagged stale (TestIO has most likely
-    auto-accepted them). Default: all products. Example: "what needs my review before it
-    auto-accepts?"."""
+    """Open bugs awaiting the customer's accept/reject, by test, the soonest auto-acceptance first:
+    auto_accept_at (test end + review window), days_left, a summary first. Bugs still open here
+    past their deadline are flagged stale (TestIO has likely auto-accepted them). Example: "what
+    needs my review before it auto-accepts?"."""
     window, now = state.settings.review_window_days, utc_now()
     found, as_of = await state.read_with_as_of(review_queue, product_ids or [], window, now, page,
                                                per_page)
@@ -5110,14 +5108,16 @@ async def playbook(state: AppState) -> str:
     return "\n".join(lines)
 
 
-def _untitled(schema: Any) -> Any:
-    """A JSON schema without its "title" keywords (pydantic's, each a property's name again), at any
-    depth; a property named title stays."""
+def _lean_schema(schema: Any) -> Any:
+    """A JSON schema without what it says twice, at any depth: pydantic's "title" keywords (each a
+    property's name again; a property named title stays) and additionalProperties: true (JSON
+    Schema's default)."""
     if isinstance(schema, dict):
-        return {k: _untitled(v) if k != "properties" else {p: _untitled(s) for p, s in v.items()}
-                for k, v in schema.items() if k != "title"}
+        return {k: _lean_schema(v) if k != "properties" else {p: _lean_schema(s) for p, s in v.items()}
+                for k, v in schema.items()
+                if k != "title" and not (k == "additionalProperties" and v is True)}
     if isinstance(schema, list):
-        return [_untitled(item) for item in schema]
+        return [_lean_schema(item) for item in schema]
     return schema
 
 
@@ -5159,11 +5159,11 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
         lean: list | None = None
 
         async def list_tools(self) -> list:
-            """The SDK's list, its schemas without titles: every client sends it to the model."""
+            """The SDK's list with lean schemas: every client sends it to the model."""
             if self.lean is None:
                 self.lean = [tool.model_copy(update={
-                    "input_schema": _untitled(tool.input_schema),
-                    "output_schema": _untitled(tool.output_schema)})
+                    "input_schema": _lean_schema(tool.input_schema),
+                    "output_schema": _lean_schema(tool.output_schema)})
                     for tool in await super().list_tools()]
             return self.lean
 
