@@ -3721,16 +3721,22 @@ async def test_prompts_are_listed_with_described_arguments_and_render_chains_of_
     ("customer_meeting", {"start_date": "0001-01-01"}, ["no period before 0001-01-01"]),
     ("test_deep_dive", {"test_id": "abc"}, ["test_id='abc'", "positive whole number"]),
     ("test_deep_dive", {"test_id": "1,2"}, ["test_id='1,2' is not one test id"]),
+    ("test_deep_dive", {}, ["test_deep_dive needs test_id: the test (cycle) id"]),
+    ("weekly", {}, ["there is no prompt 'weekly'", "weekly_review, customer_meeting, test_deep_dive"]),
 ], ids=["unknown-product", "bad-ids", "bad-since", "future-since", "unknown-argument", "end-without-start",
-        "swapped-dates", "nothing-before", "bad-test-id", "two-test-ids"])
+        "swapped-dates", "nothing-before", "bad-test-id", "two-test-ids", "missing-test-id", "unknown-prompt"])
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
 @pytest.mark.anyio
-async def test_a_prompt_with_a_bad_argument_answers_an_error_naming_it_and_the_fix(db, name, args, fragments):
-    async with mcp_client(make_account().handler) as client:
+async def test_a_prompt_with_a_bad_argument_answers_an_error_naming_it_and_the_fix(db, caplog, mode, name, args,
+                                                                                  fragments):
+    runtime = tm.Runtime(tm.Settings.from_env(), transport_for(make_account().handler))
+    async with Client(tm.build_server(runtime), mode=mode) as client:
         with pytest.raises(Exception) as raised:
             await client.get_prompt(name, args)
     text = str(getattr(raised.value, "message", raised.value))
     assert [f for f in fragments if f not in text] == [], text
     assert "Traceback" not in text and "Error rendering prompt" not in text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
 
 
 @pytest.mark.anyio

@@ -5178,6 +5178,27 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
                 error = _argument_error(exc.__cause__.errors(), arguments, schema)
                 raise ToolError(f"Error executing tool {name}: {error}") from exc.__cause__
 
+        async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None,
+                             context: Any = None) -> Any:
+            """The SDK's rendering; an unknown prompt, an unknown argument or a missing one answered
+            in our words (the SDK would log a traceback and, to 2026-07-28 clients, say only
+            "Internal server error")."""
+            spec, given = PROMPTS.get(name), arguments or {}
+            if spec is None:
+                raise MCPError(INVALID_PARAMS, f"there is no prompt {name!r}; the prompts are "
+                                               f"{', '.join(PROMPTS)}")
+            described = {arg: (text, required) for arg, text, required in spec.arguments()}
+            unknown = sorted(set(given) - set(described))
+            if unknown:
+                raise MCPError(INVALID_PARAMS, f"{name} has no argument {unknown[0]!r}; it takes "
+                                               f"{', '.join(described)}")
+            missing = [arg for arg, (_, required) in described.items()
+                       if required and arg not in given]
+            if missing:
+                raise MCPError(INVALID_PARAMS, f"{name} needs {missing[0]}: "
+                                               f"{described[missing[0]][0]}")
+            return await super().get_prompt(name, arguments, context)
+
         async def list_resources(self) -> list:
             """RESOURCES, which read the AppState (the SDK's static resources get no context)."""
             return [Resource(uri=spec.uri, name=spec.name, title=spec.title,
@@ -5210,14 +5231,8 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
                         description=inspect.cleandoc(spec.fn.__doc__), annotations=annotations)
 
     def rendering(spec: PromptSpec) -> Callable[..., Awaitable[str]]:
-        known = [name for name, _, _ in spec.arguments()]
-
         async def render(ctx: Any, **arguments: str) -> str:
             state: AppState = ctx.request_context.lifespan_context
-            unknown = sorted(set(arguments) - set(known))
-            if unknown:
-                raise MCPError(INVALID_PARAMS, f"{spec.name} has no argument {unknown[0]!r}; it "
-                                               f"takes {', '.join(known)}")
             try:
                 return await _from_local(state, lambda: spec.fn(state, **arguments))
             except TestioError as exc:  # a bad argument, or no local data yet: the fix in words
