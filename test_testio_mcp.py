@@ -4856,7 +4856,7 @@ def test_stdio_server_exits_within_two_seconds_on_sigterm(tmp_path, synced_templ
         Lines(proc.stderr)
         _send(proc, INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"},
               {"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
-        assert len(_replies(out, {1, 2})[2]["result"]["tools"]) == 14
+        assert len(_replies(out, {1, 2})[2]["result"]["tools"]) == len(TOOLS)
         code = _stopped_within(proc, lambda: proc.send_signal(signal.SIGTERM))
     finally:
         _reap(proc)
