@@ -116,10 +116,10 @@ SYNC_DATA_CALLS = 3
 CONCURRENT_RUNS = 3
 HEAVY_MODULES = ("mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "uvicorn", "anyio")
 
-# The 14 tools timed in the loop (sync_data is timed apart, in incremental mode).
-LOOP_TOOLS = ("list_products", "list_tests", "get_test_status", "list_bugs", "get_bug", "list_features",
-              "get_quality_report", "query_metrics", "search", "get_database_stats", "get_sync_history",
-              "get_problematic_tests", "health_check", "get_changes")
+# The tools timed in the loop (sync_data is timed apart, in incremental mode).
+LOOP_TOOLS = ("list_products", "list_tests", "get_test_status", "list_bugs", "get_bug", "get_review_queue",
+              "list_features", "get_quality_report", "query_metrics", "search", "get_database_stats",
+              "get_sync_history", "get_problematic_tests", "health_check", "get_changes")
 ALL_TOOLS = set(LOOP_TOOLS) | {"sync_data"}
 
 BARE_SERVER = '''\
@@ -728,6 +728,7 @@ def tool_arguments(db_path: Path) -> dict[str, list[dict]]:
         "get_test_status": [{"test_id": t} for t in tests],
         "list_bugs": [{"product_ids": [p]} for p in products],
         "get_bug": [{"bug_id": b} for b in bugs],
+        "get_review_queue": [{"product_ids": [p]} for p in products],
         "list_features": [{"product_id": p} for p in products],
         "get_quality_report": [{"product_ids": [p]} for p in products],
         "query_metrics": [{"metrics": ["test_count", "bug_count", "rejection_rate"], "dimensions": ["month"],
@@ -950,6 +951,12 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
     add("get_quality_report", "one product", {"product_ids": [p]}, True)
     add("get_quality_report", "one product, dates", {"product_ids": [p], **dates}, True)
     add("get_quality_report", "all products", {"product_ids": products}, False)
+    add("get_quality_report", "one product, compare", {"product_ids": [p], **quarter, "compare": "previous"}, True)
+    add("get_quality_report", "all products, compare", {"product_ids": products, **quarter, "compare": "previous"},
+        False)
+    add("get_review_queue", "one product", {"product_ids": [p]}, True)
+    add("get_review_queue", "one product, page 2 of 20", {"product_ids": [p], "per_page": 20, "page": 2}, True)
+    add("get_review_queue", "all products", {}, False)
     scopes = (("one product", {"filters": {"product_ids": [p]}}, True),
               ("one product, dates", {"filters": {"product_ids": [p]}, **dates}, True),
               ("all products", {}, False))
@@ -964,6 +971,10 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
         for pair in MATRIX_PAIRS:
             add("query_metrics", f"{'+'.join(pair)}, {label}", {"metrics": MATRIX_METRICS, "dimensions": list(pair),
                                                                 "limit": 1000, **scope}, scoped)
+    for dim in ("product", "severity", "feature"):
+        add("query_metrics", f"{dim}, one product, quarter, compare",
+            {"metrics": MATRIX_METRICS, "dimensions": [dim], "filters": {"product_ids": [p]}, **quarter,
+             "compare": "previous", "limit": 1000}, True)
     for label, query in (("common word", common), ("rare word", rare), ("two words", f"{common} {rare}"),
                          ("no match", "zqxjkvw")):
         add("search", label, {"query": query}, False)

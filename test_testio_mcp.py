@@ -605,6 +605,9 @@ def test_settings_come_from_env_then_env_file_then_home_file_then_dotenv(env, ca
     ("TESTIO_CUSTOMER_API_BASE_URL", "ftp://api.test.io"),
     ("TESTIO_CHANGE_RETENTION_DAYS", "0"),
     ("TESTIO_CHANGE_RETENTION_DAYS", "half a year"),
+    ("TESTIO_REVIEW_WINDOW_DAYS", "0"),
+    ("TESTIO_REVIEW_WINDOW_DAYS", "ten"),
+    ("TESTIO_REVIEW_WINDOW_DAYS", "400"),
 ])
 @pytest.mark.parametrize("where", ["environ", "dotenv"])
 def test_bad_setting_exits_2_with_one_line_naming_the_variable_and_value(env, capsys, monkeypatch, tmp_path,
@@ -2637,7 +2640,7 @@ def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(en
 
 
 TOOLS = ("health_check", "list_products", "list_tests", "get_test_status", "list_bugs", "get_bug",
-         "list_features", "get_quality_report", "query_metrics", "search", "sync_data",
+         "get_review_queue", "list_features", "get_quality_report", "query_metrics", "search", "sync_data",
          "get_database_stats", "get_sync_history", "get_problematic_tests", "get_changes")
 EXECUTED = ("running", "locked", "archived", "customer_finalized")
 # The default rejection comments, copied from the API notes (not from the module under test).
@@ -2898,7 +2901,7 @@ async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
 ###############################################################################
 
 @pytest.mark.anyio
-async def test_tools_list_offers_exactly_the_fifteen_tools_each_with_output_schema_and_described_parameters(db):
+async def test_tools_list_offers_exactly_the_registered_tools_each_with_output_schema_and_described_parameters(db):
     async with mcp_client(make_account().handler) as client:
         tools = (await client.list_tools()).tools
     assert sorted(t.name for t in tools) == sorted(TOOLS)
@@ -2989,6 +2992,28 @@ async def test_every_tool_but_sync_data_is_marked_read_only(db):
     assert hints == {name: name != "sync_data" for name in TOOLS}
     assert tools["sync_data"].annotations.idempotent_hint is False
     assert tools["sync_data"].annotations.open_world_hint is True
+
+
+TOOLS_LIST_BUDGET = 24_500  # bytes of tools/list as a client gets it (issue 11: at most 24.5 KB)
+
+
+def _schema_titles(schema) -> int:
+    """How many "title" keywords a JSON schema holds (a property named title is not one)."""
+    if isinstance(schema, dict):
+        return sum(k == "title" for k in schema) + sum(
+            sum(map(_schema_titles, v.values())) if k == "properties" else _schema_titles(v) for k, v in schema.items())
+    return sum(map(_schema_titles, schema)) if isinstance(schema, list) else 0
+
+
+@pytest.mark.anyio
+async def test_tools_list_stays_within_its_context_budget_and_its_schemas_restate_no_names_or_defaults(db):
+    async with mcp_client(make_account().handler) as client:
+        listed = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                  for t in (await client.list_tools()).tools]
+    text = json.dumps(listed, separators=(",", ":"))
+    assert len(text) <= TOOLS_LIST_BUDGET and '"additionalProperties":true' not in text
+    assert {t["name"]: _schema_titles(t["inputSchema"]) + _schema_titles(t["outputSchema"]) for t in listed} == {
+        name: 0 for name in TOOLS}
 
 
 ###############################################################################
@@ -3991,6 +4016,493 @@ def test_a_sync_killed_mid_way_never_leaves_a_change_without_its_data_or_the_rev
 
 
 ###############################################################################
+# The review queue: open bugs by their auto-accept deadline (test end + the review window)
+###############################################################################
+
+def review_queue_truth(acc: tm.SimulatedAccount, window_days: int, now: datetime,
+                       product_ids=None) -> list[dict]:
+    """The review queue from what the account serves: each test with forwarded bugs, its deadline (its
+    end, at whatever offset, plus the window in days of 24 hours), days left and staleness; the
+    soonest deadline first and the past ones last; bugs critical, high, then the rest, by report."""
+    rank = {"critical": 0, "high": 1}
+    groups = []
+    for pid in product_ids or acc.product_ids():
+        for test_id in acc.test_ids(pid):
+            waiting = [b for b in acc.bugs_of(test_id) if b["status"] == "forwarded"]
+            if not waiting:
+                continue
+            test = acc.test_json(test_id)
+            deadline = datetime.fromisoformat(test["end_at"].replace("Z", "+00:00")) + timedelta(days=window_days)
+            waiting.sort(key=lambda b: (rank.get(b["severity"], 2), utc(b["reported_at"]), b["id"]))
+            groups.append({
+                "test": {"id": test_id, "title": test["title"], "product_id": pid, "status": test["status"],
+                         "end_at": utc(test["end_at"])},
+                "auto_accept_at": deadline.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "days_left": round((deadline - now).total_seconds() / 86400, 1), "stale": deadline <= now,
+                "open_bugs": len(waiting),
+                "bugs": [{"id": b["id"], "title": b["title"], "severity": b["severity"],
+                          "bug_type": shown_type(b["severity"]), "known": b["known"],
+                          "reported_at": utc(b["reported_at"]), "tester": b["author"]["name"]} for b in waiting]})
+    return sorted(groups, key=lambda g: (g["stale"], g["auto_accept_at"], g["test"]["id"]))
+
+
+def review_summary(groups: list[dict], now: datetime) -> dict:
+    live = [g for g in groups if not g["stale"]]
+    soon = (now + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"open_bugs": sum(len(g["bugs"]) for g in groups), "tests": len(groups),
+            "due_within_3_days": sum(len(g["bugs"]) for g in live if g["auto_accept_at"] <= soon),
+            "next_auto_accept_at": min((g["auto_accept_at"] for g in live), default=None),
+            "stale_bugs": sum(len(g["bugs"]) for g in groups if g["stale"]),
+            "stale_tests": len(groups) - len(live)}
+
+
+async def review_pages(client, args: dict, per_page: int) -> tuple[dict, list[dict]]:
+    """Every page of get_review_queue: the first answer, and the tests with their bugs (a test cut
+    between two pages joined again), checking each page's pagination."""
+    groups, page, first = [], 1, None
+    while True:
+        data = await ok(client, "get_review_queue", {**args, "page": page, "per_page": per_page})
+        first = first or data
+        total = data["pagination"]["total"]
+        assert data["pagination"] == {"page": page, "per_page": per_page, "total": total,
+                                      "has_more": page * per_page < total}
+        assert sum(len(g["bugs"]) for g in data["tests"]) == min(per_page, total - (page - 1) * per_page)
+        for group in data["tests"]:
+            if groups and groups[-1]["test"]["id"] == group["test"]["id"]:
+                groups[-1]["bugs"] += group["bugs"]
+            else:
+                groups.append(group)
+        if not data["pagination"]["has_more"]:
+            assert "notes" not in data
+            return first, groups
+        assert data["notes"][-1].startswith(f"{(page - 1) * per_page + 1}-{page * per_page} of {total} shown; "
+                                            f"call get_review_queue again with page={page + 1}")
+        page += 1
+
+
+def open_tests(acc: tm.SimulatedAccount, n: int) -> list[int]:
+    """n tests with open bugs: archived tests with bugs put back to locked (triage), where the bugs
+    nobody reviewed yet are forwarded again."""
+    chosen = []
+    for test_id in (t for pid in acc.product_ids() for t in acc.test_ids(pid)):
+        if len(chosen) < n and acc.test_json(test_id)["status"] == "archived":
+            acc.set_test_status(test_id, "locked")
+            if any(b["status"] == "forwarded" for b in acc.bugs_of(test_id)):
+                chosen.append(test_id)
+            else:
+                acc.set_test_status(test_id, "archived")
+    assert len(chosen) == n
+    return chosen
+
+
+def answered_at(data: dict) -> datetime:
+    return datetime.fromisoformat(data["now"].replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["default-10-days", "setting-3-days"])
+@pytest.mark.anyio
+async def test_review_queue_lists_open_bugs_by_test_soonest_deadline_first_and_flags_the_past_ones_stale(
+        env, monkeypatch, window):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    if window:
+        monkeypatch.setenv("TESTIO_REVIEW_WINDOW_DAYS", str(window))
+    days = window or 10
+    acc = make_account(products=2, tests_per_product=40)
+    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    for test_id, hours_left in zip(open_tests(acc, 4), (20, 50, 170, -30)):  # tomorrow, in 2 days, a week, past
+        acc.move_test(test_id, now + timedelta(hours=hours_left) - timedelta(days=days))
+    async with mcp_client(acc.handler) as client:
+        await ok(client, "sync_data", {})
+        asked = datetime.now(timezone.utc).replace(microsecond=0)
+        first, groups = await review_pages(client, {}, per_page=7)
+        one = acc.product_ids()[1]
+        _, of_one = await review_pages(client, {"product_ids": str(one)}, per_page=200)
+        answered = datetime.now(timezone.utc)
+    assert asked <= answered_at(first) <= answered
+    truth = review_queue_truth(acc, days, answered_at(first))
+    assert groups == truth
+    assert [g["test"]["id"] for g in of_one] == [g["test"]["id"] for g in truth if g["test"]["product_id"] == one]
+    # the moved tests: two due within 3 days, one stale; the account's older locked tests are stale too
+    summary = review_summary(truth, answered_at(first))
+    assert summary["due_within_3_days"] >= 2 and summary["stale_tests"] >= 1 and summary["tests"] > summary["stale_tests"]
+    per_product = [{"product_id": pid, "name": acc.products_json()[i]["name"],
+                    **review_summary([g for g in truth if g["test"]["product_id"] == pid], answered_at(first))}
+                   for i, pid in enumerate(acc.product_ids())]
+    per_product.sort(key=lambda b: (b["next_auto_accept_at"] is None, b["next_auto_accept_at"] or "", b["name"]))
+    assert first["summary"] == {**summary, "per_product": [b for b in per_product if b["tests"]]}
+    assert first["review_window_days"] == days
+    assert first["note"].startswith(f"auto_accept_at = test end + {days} days (TESTIO_REVIEW_WINDOW_DAYS); "
+                                    f"{summary['stale_bugs']} open bugs of {summary['stale_tests']} tests are past "
+                                    f"their deadline (stale): the local data is behind; sync_data(mode='refresh')")
+
+
+@pytest.fixture
+def new_york_time():
+    """The process's local time zone is America/New_York, which has DST, as on a laptop there."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+def with_end_at(handler, ends: dict[int, str]):
+    """The account's answers, with the end_at of these tests written as given (any offset)."""
+    def rewrite(request: httpx.Request) -> httpx.Response:
+        response = handler(request)
+        if "exploratory_tests" not in request.url.path or response.status_code != 200:
+            return response
+        body = json.loads(response.content)
+        for test in body.get("exploratory_tests") or [body.get("exploratory_test")]:
+            if test["id"] in ends:
+                test["end_at"] = ends[test["id"]]
+        return httpx.Response(200, json=body)
+    return rewrite
+
+
+DEADLINES = [  # (an end_at as the API may send it, its auto_accept_at: 10 days of 24 hours later, in UTC)
+    ("2026-03-05T23:30:00-05:00", "2026-03-16T04:30:00Z"),  # New York's DST begins on 03-08 in between
+    ("2026-10-22T23:45:00+02:00", "2026-11-01T21:45:00Z"),  # Europe's DST ends on 10-25, New York's on 11-01
+    ("2026-12-31T22:00:00-05:00", "2027-01-11T03:00:00Z"),  # the UTC day and year are the next ones
+    ("2027-03-26T05:30:00+05:30", "2027-04-05T00:00:00Z"),  # a half-hour offset, a deadline at UTC midnight
+    ("2027-02-20T12:00:00Z", "2027-03-02T12:00:00Z"),       # no 29 February in 2027
+]
+
+
+@pytest.mark.anyio
+async def test_review_deadlines_are_exact_utc_whatever_the_offset_and_across_dst_in_a_dst_time_zone(
+        env, monkeypatch, new_york_time):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    acc = make_account(products=1, tests_per_product=40)
+    waiting = open_tests(acc, len(DEADLINES))
+    ends = dict(zip(waiting, (end for end, _ in DEADLINES)))
+    async with mcp_client(with_end_at(acc.handler, ends)) as client:
+        await ok(client, "sync_data", {})
+        data = await ok(client, "get_review_queue", {"per_page": 200})
+    now = answered_at(data)
+    shown = {g["test"]["id"]: g for g in data["tests"]}
+    for test_id, (end, deadline) in zip(waiting, DEADLINES):
+        at = datetime.fromisoformat(deadline.replace("Z", "+00:00"))
+        assert {k: shown[test_id][k] for k in ("auto_accept_at", "days_left", "stale")} == {
+            "auto_accept_at": deadline, "days_left": round((at - now).total_seconds() / 86400, 1), "stale": at <= now}
+        assert shown[test_id]["test"]["end_at"] == utc(end)
+    live = [g["auto_accept_at"] for g in data["tests"] if not g["stale"]]
+    assert live == sorted(live) and {"2027-03-02T12:00:00Z", "2027-04-05T00:00:00Z"} <= set(live)
+
+
+@pytest.mark.anyio
+async def test_a_stale_test_leaves_the_review_queue_once_a_refresh_sync_sees_its_bugs_decided(env, monkeypatch):
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    acc = make_account(products=1, tests_per_product=40)
+    open_tests(acc, 2)  # ended months ago: past their deadline
+    async with mcp_client(acc.handler) as client:
+        await ok(client, "sync_data", {})
+        before, groups = await review_pages(client, {}, per_page=200)
+        stale = next(g for g in groups if g["stale"])
+        acc.set_test_status(stale["test"]["id"], "archived")  # TestIO auto-accepted what nobody reviewed
+        await ok(client, "sync_data", {"mode": "refresh"})
+        after, left = await review_pages(client, {}, per_page=200)
+        bugs = await ok(client, "list_bugs", {"test_ids": [stale["test"]["id"]], "per_page": 200})
+    assert "sync_data(mode='refresh') updates them" in before["note"]
+    assert stale["test"]["id"] not in [g["test"]["id"] for g in left]
+    assert after["summary"]["stale_bugs"] == before["summary"]["stale_bugs"] - stale["open_bugs"]
+    decided = {b["id"]: b["status"] for b in bugs["bugs"]}
+    assert {decided[b["id"]] for b in stale["bugs"]} - {"accepted", "rejected"} == {"auto_accepted"}
+
+
+###############################################################################
+# Period comparison: get_quality_report and query_metrics with compare
+###############################################################################
+
+def period_figures(pids, start: str, end: str) -> dict:
+    """What get_quality_report says of the executed tests of `pids` ending within [start, end] (UTC
+    days), from the pristine account: the report's tests and bugs, and each product's block."""
+    lo, hi = f"{start}T00:00:00Z", f"{date.fromisoformat(end) + timedelta(days=1)}T00:00:00Z"
+    figures = {"per_product": {}}
+    everything = []
+    for pid in pids:
+        tests = [t for t in served_tests(pid) if t["status"] in EXECUTED and lo <= utc(t["end_at"]) < hi]
+        bugs = [b for t in tests for b in served_bugs(t["id"])]
+        everything += tests
+        summary = bug_summary(bugs)
+        figures["per_product"][pid] = {"tests": len(tests), "bugs": len(bugs), "by_status": summary["by_status"],
+                                       "rates": summary["rates"], "health": summary["health"]}
+    figures["tests"] = {"total": len(everything),
+                        "by_status": dict(collections.Counter(t["status"] for t in everything)),
+                        "by_testing_type": dict(collections.Counter(shown_testing_type(t["testing_type"])
+                                                                    for t in everything))}
+    figures["bugs"] = bug_summary([b for t in everything for b in served_bugs(t["id"])])
+    return figures
+
+
+def beside(now, before):
+    """Each figure of `now` next to the same one of `before`: {value, previous, change} for a number
+    (a count missing on one side is 0 there; change null when either is null), {value, previous}
+    for a health grade."""
+    if isinstance(now, dict):
+        return {k: beside(now.get(k, 0), before.get(k, 0)) for k in [*now, *(k for k in before if k not in now)]}
+    if isinstance(now, str):
+        return {"value": now, "previous": before}
+    if now is None or before is None:
+        return {"value": now, "previous": before, "change": None}
+    return {"value": now, "previous": before,
+            "change": round(now - before, 4) if isinstance(now - before, float) else now - before}
+
+
+CHANGE = ("value - previous: for a count the difference, for a rate the difference in rate units (0.05 = 5 "
+          "percentage points); null when either is null")
+
+
+@pytest.mark.parametrize("start, end, compare, previous, period", [
+    ("2026-10-01", "2026-10-31", "previous", ("2026-09-01", "2026-09-30"), "the previous calendar month"),
+    ("2026-07-01", "2026-09-30", "previous", ("2026-04-01", "2026-06-30"), "the previous 3 calendar months"),
+    ("2026-10-05", "2026-10-18", "previous", ("2026-09-21", "2026-10-04"), "the previous 14 days"),
+    ("2026-03-01", "2026-03-31", " previous ", ("2026-02-01", "2026-02-28"), "the previous calendar month"),
+    ("2026-10-01", "2026-10-31", "2025-10-01..2025-10-31", ("2025-10-01", "2025-10-31"), "the period given"),
+], ids=["month", "quarter", "two-weeks", "march-after-february", "explicit"])
+@pytest.mark.anyio
+async def test_quality_report_compare_sets_every_count_and_rate_beside_the_previous_periods(
+        db, start, end, compare, previous, period):
+    pids = PIDS[:2]
+    async with mcp_client(make_account().handler) as client:
+        data = await ok(client, "get_quality_report", {"product_ids": pids, "start_date": start, "end_date": end,
+                                                       "compare": compare})
+    now, before = period_figures(pids, start, end), period_figures(pids, *previous)
+    assert now["bugs"]["total"] and before["bugs"]["total"], "both periods must have bugs to mean anything"
+    assert data["tests"] == beside(now["tests"], before["tests"])
+    assert data["bugs"] == beside(now["bugs"], before["bugs"])
+    assert data["per_product"] == [{"product_id": pid, "name": NAMES[pid],
+                                    **beside(now["per_product"][pid], before["per_product"][pid])} for pid in pids]
+    assert data["compared_with"] == {"start_date": previous[0], "end_date": previous[1], "period": period,
+                                     "change": CHANGE}
+    assert (data["scope"]["start_date"], data["scope"]["end_date"]) == (start, end)
+    lo, hi = f"{start}T00:00:00Z", f"{date.fromisoformat(end) + timedelta(days=1)}T00:00:00Z"
+    assert {t["id"] for t in data["top_tests"]} <= {t["id"] for pid in pids for t in served_tests(pid)
+                                                   if lo <= utc(t["end_at"]) < hi}
+
+
+@pytest.mark.anyio
+async def test_quality_report_compare_with_an_empty_period_keeps_rates_null_and_changes_null_not_zero(db):
+    async with mcp_client(make_account().handler) as client:
+        against_nothing = await ok(client, "get_quality_report", {
+            "product_ids": [P], "start_date": "2026-10-01", "end_date": "2026-10-31",
+            "compare": "2019-01-01..2019-01-31"})
+        nothing = await ok(client, "get_quality_report", {"product_ids": [P], "start_date": "2019-02-01",
+                                                          "end_date": "2019-02-28", "compare": "previous"})
+    now = period_figures([P], "2026-10-01", "2026-10-31")
+    rates = against_nothing["bugs"]["rates"]
+    assert rates == {name: {"value": value, "previous": None, "change": None} for name, value in now["bugs"]["rates"].items()}
+    assert against_nothing["bugs"]["total"] == {"value": now["bugs"]["total"], "previous": 0,
+                                                "change": now["bugs"]["total"]}
+    assert {k: v["previous"] for k, v in against_nothing["bugs"]["health"].items()} == dict.fromkeys(
+        now["bugs"]["health"], "unknown")
+    assert nothing["bugs"]["rates"] == dict.fromkeys(rates, {"value": None, "previous": None, "change": None})
+    assert nothing["tests"]["total"] == {"value": 0, "previous": 0, "change": 0}
+    assert nothing["compared_with"]["start_date"] == "2019-01-01"
+
+
+def pivot_cells(start: str, end: str) -> dict:
+    """query_metrics by product and severity over the tests ending within [start, end], from the
+    pristine account: (product, severity) -> bug_count, test_count, rejection_rate, bugs_per_test."""
+    lo, hi = f"{start}T00:00:00Z", f"{date.fromisoformat(end) + timedelta(days=1)}T00:00:00Z"
+    groups = collections.defaultdict(list)
+    for pid in PIDS:
+        for t in served_tests(pid):
+            if lo <= utc(t["end_at"]) < hi:
+                for b in served_bugs(t["id"]):
+                    groups[(pid, b["severity"])].append(b)
+    return {cell: {"bug_count": len(bugs), "test_count": len({b["test"]["id"] for b in bugs}),
+                   "rejection_rate": bug_rates(bugs)["rejection_rate"],
+                   "bugs_per_test": round(len(bugs) / len({b["test"]["id"] for b in bugs}), 3)}
+            for cell, bugs in groups.items()}
+
+
+@pytest.mark.anyio
+async def test_query_metrics_compare_sets_each_metric_beside_the_previous_period_row_by_row(db):
+    metrics = ["bug_count", "test_count", "rejection_rate", "bugs_per_test"]
+    async with mcp_client(make_account().handler) as client:
+        data = await ok(client, "query_metrics", {"metrics": metrics, "dimensions": ["product", "severity"],
+                                                  "start_date": "2026-10-01", "end_date": "2026-10-31",
+                                                  "compare": "previous", "limit": 1000})
+    now, before = pivot_cells("2026-10-01", "2026-10-31"), pivot_cells("2026-09-01", "2026-09-30")
+    assert set(now) != set(before), "a row of one period only must be in the answer too"
+    counts = {"bug_count": 0, "test_count": 0, "rejection_rate": None, "bugs_per_test": None}
+    expected = {cell: {"product": cell[0], "severity": cell[1], "product_name": NAMES[cell[0]],
+                       **{m: beside(now.get(cell, counts)[m], before.get(cell, counts)[m]) for m in metrics}}
+                for cell in {*now, *before}}
+    assert {(r["product"], r["severity"]): r for r in data["rows"]} == expected
+    assert data["total_rows"] == len(expected) == len(data["rows"])
+    order = [r["bug_count"]["value"] for r in data["rows"]]
+    assert order == sorted(order, reverse=True)
+    assert data["compared_with"] == {"start_date": "2026-09-01", "end_date": "2026-09-30",
+                                     "period": "the previous calendar month", "change": CHANGE}
+
+
+###############################################################################
+# Prompts and resources: listed, rendered and completed through the SDK's client
+###############################################################################
+
+PROMPTS = ("weekly_review", "customer_meeting", "test_deep_dive")
+RESOURCES = ("testio://products", "testio://playbook")
+
+
+def tools_named(text: str) -> set[str]:
+    """The tool calls a prompt asks for: name(...)."""
+    return set(re.findall(r"\b([a-z]+(?:_[a-z]+)+)\(", text))
+
+
+@pytest.mark.anyio
+async def test_the_server_advertises_exactly_tools_prompts_resources_and_completions(db):
+    for mode in ("legacy", "auto"):  # the handshake era (Claude clients) and 2026-07-28
+        runtime = tm.Runtime(tm.Settings.from_env(), transport_for(make_account().handler))
+        async with Client(tm.build_server(runtime), mode=mode) as client:
+            capabilities = client.server_capabilities.model_dump(by_alias=True, exclude_none=True)
+            templates = (await client.list_resource_templates()).resource_templates
+        # no change notifications (nothing here changes the lists) and no resource subscriptions
+        assert capabilities == {"tools": {"listChanged": False}, "prompts": {"listChanged": False},
+                                "resources": {"subscribe": False, "listChanged": False}, "completions": {}}, mode
+        assert templates == [], mode
+
+
+@pytest.mark.anyio
+async def test_prompts_are_listed_with_described_arguments_and_render_chains_of_existing_tools(db):
+    today = datetime.now(timezone.utc).date()
+    test_id = served_tests(P)[3]["id"]
+    async with mcp_client(make_account().handler) as client:
+        listed = {p.name: p for p in (await client.list_prompts()).prompts}
+        weekly = await client.get_prompt("weekly_review", {})
+        weekly_one = await client.get_prompt("weekly_review", {"product_ids": f"{PIDS[1]}", "since": "2026-11-02"})
+        meeting = await client.get_prompt("customer_meeting", {"product_ids": f"{P},{PIDS[2]}"})
+        meeting_from = await client.get_prompt("customer_meeting", {"start_date": "2026-10-01",
+                                                                    "end_date": "2026-10-31"})
+        dive = await client.get_prompt("test_deep_dive", {"test_id": str(test_id)})
+        dive_unknown = await client.get_prompt("test_deep_dive", {"test_id": "777"})
+    assert list(listed) == list(tm.PROMPTS) == list(PROMPTS)
+    for name, p in listed.items():
+        assert p.title and p.description and len(p.description) > 40, name
+        assert p.arguments and all(a.description for a in p.arguments), name
+    assert [(a.name, a.required) for a in listed["test_deep_dive"].arguments] == [("test_id", True)]
+    texts = {}
+    for key, rendered in (("weekly", weekly), ("weekly_one", weekly_one), ("meeting", meeting),
+                          ("meeting_from", meeting_from), ("dive", dive), ("dive_unknown", dive_unknown)):
+        assert [m.role for m in rendered.messages] == ["user"], key
+        texts[key] = rendered.messages[0].content.text
+        assert tools_named(texts[key]) and tools_named(texts[key]) <= set(TOOLS), key
+    # weekly: every product by default, the last 7 days (today included), changes + queue + report vs before
+    week = (today - timedelta(days=6)).isoformat()
+    every = json.dumps(sorted(PIDS, key=lambda pid: NAMES[pid]))
+    assert f'get_changes(since="{week}", product_ids={every})' in texts["weekly"]
+    assert f"get_review_queue(product_ids={every})" in texts["weekly"]
+    assert (f'get_quality_report(product_ids={every}, start_date="{week}", end_date="{today}", '
+            f'compare="previous")') in texts["weekly"]
+    assert all(f"{NAMES[pid]} ({pid})" in texts["weekly"] for pid in PIDS) and "testio://playbook" in texts["weekly"]
+    assert f'get_changes(since="2026-11-02", product_ids=[{PIDS[1]}])' in texts["weekly_one"]
+    # meeting: the last full quarter by default, against the one before; or the period given
+    quarter_end = date(today.year, (today.month - 1) // 3 * 3 + 1, 1) - timedelta(days=1)
+    quarter = date(quarter_end.year, quarter_end.month - 2, 1)
+    assert (f'get_quality_report(product_ids=[{P}, {PIDS[2]}], start_date="{quarter}", end_date="{quarter_end}", '
+            f'compare="previous")') in texts["meeting"]
+    assert 'start_date="2026-10-01", end_date="2026-10-31"' in texts["meeting_from"]
+    assert "against 2026-09-01 to 2026-09-30" in texts["meeting_from"]
+    assert 'dimensions=["month"]' in texts["meeting"] and 'dimensions=["feature"]' in texts["meeting"]
+    # deep dive: the test named with its title and product when known, fetched by get_test_status when not
+    test = next(t for t in served_tests(P) if t["id"] == test_id)
+    assert f'test {test_id}, "{test["title"]}" ({test["status"]}, ends {utc(test["end_at"])}) of {NAMES[P]} ({P})' \
+        in texts["dive"]
+    assert f"get_test_status(test_id={test_id})" in texts["dive"] and f"product_ids=[{P}]" in texts["dive"]
+    assert "not in the local data yet: get_test_status fetches it" in texts["dive_unknown"]
+
+
+@pytest.mark.parametrize("name, args, fragments", [
+    ("weekly_review", {"product_ids": "99"}, ["product 99 is not in the local data", "list_products"]),
+    ("weekly_review", {"product_ids": "1;2"}, ["product_ids='1;2'", "positive whole number"]),
+    ("weekly_review", {"since": "last monday"}, ["since='last monday' is not a date", "YYYY-MM-DD"]),
+    ("weekly_review", {"since": "2999-01-01"}, ["since='2999-01-01' is in the future"]),
+    ("weekly_review", {"week": "1"}, ["weekly_review has no argument 'week'", "product_ids, since"]),
+    ("customer_meeting", {"end_date": "2026-10-31"}, ["end_date='2026-10-31' needs a start_date"]),
+    ("customer_meeting", {"start_date": "2026-11-01", "end_date": "2026-10-01"}, ["start_date='2026-11-01'", "after"]),
+    ("customer_meeting", {"start_date": "0001-01-01"}, ["no period before 0001-01-01"]),
+    ("test_deep_dive", {"test_id": "abc"}, ["test_id='abc'", "positive whole number"]),
+    ("test_deep_dive", {"test_id": "1,2"}, ["test_id='1,2' is not one test id"]),
+    ("test_deep_dive", {}, ["test_deep_dive needs test_id: the test (cycle) id"]),
+    ("weekly", {}, ["there is no prompt 'weekly'", "weekly_review, customer_meeting, test_deep_dive"]),
+], ids=["unknown-product", "bad-ids", "bad-since", "future-since", "unknown-argument", "end-without-start",
+        "swapped-dates", "nothing-before", "bad-test-id", "two-test-ids", "missing-test-id", "unknown-prompt"])
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+@pytest.mark.anyio
+async def test_a_prompt_with_a_bad_argument_answers_an_error_naming_it_and_the_fix(db, caplog, mode, name, args,
+                                                                                  fragments):
+    runtime = tm.Runtime(tm.Settings.from_env(), transport_for(make_account().handler))
+    async with Client(tm.build_server(runtime), mode=mode) as client:
+        with pytest.raises(Exception) as raised:
+            await client.get_prompt(name, args)
+    text = str(getattr(raised.value, "message", raised.value))
+    assert [f for f in fragments if f not in text] == [], text
+    assert "Traceback" not in text and "Error rendering prompt" not in text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+@pytest.mark.anyio
+async def test_resources_list_the_products_and_the_playbook_with_thresholds_and_the_review_window(db, monkeypatch):
+    monkeypatch.setenv("TESTIO_REVIEW_WINDOW_DAYS", "7")
+    async with mcp_client(make_account().handler) as client:
+        listed = (await client.list_resources()).resources
+        products = (await client.read_resource("testio://products")).contents
+        playbook = (await client.read_resource("testio://playbook")).contents
+        with pytest.raises(Exception) as unknown:
+            await client.read_resource("testio://nothing")
+    assert [(r.uri, r.mime_type) for r in listed] == [("testio://products", "application/json"),
+                                                      ("testio://playbook", "text/markdown")]
+    assert list(tm.RESOURCES) == list(RESOURCES) and all(r.title and r.description for r in listed)
+    served = json.loads(products[0].text)
+    assert served["data_as_of"] and products[0].mime_type == "application/json"
+    assert sorted((p["id"], p["name"], p["test_count"]) for p in served["products"]) == sorted(
+        (p["id"], p["name"], len(served_tests(p["id"]))) for p in PRISTINE.products_json())
+    text = playbook[0].text
+    for rate, warning, critical, sign in (("rejection_rate", "0.20", "0.35", ">="),
+                                          ("auto_acceptance_rate", "0.20", "0.40", ">="),
+                                          ("active_acceptance_rate", "0.35", "0.20", "<="),
+                                          ("review_rate", "0.80", "0.60", "<=")):
+        assert f"| {rate} |" in text and f"| {sign} {warning} | {sign} {critical} |" in text, rate
+        assert f"## {rate}" in text
+    assert "7 days after its test ends (TESTIO_REVIEW_WINDOW_DAYS)" in text and "get_review_queue" in text
+    assert "testio://nothing" in str(getattr(unknown.value, "message", unknown.value))
+
+
+@pytest.mark.anyio
+async def test_prompt_arguments_complete_to_product_and_test_ids_of_the_local_data(db):
+    from mcp.types import PromptReference
+    weekly, dive = PromptReference(type="ref/prompt", name="weekly_review"), \
+        PromptReference(type="ref/prompt", name="test_deep_dive")
+    by_name = sorted(PIDS, key=lambda pid: NAMES[pid])
+    newest = sorted((t for pid in PIDS for t in served_tests(pid)), key=lambda t: (utc(t["end_at"]), t["id"]),
+                    reverse=True)
+    word = NAMES[PIDS[1]].split()[-2]  # a word of one product's name
+    async with mcp_client(make_account().handler) as client:
+        async def complete(ref, name, value):
+            return (await client.complete(ref, {"name": name, "value": value})).completion
+        every = await complete(weekly, "product_ids", "")
+        by_word = await complete(weekly, "product_ids", word.lower())
+        second = await complete(weekly, "product_ids", f"{P},")
+        tests = await complete(dive, "test_id", "")
+        prefixed = await complete(dive, "test_id", str(newest[0]["id"])[:4])
+        nothing = await complete(dive, "test_id", "x")
+        other = await complete(weekly, "since", "2026")
+    assert (every.values, every.total, every.has_more) == ([str(p) for p in by_name], 3, False)
+    assert by_word.values == [str(PIDS[1])]
+    assert second.values == [f"{P},{p}" for p in by_name if p != P]
+    assert (tests.values, tests.has_more) == ([str(t["id"]) for t in newest[:100]], True)
+    assert prefixed.values == [str(t["id"]) for t in newest if str(t["id"]).startswith(str(newest[0]["id"])[:4])][:100]
+    assert nothing.values == [] and other.values == []
+
+
+###############################################################################
 # Answer sizes: what a chat model must read whole stays small by default
 ###############################################################################
 
@@ -4014,6 +4526,7 @@ async def test_every_tool_answers_the_demo_account_in_at_most_20_kb_with_default
              ("list_features", {"product_id": pids[1]}), ("get_quality_report", {"product_ids": pids}),
              ("query_metrics", {"metrics": every_metric, "dimensions": ["tester", "feature"]}),
              ("search", {"query": "login"}), ("sync_data", {}), ("get_database_stats", {}),
+             ("get_review_queue", {}),
              ("get_sync_history", {}), ("get_problematic_tests", {}), ("get_changes", {})]
     sizes = {}
     runtime = tm.Runtime(tm.Settings.from_env(demo=True), transport_for(demo.handler))
@@ -4106,6 +4619,23 @@ BAD_INPUT = [  # (tool, arguments, every fragment the error text must hold)
     ("get_sync_history", {"limit": 51}, ["limit: 51", "from 1 to 50"]),
     ("get_sync_history", {"limit": "ten"}, ["limit: 'ten'", "whole number from 1 to 50"]),
     ("get_problematic_tests", {"product_id": 0}, ["product_id: 0", "from 1 to"]),
+    ("get_review_queue", {"product_ids": [99]}, ["product 99 is not in the local data", "list_products"]),
+    ("get_review_queue", {"per_page": 0}, ["per_page: 0 is not accepted", "from 1 to 200"]),
+    ("get_quality_report", {"product_ids": [P], "compare": "previous"},
+     ["compare='previous' needs start_date", "end_date defaults to today"]),
+    ("get_quality_report", {"product_ids": [P], "start_date": "2026-01-01", "compare": "last month"},
+     ["compare='last month' is not accepted; use previous, or a period", "2026-01-01..2026-01-31"]),
+    ("get_quality_report", {"product_ids": [P], "start_date": "2026-01-01", "compare": "2026-02-01..2026-01-01"},
+     ["compare='2026-02-01..2026-01-01' starts after it ends"]),
+    ("get_quality_report", {"product_ids": [P], "start_date": "2026-01-01", "compare": "2026-02-01..2026-02-30"},
+     ["compare='2026-02-01..2026-02-30' is not a period", "YYYY-MM-DD..YYYY-MM-DD"]),
+    ("get_quality_report", {"product_ids": [P], "start_date": "0001-01-01", "end_date": "0001-12-31",
+                            "compare": "previous"}, ["no period before 0001-01-01"]),
+    ("get_quality_report", {"product_ids": [P], "start_date": "2999-01-01", "compare": "previous"},
+     ["start_date='2999-01-01' is after today", "end_date"]),
+    ("query_metrics", {**METRIC, "dimensions": ["month"], "start_date": "2026-01-01", "compare": "previous"},
+     ["compare does not fit dimensions='month'", "over both periods"]),
+    ("query_metrics", {**METRIC, "compare": "previous"}, ["compare='previous' needs start_date"]),
     # a bare value where a list belongs, an unknown name inside a list, a wrong type inside an object
     ("list_bugs", {"test_ids": 5}, ["test_ids: 5 is not accepted", "a JSON list", 'a comma string like "1,2"']),
     ("get_quality_report", {"product_ids": 5}, ["product_ids: 5 is not accepted", "a JSON list"]),
@@ -4794,7 +5324,8 @@ def _valid_values(acc) -> dict[str, list]:
             "filters": [{"severities": ["low"]}, {"product_ids": [pid]}, {"bug_statuses": "rejected"}],
             "query": ["checkout", "log*", "login button"], "entities": [["bug"], "test,feature"],
             "limit": [1, 5, 50], "mode": ["incremental", "refresh"],
-            "since": ["2026-11-01", "2026-11-20T09:00:00+01:00"], "kinds": [["bug_new"], "test_status,bug_status"]}
+            "since": ["2026-11-01", "2026-11-20T09:00:00+01:00"], "kinds": [["bug_new"], "test_status,bug_status"],
+            "compare": ["previous", "2025-01-01..2025-03-31"]}
 
 
 def generated_arguments(rng: random.Random, schema: dict, valid: dict[str, list]) -> dict:
@@ -5368,6 +5899,11 @@ def test_readme_names_every_tool_and_every_cli_command():
     names = [*TOOLS, *_cli_commands(tm.build_parser())]
     assert len(names) == 15 + 7
     assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", readme)] == []
+
+
+def test_readme_names_every_prompt_and_resource():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    assert [name for name in [*tm.PROMPTS, *tm.RESOURCES] if f"`{name}`" not in readme] == []
 
 
 CHECKOUT = ("/path/to/checkout", "C:\\path\\to\\checkout", ".")  # README's placeholders; "." in the checkout
