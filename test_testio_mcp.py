@@ -5897,7 +5897,7 @@ def _cli_commands(parser) -> list[str]:
 def test_readme_names_every_tool_and_every_cli_command():
     readme = (HERE / "README.md").read_text(encoding="utf-8")
     names = [*TOOLS, *_cli_commands(tm.build_parser())]
-    assert len(names) == 15 + 7
+    assert len(names) == 16 + 7
     assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", readme)] == []
 
 
