@@ -2478,7 +2478,7 @@ def test_the_installed_wheel_runs_version_and_a_demo_sync_outside_the_checkout(e
     assert run([venv / "bin" / "testio-mcp", "--version"], cwd=outside, env=environ).stdout == \
         f"testio-mcp {tm.__version__}\n"
     result = run([venv / "bin" / "testio-mcp", "sync", "--demo"], cwd=outside, env=environ)
-    assert "incremental sync success" in result.stderr
+    assert "refresh sync success" in result.stderr  # after the demo's week of history
     demo = outside / "data" / "demo.db"
     assert db_rows(demo, "SELECT count(*) FROM tests")[0][0] > 0
     assert db_rows(demo, "SELECT count(*) FROM search_fts")[0][0] > 0
@@ -5836,6 +5836,35 @@ def test_the_same_seed_at_the_same_time_gives_the_same_data_whatever_steps_led_t
                                         "ORDER BY id")))
     assert synced[0] == synced[1]
     assert synced[0] != synced[2]  # the week did change the account
+
+
+@pytest.mark.slow
+def test_a_first_demo_sync_reads_the_week_before_so_changes_and_the_review_queue_show_a_week(
+        env, capsys, monkeypatch):
+    clock = NOW + timedelta(hours=9)
+    monkeypatch.setattr(tm, "utc_now", lambda: clock)  # the demo's clock, and the syncs' own
+    monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
+    code, out, err = cli(capsys, "sync", "--demo")
+    assert code == 0, err
+    demo_db = env.with_name("demo.db")
+    assert db_rows(demo_db, "SELECT id, trigger, status FROM sync_runs ORDER BY id") == [
+        (1, "demo_history", "success"), (2, "cli", "success")]
+    assert db_rows(demo_db, "SELECT mode FROM sync_runs WHERE id = 2") == [("refresh",)]
+    served = served_statuses(Account(**tm.DEMO_ACCOUNT, at=clock))
+    stored = stored_state(demo_db)[0]  # brought to now by the second sync (tests that left stay)
+    assert {t: stored.get(t) for t in served[0]} == served[0]
+    runtime = tm.Runtime(tm.Settings.from_env(demo=True),
+                         transport_for(Account(**tm.DEMO_ACCOUNT, at=clock).handler))
+
+    async def ask():
+        async with Client(tm.build_server(runtime), mode="legacy") as client:
+            return [(await client.call_tool(tool, {"per_page": 1})).structured_content
+                    for tool in ("get_changes", "get_review_queue")]
+    changes, queue = asyncio.run(ask())
+    kinds = {kind for product in changes["summary"] for kind in product["by_kind"]}
+    assert {"test_new", "test_status", "bug_new", "bug_status"} <= kinds
+    assert changes["pagination"]["total"] > 100 and queue["summary"]["open_bugs"] > 0
+    assert queue["summary"]["stale_bugs"] == 0
 
 
 @pytest.mark.slow

@@ -3381,6 +3381,8 @@ class Runtime:
 
     settings: Settings
     transport: httpx.AsyncBaseTransport | None = None
+    # --demo: run before the first sync of an empty cache (DemoClock.read_history)
+    history: Callable[[SyncEngine, Sequence[int]], Awaitable[Any]] | None = None
 
     def client(self) -> TestioClient:
         """A new API client (ConfigError without a token)."""
@@ -3404,6 +3406,9 @@ async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, 
         raise SyncBusyError(message)
     try:
         engine = SyncEngine(db, client, runtime.settings, on_progress)
+        if runtime.history and mode in ("incremental", "refresh") and not await db.read(data_as_of):
+            await runtime.history(SyncEngine(db, client, runtime.settings), product_ids)
+            mode = "refresh"  # the week's reviews are on tests whose status did not change
         return await engine.run(mode, trigger=trigger, product_ids=product_ids, since=since)
     finally:
         lock.release()
@@ -5845,10 +5850,34 @@ DEMO_ACCOUNT = {"seed": 1, "products": 4, "tests_per_product": 750,
                 "now": datetime(2026, 1, 1, tzinfo=timezone.utc)}
 
 
-def demo_account() -> SimulatedAccount:
+DEMO_HISTORY = timedelta(days=7)
+
+
+class DemoClock:
+    """The --demo account's clock: now, but DEMO_HISTORY back while an empty cache reads the account
+    as it was then, so that the sync which follows fills the change log with a week of changes."""
+
+    def __init__(self) -> None:
+        self.back = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utc_now() - self.back
+
+    async def read_history(self, engine: SyncEngine, product_ids: Sequence[int]) -> None:
+        self.back = DEMO_HISTORY
+        try:
+            result = await engine.run("incremental", trigger="demo_history", product_ids=product_ids)
+        finally:
+            self.back = timedelta(0)
+        log.info("demo: the account as it was %d days ago: %d tests, %d bugs stored; a refresh "
+                 "brings it to now (get_changes shows the week)", DEMO_HISTORY.days,
+                 result.total("new_tests"), result.total("bugs"))
+
+
+def demo_account(clock: Callable[[], datetime] = utc_now) -> SimulatedAccount:
     """The --demo account at this moment: 4 products (one with sections), about 3,000 tests and
     24,000 bugs, moving on with the clock (at any time some bugs await the customer's review)."""
-    return SimulatedAccount(**DEMO_ACCOUNT, clock=utc_now)
+    return SimulatedAccount(**DEMO_ACCOUNT, clock=clock)
 
 
 ###############################################################################
@@ -6209,9 +6238,11 @@ def main(argv: Sequence[str] | None = None, *,
         print(f"testio-mcp: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.token, settings.http_token)
+    history = None
     if settings.demo and transport is None:
-        transport = httpx.MockTransport(demo_account().handler)
-    runtime = Runtime(settings, transport)
+        clock = DemoClock()
+        transport, history = httpx.MockTransport(demo_account(clock).handler), clock.read_history
+    runtime = Runtime(settings, transport, history)
     command = COMMANDS[args.command or "serve"]
     try:
         try:
