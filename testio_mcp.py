@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import dataclasses
 import email.utils
+import functools
 import gc
 import hashlib
 import heapq
@@ -4903,6 +4904,24 @@ async def _from_local(state: AppState, call: Callable[[], Awaitable[Any]]) -> An
             return await call()
 
 
+@functools.cache
+def _sdk_tools() -> tuple[Any, ...]:
+    """The SDK's Tool of each tool of TOOLS, in order, through ToolCalls: made once per process and
+    shared by every server built (each holds no server or state: a call finds its AppState in its
+    Context), as making them (a pydantic model per tool's arguments and result) is most of the
+    work of building a server."""
+    from mcp.server.mcpserver.tools.base import Tool
+    from mcp.types import ToolAnnotations
+
+    calls = ToolCalls()
+    return tuple(Tool.from_function(
+        calls.apply(spec), name=spec.name, title=spec.title,
+        description=inspect.cleandoc(spec.fn.__doc__),
+        annotations=ToolAnnotations(read_only_hint=spec.read_only, idempotent_hint=spec.read_only,
+                                    open_world_hint=spec.open_world))
+        for spec in TOOLS.values())
+
+
 def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
     """The MCP server (an MCPServer): app_lifespan's AppState; every tool of TOOLS, in order,
     through ToolCalls; the prompts of PROMPTS, whose product and test ids complete from the local
@@ -4913,7 +4932,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
     from mcp.server.mcpserver.exceptions import ResourceError, ToolError
     from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
     from mcp.shared.exceptions import MCPError
-    from mcp.types import INVALID_PARAMS, Completion, Resource, ToolAnnotations
+    from mcp.types import INVALID_PARAMS, Completion, Resource
     from pydantic import ValidationError
 
     live: list[AppState] = []  # the running lifespan's state: the SDK gives a completion no context
@@ -4994,13 +5013,7 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
     # fixed; a resource's text is read afresh each time), so 2026-07-28 clients are not offered
     # subscriptions/listen either
     server = Server("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS,
-                    lifespan=lifespan, subscriptions=False)
-    calls = ToolCalls()
-    for spec in TOOLS.values():
-        annotations = ToolAnnotations(read_only_hint=spec.read_only, idempotent_hint=spec.read_only,
-                                      open_world_hint=spec.open_world)
-        server.add_tool(calls.apply(spec), name=spec.name, title=spec.title,
-                        description=inspect.cleandoc(spec.fn.__doc__), annotations=annotations)
+                    lifespan=lifespan, subscriptions=False, tools=list(_sdk_tools()))
 
     def rendering(spec: PromptSpec) -> Callable[..., Awaitable[str]]:
         async def render(ctx: Any, **arguments: str) -> str:
