@@ -2968,6 +2968,16 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
         assert [w.strip(" '") for w in check.split(",")] in words.values(), check
     for subset in (tm.FINAL_STATUSES, tm.PRE_RUN_STATUSES, tm.EXECUTED_STATUSES):
         assert set(subset) <= set(tm.TEST_STATUSES)
+    assert set(tm.FUNCTIONAL_SEVERITIES) <= set(tm.SEVERITIES)
+    assert set(tm.COMPLETED_RUN_STATUSES) <= set(tm.RUN_STATUSES)
+    # a list of words in SQL: schema.sql spells out a vocabulary (a partial index's WHERE), the module
+    # formats its constants in (_sql_words) and spells out none
+    subsets = [list(getattr(tm, name)) for name in ("FINAL_STATUSES", "PRE_RUN_STATUSES", "EXECUTED_STATUSES",
+                                                    "COMPLETED_RUN_STATUSES")]
+    listed = re.findall(r"\bIN\s*\(\s*('[^)]*)\)", (HERE / "schema.sql").read_text())
+    assert listed and [w for w in listed if [x.strip(" '") for x in w.split(",")] not in [*words.values(),
+                                                                                       *subsets]] == []
+    assert re.findall(r"\bIN\s*\(\s*'", (HERE / "testio_mcp.py").read_text()) == []
     assert set(tm.TOOL_SYNC_MODES) <= set(tm.SYNC_MODES)
     assert set(tm.BUG_STATUS_ALIASES.values()) <= set(tm.BUG_STATUSES)
     # the pure helpers map the API's words into the vocabularies, and the data a sync stored holds no other
@@ -2982,6 +2992,7 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
     assert all(stored.values())
     assert {key: values - set(columns[key]) for key, values in stored.items()} == {key: set()
                                                                                    for key in columns}
+    assert {row[0] for row in db_rows(db, "SELECT status FROM sync_runs")} <= set(tm.RUN_STATUSES)
 
 
 @pytest.mark.anyio

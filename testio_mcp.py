@@ -107,12 +107,14 @@ BACKOFF_CAP = 30.0
 #   TESTING_TYPES      as shown: the API's 'external' is custom, none is test_case
 #   BUG_STATUSES       as shown: the API's 'forwarded' is open (list_bugs takes both), an accepted
 #                      bug with auto_accepted set is auto_accepted
-#   SEVERITIES         as the API sends them; BUG_TYPES: the type a severity implies (bug_type())
+#   SEVERITIES         as the API sends them; BUG_TYPES: the type a severity implies (bug_type():
+#                      FUNCTIONAL_SEVERITIES are functional, the others their own type)
 #   REJECTION_REASONS  the standard ones, with the comment text that gives each away; REASONS adds
 #                      "other" (a rejected bug without one)
 #   PRODUCT_TYPES, SEARCH_ENTITIES, SYNC_MODES (TOOL_SYNC_MODES: all but nuke), SORT_ORDERS,
 #   TRANSPORTS, LOG_LEVELS
 #   CHANGE_KINDS       what the change log (get_changes) records; schema.sql's triggers write them
+#   RUN_STATUSES       a sync run's; COMPLETED_RUN_STATUSES: its data stored (what data_as_of dates)
 #   METRICS, METRIC_DIMENSIONS, METRIC_FILTERS, TEST_SORTS: in "Store: read queries", each name with
 #                      the SQL it stands for
 TEST_STATUSES = ("initialized", "customer_finalized", "waiting", "running", "locked", "archived",
@@ -123,7 +125,8 @@ EXECUTED_STATUSES = ("running", "locked", "archived", "customer_finalized")
 TESTING_TYPES = ("coverage", "focused", "rapid", "usability", "custom", "test_case")
 BUG_STATUSES = ("open", "accepted", "auto_accepted", "rejected")
 BUG_STATUS_ALIASES = {"forwarded": "open"}
-SEVERITIES = ("low", "high", "critical", "visual", "content", "custom")
+FUNCTIONAL_SEVERITIES = ("low", "high", "critical")  # the severities of a functional bug
+SEVERITIES = (*FUNCTIONAL_SEVERITIES, "visual", "content", "custom")
 BUG_TYPES = ("functional", "visual", "content", "custom")
 PRODUCT_TYPES = ("website", "mobile_app_ios", "mobile_app_android", "mobile_app_windows",
                  "streaming_app", "gaming")
@@ -134,6 +137,8 @@ SORT_ORDERS = ("asc", "desc")
 TRANSPORTS = ("stdio", "http")
 CHANGE_KINDS = ("test_new", "test_status", "test_dates", "test_deleted",  # schema.sql's change log
                 "bug_new", "bug_status", "bug_severity")
+RUN_STATUSES = ("running", "success", "completed_with_problems", "failed", "interrupted", "skipped")
+COMPLETED_RUN_STATUSES = ("success", "completed_with_problems")
 REJECTION_REASONS = {
     "device_not_relevant": "This device is not relevant and the bug will not be fixed.",
     "ignored_instructions": "The test instructions were not followed.",
@@ -451,7 +456,7 @@ def bug_status(bug: dict) -> str:
 
 def bug_type(severity: Any) -> str:
     """The bug type hidden in the overloaded severity: functional, visual, content or custom."""
-    return "functional" if severity in ("low", "high", "critical") else str(severity or "unknown")
+    return "functional" if severity in FUNCTIONAL_SEVERITIES else str(severity or "unknown")
 
 
 def rejection_reason(bug: dict) -> str | None:
@@ -828,12 +833,17 @@ def _schema_statement(name: str) -> str:
     return found.group(0)
 
 
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version the database file records (0: a new file)."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         raise SchemaError(f"this Python's SQLite is {sqlite3.sqlite_version}; testio-mcp needs "
                           f"{'.'.join(map(str, MIN_SQLITE))} or newer: use a newer Python build")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = schema_version(conn)
     if version > SCHEMA_VERSION:
         raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this "
                           f"one knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} "
@@ -1154,6 +1164,16 @@ class Database:
             self._conns.clear()
 
 
+def _sql_words(words: Sequence[str]) -> str:
+    """A vocabulary of the constants as SQL text literals ('a', 'b'): the one way a word is
+    formatted into SQL, where the statement needs the words themselves (a partial index's WHERE
+    is matched by its text; a statement made once at import). ValueError for anything but a word."""
+    bad = [w for w in words if not re.fullmatch(r"[a-z_]+", w)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a vocabulary word")
+    return ", ".join(f"'{w}'" for w in words)
+
+
 UPSERT_PRODUCT_SQL = """
 INSERT INTO products (id, name, type, description, has_sections, section_ids, raw, synced_at)
 VALUES (:id, :name, :type, :description, :has_sections, :section_ids, :raw, :synced_at)
@@ -1175,12 +1195,12 @@ ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, title = excluded
 # A stored test is rewritten only when its data changed (then changed_at is this sync's time). A new
 # test, or one whose status changed, gets its bugs (re)fetched: bugs_synced_at goes NULL, except
 # before the test runs, when no tester can have reported anything yet.
-UPSERT_TEST_SQL = """
+UPSERT_TEST_SQL = f"""
 INSERT INTO tests (id, product_id, section_id, title, status, review_status, testing_type,
                    start_at, end_at, raw, changed_at, bugs_synced_at)
 VALUES (:id, :product_id, :section_id, :title, :status, :review_status, :testing_type,
         :start_at, :end_at, :raw, :synced_at,
-        CASE WHEN :status IN ('initialized', 'customer_finalized', 'waiting') THEN :synced_at END)
+        CASE WHEN :status IN ({_sql_words(PRE_RUN_STATUSES)}) THEN :synced_at END)
 ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, section_id = excluded.section_id,
     title = excluded.title, status = excluded.status, review_status = excluded.review_status,
     testing_type = excluded.testing_type, start_at = excluded.start_at, end_at = excluded.end_at,
@@ -1364,8 +1384,9 @@ def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
     """What --refresh re-reads: the tests that can still change (`ids`), those of them that can
     have bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of
     margin)."""
+    # the words, not bound values: only the text of its WHERE lets SQLite use tests_not_final
     rows = conn.execute("SELECT id, status, end_at FROM tests WHERE product_id = ? "
-                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id",
+                        f"AND status NOT IN ({_sql_words(FINAL_STATUSES)}) ORDER BY id",
                         (product_id,)).fetchall()
     ends = [r["end_at"] for r in rows]
     pages = 0
@@ -1571,6 +1592,11 @@ def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
     return False
 
 
+# the end of the last sync whose data was stored: the freshness every answer reports (data_as_of)
+LAST_GOOD_SYNC_SQL = ("SELECT max(ended_at) FROM sync_runs "
+                      f"WHERE status IN ({_sql_words(COMPLETED_RUN_STATUSES)})")
+
+
 def db_status(conn: sqlite3.Connection) -> dict:
     """Counts, oldest/newest test, per-product state and the last runs: `sync --status`."""
     # every figure comes from an index or the counts table: flat however many bugs are stored
@@ -1592,8 +1618,7 @@ def db_status(conn: sqlite3.Connection) -> dict:
         "LEFT JOIN counts c ON c.product_id = p.id LEFT JOIN product_sync s ON s.product_id = p.id "
         "ORDER BY p.name, p.id")]
     runs = [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT 5")]
-    last_ok = conn.execute("SELECT max(ended_at) FROM sync_runs WHERE status IN "
-                           "('success', 'completed_with_problems')").fetchone()[0]
+    last_ok = conn.execute(LAST_GOOD_SYNC_SQL).fetchone()[0]
     return {"counts": counts, "oldest_test_end": span[0], "newest_test_end": span[1],
             "products": products, "runs": runs, "last_successful_sync": last_ok}
 
@@ -1651,8 +1676,7 @@ class Where:
 
 def data_as_of(conn: sqlite3.Connection) -> str | None:
     """End of the last sync that completed (the freshness every answer reports)."""
-    return conn.execute("SELECT max(ended_at) FROM sync_runs "
-                        "WHERE status IN ('success', 'completed_with_problems')").fetchone()[0]
+    return conn.execute(LAST_GOOD_SYNC_SQL).fetchone()[0]
 
 
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
@@ -3712,7 +3736,7 @@ class AppState:
                 result = await run_locked_sync(self.runtime, self.db, client, mode, trigger=trigger,
                                                product_ids=product_ids, lock_timeout=lock_timeout,
                                                on_progress=track)
-                done = result.status in ("success", "completed_with_problems")
+                done = result.status in COMPLETED_RUN_STATUSES
                 self.has_data = self.has_data or done
                 return result
             finally:
@@ -4060,8 +4084,7 @@ async def health_check(state: AppState) -> HealthResult:
         token["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
     else:
         token["error"] = f"{ENV_TOKEN} is not set; only the local data can be queried"
-    status, version = await state.db.read(
-        lambda conn: (db_status(conn), conn.execute("PRAGMA user_version").fetchone()[0]))
+    status, version = await state.db.read(lambda conn: (db_status(conn), schema_version(conn)))
     path, running = state.settings.db_path, state.current_sync
     return HealthResult(
         data_as_of=status["last_successful_sync"], token=token,
