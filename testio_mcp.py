@@ -1692,6 +1692,15 @@ def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> d
     return names
 
 
+def product_names(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
+    """id -> name of these products in the order given (NotInCacheError naming one not stored), or
+    of every product by name when none is given."""
+    if product_ids:
+        names = _require_products(conn, product_ids)
+        return {pid: names[pid] for pid in product_ids}
+    return dict(conn.execute("SELECT id, name FROM products ORDER BY name, id").fetchall())
+
+
 def _like_literal(text: str) -> str:
     """`text` for LIKE ... ESCAPE '\\': its % and _ are characters, not wildcards."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -2332,23 +2341,22 @@ def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[in
     in scope its latest baseline (`logging` false: its first walk has not ended, nothing is logged)."""
     if product_ids:
         _require_products(conn, product_ids)
-    where, args = ["c.seen_at >= ?", "c.kind != 'baseline'"], [since]
-    for column, values in (("c.product_id", product_ids), ("c.kind", kinds)):
-        if values:
-            clause, more = _in(column, values)
-            where.append(clause)
-            args += more
-    clause = " AND ".join(where)
-    scope, scope_args = _in("p.id", product_ids) if product_ids else ("1 = 1", [])
+    where, scope = Where().add("c.seen_at >= ?", since).add("c.kind != 'baseline'"), Where()
+    if product_ids:
+        where.isin("c.product_id", product_ids)
+        scope.isin("p.id", product_ids)
+    if kinds:
+        where.isin("c.kind", kinds)
     products = [dict(r) for r in conn.execute(
         "SELECT p.id, p.name, s.last_synced_at IS NOT NULL AS logging, "
         " (SELECT max(c.seen_at) FROM changes c WHERE c.product_id = p.id AND c.kind = 'baseline') "
         " AS baseline FROM products p LEFT JOIN product_sync s ON s.product_id = p.id "
-        f"WHERE {scope} ORDER BY p.name, p.id", scope_args)]
+        f"WHERE {scope} ORDER BY p.name, p.id", scope.args)]
     names = {p["id"]: p["name"] for p in products}
     summary: dict[int, dict] = {}
     for pid, kind, new, n in conn.execute("SELECT c.product_id, c.kind, c.new_value, count(*) "
-                                          f"FROM changes c WHERE {clause} GROUP BY 1, 2, 3", args):
+                                          f"FROM changes c WHERE {where} GROUP BY 1, 2, 3",
+                                          where.args):
         entry = summary.setdefault(pid, {"product_id": pid, "product": names.get(pid), "total": 0,
                                          "by_kind": dict.fromkeys(CHANGE_KINDS, 0)})
         entry["total"] += n
@@ -2361,7 +2369,8 @@ def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[in
         for kind in ("test_status_to", "bug_status_to"):
             if kind in entry:
                 entry[kind] = dict(sorted(entry[kind].items(), key=lambda kv: -kv[1]))
-    rows = conn.execute(CHANGE_ROWS_SQL.format(where=clause), [*args, per_page, (page - 1) * per_page])
+    rows = conn.execute(CHANGE_ROWS_SQL.format(where=where),
+                        [*where.args, per_page, (page - 1) * per_page])
     return {"summary": sorted(summary.values(), key=lambda e: (e["product"] or "", e["product_id"])),
             "total": sum(e["total"] for e in summary.values()),
             "changes": [shape_change(r) for r in rows], "products": products}
@@ -2435,14 +2444,13 @@ def review_queue(conn: sqlite3.Connection, product_ids: Sequence[int], window_da
     earliest auto-acceptance first, then the tests past theirs (stale: still open here, but TestIO
     has most likely accepted them since the last sync); a summary (per product when several) and
     one page of bugs in REVIEW_ORDER within a test."""
-    names = (_require_products(conn, product_ids) if product_ids
-             else dict(conn.execute("SELECT id, name FROM products").fetchall()))
-    where, args = _in("b.product_id", sorted(names))
+    names = product_names(conn, product_ids)
+    where = Where().isin("b.product_id", sorted(names)).add("b.status = 'open'")
     ranked = []
     for test_id, title, pid, status, end_at, open_bugs in conn.execute(  # counted in the index
             f"SELECT t.id, t.title, t.product_id, t.status, t.end_at, o.n FROM (SELECT b.test_id, "
-            f"count(*) AS n FROM bugs b WHERE {where} AND b.status = 'open' GROUP BY b.test_id) o "
-            f"JOIN tests t ON t.id = o.test_id", args):
+            f"count(*) AS n FROM bugs b WHERE {where} GROUP BY b.test_id) o "
+            f"JOIN tests t ON t.id = o.test_id", where.args):
         deadline = auto_accept_at(end_at, window_days)
         stale = deadline is not None and deadline <= now
         group = {"test": {"id": test_id, "title": title, "product_id": pid, "status": status,
@@ -2469,11 +2477,11 @@ def review_queue(conn: sqlite3.Connection, product_ids: Sequence[int], window_da
             break
     bugs: dict[int, list[dict]] = collections.defaultdict(list)
     if shown:
-        tests, test_args = _in("b.test_id", [group["test"]["id"] for group, _, _ in shown])
+        tests = Where().isin("b.test_id", [group["test"]["id"] for group, _, _ in shown])
         for r in conn.execute(
                 f"SELECT b.id, b.test_id, b.title, b.severity, b.bug_type, b.known, b.reported_at, "
                 f"b.tester FROM bugs b WHERE {tests} AND b.status = 'open' "
-                f"ORDER BY b.test_id, {REVIEW_ORDER}", test_args):
+                f"ORDER BY b.test_id, {REVIEW_ORDER}", tests.args):
             bugs[r["test_id"]].append({
                 "id": r["id"], "title": r["title"], "severity": r["severity"],
                 "bug_type": r["bug_type"], "known": bool(r["known"]),
@@ -2530,7 +2538,7 @@ def complete_ids(conn: sqlite3.Connection, kind: str, typed: str,
     with it (the newest end first); none of `exclude`."""
     others, args = _in("id", exclude, "NOT IN")
     if kind == "product":
-        pattern = typed.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = _like_literal(typed)
         sql = (f"SELECT id FROM products WHERE {others} AND (cast(id AS TEXT) LIKE ? || '%' "
                f"ESCAPE '\\' OR name LIKE '%' || ? || '%' ESCAPE '\\') ORDER BY name, id LIMIT ?")
         args += [pattern, pattern]
@@ -4697,10 +4705,7 @@ ProductIdsText = Annotated[str | None, Arg("product ids, comma-separated (defaul
 async def _prompt_products(state: AppState, product_ids: str | None) -> dict[int, str]:
     """The products a prompt is about, id -> name: those given (each in the local data), else
     all."""
-    ids = parse_id_list(product_ids, "product_ids")
-    names = await state.db.read(lambda conn: _require_products(conn, ids) if ids else dict(
-        conn.execute("SELECT id, name FROM products ORDER BY name, id").fetchall()))
-    names = {pid: names[pid] for pid in ids} if ids else names  # in the order given
+    names = await state.db.read(product_names, parse_id_list(product_ids, "product_ids"))
     if not names:
         raise NotInCacheError("there are no products in the local data yet; run sync_data (or wait "
                               "for the first sync to end), then ask again")
@@ -4807,17 +4812,17 @@ async def test_deep_dive(
         raise ConfigError(f"test_id={test_id!r} is not one test id; give a whole number, e.g. "
                           f"101985")
     number = ids[0]
-    found = await state.db.read(lambda conn: conn.execute(
-        "SELECT t.title, t.status, t.end_at, t.product_id, p.name FROM tests t "
-        "JOIN products p ON p.id = t.product_id WHERE t.id = ?", (number,)).fetchone())
+    found = await state.db.read(query_test, number)
     if found is None:
         about = f"TestIO test {number} (not in the local data yet: get_test_status fetches it)"
         product = "its product (from get_test_status)"
         baseline = "the 90 days before the test's end"
     else:
-        title, status, end_at, pid, name = found
-        about = f'TestIO test {number}, "{title}" ({status}, ends {end_at}) of {name} ({pid})'
-        end = (parse_utc(end_at) or utc_now()).date()
+        test = found["test"]
+        pid, name = test["product"]["id"], test["product"]["name"]
+        about = (f'TestIO test {number}, "{test["title"]}" ({test["status"]}, ends '
+                 f'{test["end_at"]}) of {name} ({pid})')
+        end = (parse_utc(test["end_at"]) or utc_now()).date()
         product = f"[{pid}]"
         baseline = (f'start_date="{(end - timedelta(days=90)).isoformat()}", '
                     f'end_date="{end.isoformat()}"')
