@@ -2042,7 +2042,8 @@ METRIC_DIMENSIONS = {
     "feature": ("tf.feature_id", True),
     "month": ("substr(t.end_at, 1, 7)", False),
     "week": ("strftime('%Y-W%W', t.end_at)", False),
-    "quarter": ("substr(t.end_at, 1, 4) || '-Q' || ((cast(substr(t.end_at, 6, 2) AS INTEGER) + 2) / 3)", False),
+    "quarter": ("substr(t.end_at, 1, 4) || '-Q' || "
+                "((cast(substr(t.end_at, 6, 2) AS INTEGER) + 2) / 3)", False),
     "test_status": ("t.status", False),
     "testing_type": ("t.testing_type", False),
     "severity": ("b.severity", False),
@@ -2076,12 +2077,13 @@ METRICS = {  # metric -> the aggregates it is computed from
     "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
     "active_testers": ("testers",), "features_tested": ("features",),
     **{rate: _RATE_AGGREGATES for rate in ("active_acceptance_rate", "auto_acceptance_rate",
-                                           "overall_acceptance_rate", "rejection_rate", "review_rate")},
+                                           "overall_acceptance_rate", "rejection_rate",
+                                           "review_rate")},
 }
 METRIC_FILTERS = {  # filter key -> column
     "product_ids": "t.product_id", "test_statuses": "t.status", "testing_types": "t.testing_type",
-    "severities": "b.severity", "bug_types": "b.bug_type", "bug_statuses": "b.status", "testers": "b.tester",
-    "platforms": "b.platform", "rejection_reasons": "b.rejection_reason",
+    "severities": "b.severity", "bug_types": "b.bug_type", "bug_statuses": "b.status",
+    "testers": "b.tester", "platforms": "b.platform", "rejection_reasons": "b.rejection_reason",
 }
 
 
@@ -2215,7 +2217,8 @@ def _sort_pivot(rows: list[dict], key: str, metrics: Sequence[str]) -> None:
         rows.sort(key=lambda row: (row[key] is None, str(row[key])))
 
 
-def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
+def _label_dimensions(conn: sqlite3.Connection, rows: list[dict],
+                      dimensions: Sequence[str]) -> None:
     """Names beside ids: product_name, and for a feature its title and its product (two products'
     "Wishlist" features are different features)."""
     if "product" in dimensions:
@@ -2337,8 +2340,9 @@ WHERE {where} ORDER BY c.seen_at DESC, c.id DESC LIMIT ? OFFSET ?"""
 def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[int],
                   kinds: Sequence[str], page: int, per_page: int) -> dict:
     """The changes seen since `since` (UTC text) in these products (all when none) and kinds (all
-    when none): counts per product, kind and new status, one page newest first, and for each product
-    in scope its latest baseline (`logging` false: its first walk has not ended, nothing is logged)."""
+    when none): counts per product, kind and new status, one page newest first, and for each
+    product in scope its latest baseline (`logging` false: its first walk has not ended, nothing
+    is logged)."""
     if product_ids:
         _require_products(conn, product_ids)
     where, scope = Where().add("c.seen_at >= ?", since).add("c.kind != 'baseline'"), Where()
@@ -2361,7 +2365,7 @@ def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[in
                                          "by_kind": dict.fromkeys(CHANGE_KINDS, 0)})
         entry["total"] += n
         entry["by_kind"][kind] += n
-        if kind in ("test_status", "bug_status"):  # to what: locked, archived, accepted, rejected...
+        if kind in ("test_status", "bug_status"):  # to what: locked, archived, accepted...
             to = entry.setdefault(f"{kind}_to", {})
             to[new] = to.get(new, 0) + n
     for entry in summary.values():
@@ -2371,7 +2375,8 @@ def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[in
                 entry[kind] = dict(sorted(entry[kind].items(), key=lambda kv: -kv[1]))
     rows = conn.execute(CHANGE_ROWS_SQL.format(where=where),
                         [*where.args, per_page, (page - 1) * per_page])
-    return {"summary": sorted(summary.values(), key=lambda e: (e["product"] or "", e["product_id"])),
+    by_product = sorted(summary.values(), key=lambda e: (e["product"] or "", e["product_id"]))
+    return {"summary": by_product,
             "total": sum(e["total"] for e in summary.values()),
             "changes": [shape_change(r) for r in rows], "products": products}
 
@@ -2387,7 +2392,8 @@ def shape_change(row: sqlite3.Row) -> dict:
     return {k: v for k, v in change.items() if v is not None}
 
 
-def change_log_span(products: list[dict], since: str, kept_from: str) -> tuple[str | None, list[str]]:
+def change_log_span(products: list[dict], since: str,
+                    kept_from: str) -> tuple[str | None, list[str]]:
     """From when the change log is complete for every product of query_changes(), given the oldest
     time the retention keeps, and a line for each product whose log starts after `since` or has not
     started (its first sync has not ended)."""
@@ -2406,8 +2412,8 @@ def change_log_span(products: list[dict], since: str, kept_from: str) -> tuple[s
 
     lines = []
     if late:
-        lines.append(f"the log starts after since for {listed(late)} (a first sync, a --nuke or the "
-                     f"retention limit): changes before that are not in it")
+        lines.append(f"the log starts after since for {listed(late)} (a first sync, a --nuke or "
+                     f"the retention limit): changes before that are not in it")
     if silent:
         lines.append(f"no change log yet for {listed(silent)}: it starts when a first sync ends")
     return max(starts, default=None), lines
@@ -4013,8 +4019,8 @@ def _arg_since(value: str | None) -> str:
         return iso(now - timedelta(days=7))
     since = to_utc(value)
     if since is None:
-        raise ConfigError(f"since={value!r} is not a date or time; use YYYY-MM-DD (a UTC day) or an "
-                          f"ISO time like 2026-11-23T09:00:00+01:00")
+        raise ConfigError(f"since={value!r} is not a date or time; use YYYY-MM-DD (a UTC day) or "
+                          f"an ISO time like 2026-11-23T09:00:00+01:00")
     if since > iso(now):
         raise ConfigError(f"since={value!r} is in the future; give a past date, e.g. "
                           f"{iso(now - timedelta(days=7))[:10]} for the last 7 days")
@@ -4658,7 +4664,8 @@ class PromptSpec:
     def arguments(self) -> list[tuple[str, str, bool]]:
         """(name, description, required) of each argument, from the signature."""
         params = list(inspect.signature(self.fn).parameters.values())[1:]
-        described = [next(m for m in p.annotation.__metadata__ if isinstance(m, Arg)) for p in params]
+        described = [next(m for m in p.annotation.__metadata__ if isinstance(m, Arg))
+                     for p in params]
         return [(p.name, arg.description, p.default is inspect.Parameter.empty)
                 for p, arg in zip(params, described)]
 
@@ -4914,8 +4921,8 @@ def _lean_schema(schema: Any) -> Any:
     property's name again; a property named title stays) and additionalProperties: true (JSON
     Schema's default)."""
     if isinstance(schema, dict):
-        return {k: _lean_schema(v) if k != "properties" else {p: _lean_schema(s) for p, s in v.items()}
-                for k, v in schema.items()
+        return {k: {p: _lean_schema(s) for p, s in v.items()} if k == "properties"
+                else _lean_schema(v) for k, v in schema.items()
                 if k != "title" and not (k == "additionalProperties" and v is True)}
     if isinstance(schema, list):
         return [_lean_schema(item) for item in schema]
@@ -5342,7 +5349,7 @@ def _sim_weighted(seq, cum: tuple, u: float):
 
 
 def _sim_response(status: int, payload: object) -> httpx.Response:
-    # Payloads share sub-objects but never hold cycles; skipping the check halves the cost.
+    # Payloads share sub-objects but never hold cycles: the cycle check would only cost time.
     body = json.dumps(payload, check_circular=False).encode()
     return httpx.Response(status, content=body, headers={"content-type": "application/json"})
 
