@@ -2626,10 +2626,10 @@ def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(en
 
 
 ###############################################################################
-# MCP server: the 15 tools in memory, read-through, progress, stdio and HTTP subprocesses
+# MCP server: the tools in memory, read-through, progress, stdio and HTTP subprocesses
 ###############################################################################
 
-# MCP server tests (issue 3, and the server side of issue 5): the 15 tools through the SDK's
+# MCP server tests (issue 3, and the server side of issue 5): the tools through the SDK's
 # in-memory Client (handshake era, like Claude clients), one stdio subprocess through the SDK, raw
 # JSON-RPC over pipes, one HTTP subprocess, and the CLI. The simulated account behind
 # httpx.MockTransport (wrapped in Faults for failures) is the only fake; every expectation is
@@ -6003,6 +6003,18 @@ def test_ci_runs_exactly_the_readme_quick_start_and_its_test_command():
     assert ci.index(setup + " || exit 1") < ci.index(tests) == len(ci) - 1
     development = [text.strip() for _, text in readme_code_blocks(readme_section("Development"))]
     assert development[0] == tests  # the Development section's test command is the same
+
+
+def test_readme_development_maps_the_module_one_line_per_section_banner_in_order():
+    lines = (HERE / "testio_mcp.py").read_text().splitlines()
+    banners = []  # each banner's title up to its first "(", its lines joined
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("#" * 79) and lines[i + 1].startswith("# "):
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("#" * 79))
+            banners.append(" ".join(text[2:] for text in lines[i + 1:end]).split("(")[0].strip())
+    items = re.findall(r"^\d+\. (.*(?:\n {3,}.*)*)", readme_section("Development"), flags=re.M)
+    shown = [" ".join(item.replace("`", "").split()) for item in items]
+    assert len(shown) == len(banners) and [(b, s) for b, s in zip(banners, shown) if not s.startswith(b)] == []
 
 
 def _development_commands() -> list[list[str]]:

@@ -11,7 +11,9 @@ Run it:
 Data flow:
     TestIO API --HTTP--> TestioClient (one httpx.AsyncClient, one semaphore, retries, metrics)
         --> SyncEngine (pages, bug batches, checkpoints, poisoned-page recovery)
-        --> Database gateway --> SQLite (schema.sql) <-- Database gateway <-- MCP tools / CLI
+        --> Database gateway --> SQLite (schema.sql; its triggers keep the change log get_changes reads)
+        <-- Database gateway <-- MCP tools (lists, reports, pivots, search, the review queue,
+            changes), prompts and resources over them, and the CLI
 
 Concurrency rule: the event loop never touches SQLite; every call crosses to the one writer thread
 or a reader thread through `Database.write()` / `Database.read()`.
@@ -56,6 +58,59 @@ import httpx
 
 __version__ = "0.1.0"
 log = logging.getLogger("testio_mcp")
+
+###############################################################################
+# Errors
+###############################################################################
+
+class TestioError(Exception):
+    """Base of every error this module raises on purpose; its text is safe to show a user."""
+
+
+class ConfigError(TestioError):
+    """A setting or an argument is invalid."""
+
+
+class SchemaError(TestioError):
+    """The database was written by a newer testio-mcp, or cannot be migrated."""
+
+
+class CacheRebuiltError(TestioError):
+    """The cache file turned out damaged and was replaced by a fresh one: the call can be made
+    again."""
+
+
+class SyncBusyError(TestioError):
+    """Another sync holds the lock on this database."""
+
+
+class ApiError(TestioError):
+    """The TestIO API answered with an error."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(ApiError):
+    """The API rejected the token (401)."""
+
+
+class NotFoundError(ApiError):
+    """The API has no such resource for this token (403/404)."""
+
+
+class ServerError(ApiError):
+    """The API kept failing (5xx, 524, timeouts, resets) after the retries."""
+
+
+class RateLimitedError(ApiError):
+    """The API kept answering 429, or asked to wait longer than we will."""
+
+
+class MalformedResponseError(ApiError):
+    """The API answered 200 with a body that is not the JSON shape we expect."""
+
 
 ###############################################################################
 # Settings: constants and configuration from the environment (and a .env file)
@@ -265,57 +320,22 @@ def _number(env: dict[str, str], name: str, default: str, *, integer: bool = Fal
     return value
 
 
-###############################################################################
-# Errors
-###############################################################################
-
-class TestioError(Exception):
-    """Base of every error this module raises on purpose; its text is safe to show a user."""
-
-
-class ConfigError(TestioError):
-    """A setting or an argument is invalid."""
-
-
-class SchemaError(TestioError):
-    """The database was written by a newer testio-mcp, or cannot be migrated."""
-
-
-class CacheRebuiltError(TestioError):
-    """The cache file turned out damaged and was replaced by a fresh one: the call can be made
-    again."""
-
-
-class SyncBusyError(TestioError):
-    """Another sync holds the lock on this database."""
-
-
-class ApiError(TestioError):
-    """The TestIO API answered with an error."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class AuthError(ApiError):
-    """The API rejected the token (401)."""
-
-
-class NotFoundError(ApiError):
-    """The API has no such resource for this token (403/404)."""
-
-
-class ServerError(ApiError):
-    """The API kept failing (5xx, 524, timeouts, resets) after the retries."""
-
-
-class RateLimitedError(ApiError):
-    """The API kept answering 429, or asked to wait longer than we will."""
-
-
-class MalformedResponseError(ApiError):
-    """The API answered 200 with a body that is not the JSON shape we expect."""
+def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
+    """'1,2' or [1, 2] as a tuple of positive ints; ConfigError naming `name` otherwise."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{name}={value!r} is not a list of ids; use e.g. 123,456")
+    ids = []
+    for item in items:
+        text = str(item).strip()
+        digits = text.isascii() and text.isdigit()
+        if isinstance(item, bool) or not digits or not 1 <= int(text) <= MAX_ID:
+            raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use "
+                              f"e.g. 123,456")
+        ids.append(int(text))
+    return tuple(dict.fromkeys(ids))
 
 
 ###############################################################################
@@ -361,24 +381,6 @@ def parse_date(value: str, name: str) -> date:
     except (ValueError, AttributeError):
         raise ConfigError(f"{name}={value!r} is not a date; use YYYY-MM-DD, e.g. "
                           f"2026-01-31") from None
-
-
-def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
-    """'1,2' or [1, 2] as a tuple of positive ints; ConfigError naming `name` otherwise."""
-    if value is None or value == "":
-        return ()
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise ConfigError(f"{name}={value!r} is not a list of ids; use e.g. 123,456")
-    ids = []
-    for item in items:
-        text = str(item).strip()
-        digits = text.isascii() and text.isdigit()
-        if isinstance(item, bool) or not digits or not 1 <= int(text) <= MAX_ID:
-            raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use "
-                              f"e.g. 123,456")
-        ids.append(int(text))
-    return tuple(dict.fromkeys(ids))
 
 
 class ApiObject(dict):
@@ -2320,7 +2322,7 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 
 ###############################################################################
 # Store: the change log (written by schema.sql's triggers with the data; pruned by the sync;
-# read by get_changes)
+# read by get_changes), then the weekly questions: the review queue, periods compared, completion
 ###############################################################################
 
 def prune_changes(conn: sqlite3.Connection, before: str) -> int:
@@ -3449,8 +3451,9 @@ async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, 
 
 
 ###############################################################################
-# MCP server: app state, lifespan, background freshness, the tools in a registry (event loop;
-# the SDK and pydantic are imported by build_server only: `testio-mcp sync` never loads them)
+# MCP server: app state, lifespan, background freshness; the tools in a registry (@tool fills
+# TOOLS, ToolCalls wraps each call), the prompts and resources, build_server, HTTP serving (event
+# loop; the SDK and pydantic are imported by build_server only: `testio-mcp sync` never loads them)
 ###############################################################################
 
 READ_THROUGH_TIMEOUT = 15.0   # seconds a tool waits for the API before answering from the cache
@@ -5086,34 +5089,6 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
     return server
 
 
-def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
-    """`testio-mcp [serve]`: the MCP server over stdio (default) or streamable HTTP."""
-    transport = getattr(args, "transport", "stdio")
-    if transport == "http":
-        host, port, token = args.host, args.port, runtime.settings.http_token
-        remote = not _is_loopback(host)
-        if remote and not args.allow_remote:
-            raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach "
-                              f"it could read your TestIO data; to serve a team add --allow-remote "
-                              f"and set {ENV_HTTP_TOKEN}")
-        if remote and not token:
-            raise ConfigError(f"--host {host} is reachable from other machines and "
-                              f"{ENV_HTTP_TOKEN} is not set: set it to a random secret "
-                              f"({NEW_TOKEN_HINT}) and have clients send Authorization: Bearer "
-                              f"<that secret>")
-        server = build_server(runtime)
-        _freeze_startup_objects()
-        if remote:
-            log.warning("serving on %s:%s to other machines: every request needs the bearer "
-                        "token; plain HTTP carries it in clear, so off a trusted network put TLS "
-                        "(a reverse proxy) in front", host, port)
-        return asyncio.run(_serve_http(server, host, port, token))
-    server = build_server(runtime, exit_on_sigterm=True)
-    _freeze_startup_objects()
-    asyncio.run(server.run_stdio_async())
-    return 0
-
-
 def _freeze_startup_objects() -> None:
     """Keep what the imports and tool registration built out of every later garbage collection: a
     full collection over them is an outlier in any tool call it lands in. (No gc.collect() first: it
@@ -6087,6 +6062,34 @@ def _print_summary(result: SyncResult) -> None:
                         "problems", "status"]), file=sys.stderr)
     print(f"{result.mode} sync {result.status} in {result.seconds:.1f}s with "
           f"{result.api_requests} API requests (run {result.run_id})", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
+    """`testio-mcp [serve]`: the MCP server over stdio (default) or streamable HTTP."""
+    transport = getattr(args, "transport", "stdio")
+    if transport == "http":
+        host, port, token = args.host, args.port, runtime.settings.http_token
+        remote = not _is_loopback(host)
+        if remote and not args.allow_remote:
+            raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach "
+                              f"it could read your TestIO data; to serve a team add --allow-remote "
+                              f"and set {ENV_HTTP_TOKEN}")
+        if remote and not token:
+            raise ConfigError(f"--host {host} is reachable from other machines and "
+                              f"{ENV_HTTP_TOKEN} is not set: set it to a random secret "
+                              f"({NEW_TOKEN_HINT}) and have clients send Authorization: Bearer "
+                              f"<that secret>")
+        server = build_server(runtime)
+        _freeze_startup_objects()
+        if remote:
+            log.warning("serving on %s:%s to other machines: every request needs the bearer "
+                        "token; plain HTTP carries it in clear, so off a trusted network put TLS "
+                        "(a reverse proxy) in front", host, port)
+        return asyncio.run(_serve_http(server, host, port, token))
+    server = build_server(runtime, exit_on_sigterm=True)
+    _freeze_startup_objects()
+    asyncio.run(server.run_stdio_async())
+    return 0
 
 
 def cmd_sync(args: argparse.Namespace, runtime: Runtime) -> int:
