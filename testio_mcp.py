@@ -11,9 +11,9 @@ Run it:
 Data flow:
     TestIO API --HTTP--> TestioClient (one httpx.AsyncClient, one semaphore, retries, metrics)
         --> SyncEngine (pages, bug batches, checkpoints, poisoned-page recovery)
-        --> Database gateway --> SQLite (schema.sql; its triggers keep the change log get_changes reads)
+        --> Database gateway --> SQLite (schema.sql; its triggers keep the change log)
         <-- Database gateway <-- MCP tools (lists, reports, pivots, search, the review queue,
-            changes), prompts and resources over them, and the CLI
+            get_changes), prompts and resources over them, and the CLI
 
 Concurrency rule: the event loop never touches SQLite; every call crosses to the one writer thread
 or a reader thread through `Database.write()` / `Database.read()`.
