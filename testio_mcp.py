@@ -5191,7 +5191,6 @@ async def _serve_http(server: Any, host: str, port: int, token: str | None) -> i
 # test_testio_mcp.py with scenario controls, truth accessors and a clock they advance.
 ###############################################################################
 
-SIM_PRODUCT_TYPES = PRODUCT_TYPES
 _SIM_TYPE_SUFFIX = ("Web", "iOS", "Android", "Windows", "TV", "Play")
 _SIM_NAME_PREFIX = ("Drift", "Velvet", "Vertex", "Nimbus", "Cobalt",
                     "Juniper", "Harbor", "Quartz", "Ember", "Atlas")
@@ -5221,8 +5220,7 @@ _SIM_FIRST = ("clara", "greta", "mara", "jonas", "li", "amir", "sofia", "ivan", 
 _SIM_LAST = ("dubois", "silva", "berg", "novak", "kim", "haddad", "rossi", "petrov",
              "smith", "nakamura", "garcia", "weber", "singh", "okafor")
 _SIM_CUSTOMER_USERS = ("Mara Novak", "Tom Becker", "Priya Shah")
-_SIM_SEVERITIES = SEVERITIES  # weighted by _SIM_SEVERITY_CUM, in this order
-_SIM_SEVERITY_CUM = tuple(itertools.accumulate((30, 25, 7, 18, 15, 5)))
+_SIM_SEVERITY_CUM = tuple(itertools.accumulate((30, 25, 7, 18, 15, 5)))  # SEVERITIES' weights
 _SIM_PROBLEMS = {
     "functional": ("App crashes after saving", "Button does nothing on tap",
                    "Error 500 after submitting the form", "Wrong total price shown",
@@ -5420,7 +5418,7 @@ class SimulatedAccount:
         rng = random.Random(_sim_seed(self._seed, 1, i))
         a, b = i % 10, (i // 10 + i) % 10
         base = f"{_SIM_NAME_PREFIX[(a + self._seed) % 10]} {_SIM_NAME_DOMAIN[b]}"
-        ptype = SIM_PRODUCT_TYPES[i % len(SIM_PRODUCT_TYPES)]
+        ptype = PRODUCT_TYPES[i % len(PRODUCT_TYPES)]
         short = f"{base} {_SIM_TYPE_SUFFIX[i % 6]}" + (f" {i // 100 + 1}" if i >= 100 else "")
         pid = 18_000 + 7 * i + rng.randrange(7)
         url = "https://" + short.lower().replace(" ", "-") + ".example.com"
@@ -5700,7 +5698,7 @@ class SimulatedAccount:
         bid = t.id * _SIM_BUG_STRIDE + j
         k = int(u[0] * len(chosen))
         feature = chosen[k]
-        severity = _sim_weighted(_SIM_SEVERITIES, _SIM_SEVERITY_CUM, u[1])
+        severity = _sim_weighted(SEVERITIES, _SIM_SEVERITY_CUM, u[1])
         problem = _sim_pick(_SIM_PROBLEMS.get(severity, _SIM_PROBLEMS["functional"]), u[2])
         outcome = "accepted" if u[3] < 0.6 else "rejected" if u[3] < 0.85 else None
         status, auto = "forwarded", False
