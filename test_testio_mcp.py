@@ -2121,15 +2121,17 @@ DAMAGE_REASON = r"(file is not a database|database disk image is malformed)"
 
 
 def damage(path: Path, where: str) -> None:
-    """Spoil a (checkpointed) database file the way disks, copies and people do."""
-    roots = [r for (r,) in db_rows(path, "SELECT rootpage FROM sqlite_master WHERE rootpage > 1")]
+    """Spoil a (checkpointed) database file the way disks, copies and people do ("tests-and-bugs": the
+    root pages of those two tables only, the others stay readable)."""
+    only = " AND name IN ('tests', 'bugs')" if where == "tests-and-bugs" else ""
+    roots = [r for (r,) in db_rows(path, f"SELECT rootpage FROM sqlite_master WHERE rootpage > 1{only}")]
     data = bytearray(path.read_bytes())
     page = int.from_bytes(data[16:18], "big")
     if where == "header":
         data[:16] = b"Not SQLite, sorry"[:16]
     elif where == "schema-page":
         data[100:page] = b"\xff" * (page - 100)
-    elif where == "data-pages":  # the root page of every table and index: the schema still reads
+    elif where in ("data-pages", "tests-and-bugs"):  # root pages of tables and indexes: the schema reads
         for root in roots:
             data[(root - 1) * page:root * page] = b"\xff" * page
     elif where == "truncated":
@@ -2206,15 +2208,9 @@ def test_hand_entered_problematic_mappings_outlive_a_damaged_cache_when_still_re
                      "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 3, 100, 250, 251, 5, "
                      "'2020-01-01T00:00:00Z', '2020-01-02T00:00:00Z')", (pid,))
         conn.execute("INSERT INTO problematic_tests VALUES ('e1', 4242, '2020-01-03T00:00:00Z')")
-        tests_root, bugs_root = (r for (r,) in conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') ORDER BY name DESC"))
     conn.close()
     mapped = every_row(env)
-    data = bytearray(env.read_bytes())
-    page = int.from_bytes(data[16:18], "big")
-    for root in (tests_root, bugs_root):
-        data[(root - 1) * page:root * page] = b"\xff" * page
-    env.write_bytes(bytes(data))
+    damage(env, "tests-and-bugs")
     code, _, err = cli(capsys, "sync", transport=mock(small_synced[1].handler))
     assert code == 0, err
     assert_told_once(err, env)
@@ -2882,18 +2878,29 @@ def newest_first(bugs: list[dict]) -> list[int]:
     return [b["id"] for b in sorted(bugs, key=lambda b: (utc(b["reported_at"]), b["id"]), reverse=True)]
 
 
-async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
-    """Every row of a paginated tool, checking total and has_more on each page."""
-    rows, page = [], 1
+async def pages(client, tool: str, args: dict, per_page: int = 200) -> list[dict]:
+    """Every page of a paginated tool's answer, checking each page's pagination and, on each page but
+    the last, the note naming the call for the next."""
+    answers, page = [], 1
     while True:
-        data = await ok(client, tool, {**args, "page": page, "per_page": 200})
-        rows += data[key]
-        assert data["pagination"] == {"page": page, "per_page": 200, "total": data["pagination"]["total"],
-                                      "has_more": page * 200 < data["pagination"]["total"]}
+        data = await ok(client, tool, {**args, "page": page, "per_page": per_page})
+        answers.append(data)
+        total = data["pagination"]["total"]
+        assert data["pagination"] == {"page": page, "per_page": per_page, "total": total,
+                                      "has_more": page * per_page < total}
         if not data["pagination"]["has_more"]:
-            assert len(rows) == data["pagination"]["total"]
-            return rows
+            return answers
+        assert data["notes"][-1].startswith(f"{(page - 1) * per_page + 1}-{page * per_page} of {total} shown; "
+                                            f"call {tool} again with page={page + 1}")
         page += 1
+
+
+async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
+    """Every row of a paginated tool (pages())."""
+    answers = await pages(client, tool, args)
+    rows = [row for data in answers for row in data[key]]
+    assert len(rows) == answers[-1]["pagination"]["total"]
+    return rows
 
 
 ###############################################################################
@@ -3702,11 +3709,12 @@ async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_no
 # The change log: get_changes against an account changed between two syncs
 ###############################################################################
 
-def served_state(acc) -> dict:
-    """What the account serves, for a diff made without the module: tests by id (product, title, status,
-    UTC start/end) and bugs by id (product, test, title, shown status, rejection reason, severity)."""
+def served_state(acc, product_id: int | None = None) -> dict:
+    """What the account serves (of one product, or all), for a diff made without the module: tests by id
+    (product, title, status, UTC start/end) and bugs by id (product, test, title, shown status, rejection
+    reason, severity)."""
     tests, bugs = {}, {}
-    for pid in acc.product_ids():
+    for pid in [product_id] if product_id is not None else acc.product_ids():
         for tid in acc.test_ids(pid):
             t = acc.test_json(tid)
             tests[tid] = {"product_id": pid, "title": t["title"], "status": t["status"],
@@ -3961,13 +3969,7 @@ def test_the_sync_prunes_changes_older_than_the_retention(changed, env, capsys, 
 def test_the_change_log_outlives_a_damaged_cache_when_still_readable(changed, env, capsys):
     _, acc, _, _, _, _ = changed
     log = db_rows(env, "SELECT * FROM changes ORDER BY id")
-    (tests_root,), (bugs_root,) = db_rows(env, "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') "
-                                               "ORDER BY name DESC")
-    data = bytearray(env.read_bytes())
-    page = int.from_bytes(data[16:18], "big")
-    for root in (tests_root, bugs_root):
-        data[(root - 1) * page:root * page] = b"\xff" * page
-    env.write_bytes(bytes(data))
+    damage(env, "tests-and-bugs")
     code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
     assert code == 0, err
     assert_told_once(err, env)
@@ -4070,25 +4072,17 @@ def review_summary(groups: list[dict], now: datetime) -> dict:
 async def review_pages(client, args: dict, per_page: int) -> tuple[dict, list[dict]]:
     """Every page of get_review_queue: the first answer, and the tests with their bugs (a test cut
     between two pages joined again), checking each page's pagination."""
-    groups, page, first = [], 1, None
-    while True:
-        data = await ok(client, "get_review_queue", {**args, "page": page, "per_page": per_page})
-        first = first or data
+    answers, groups = await pages(client, "get_review_queue", args, per_page), []
+    for page, data in enumerate(answers, 1):
         total = data["pagination"]["total"]
-        assert data["pagination"] == {"page": page, "per_page": per_page, "total": total,
-                                      "has_more": page * per_page < total}
         assert sum(len(g["bugs"]) for g in data["tests"]) == min(per_page, total - (page - 1) * per_page)
         for group in data["tests"]:
             if groups and groups[-1]["test"]["id"] == group["test"]["id"]:
                 groups[-1]["bugs"] += group["bugs"]
             else:
                 groups.append(group)
-        if not data["pagination"]["has_more"]:
-            assert "notes" not in data
-            return first, groups
-        assert data["notes"][-1].startswith(f"{(page - 1) * per_page + 1}-{page * per_page} of {total} shown; "
-                                            f"call get_review_queue again with page={page + 1}")
-        page += 1
+    assert "notes" not in answers[-1]
+    return answers[0], groups
 
 
 def open_tests(acc: tm.SimulatedAccount, n: int) -> list[int]:
@@ -5786,9 +5780,10 @@ def test_readme_team_setup_makes_a_token_the_server_accepts(env):
 ###############################################################################
 
 def served_statuses(acc: Account, product_id: int | None = None) -> tuple[dict, dict]:
-    """What the account serves now: test id -> status, bug id -> status as the tools show it."""
-    tests = {t: acc.test_json(t)["status"] for t in acc.test_ids(product_id)}
-    return tests, {b["id"]: shown_status(b) for t in tests for b in acc.bugs_of(t)}
+    """served_state() as test id -> status, bug id -> status as the tools show it."""
+    state = served_state(acc, product_id)
+    return ({t: test["status"] for t, test in state["tests"].items()},
+            {b: bug["status"] for b, bug in state["bugs"].items()})
 
 
 def stored_state(db_path: Path, product_id: int | None = None) -> tuple[dict, dict]:

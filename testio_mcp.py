@@ -4014,12 +4014,12 @@ def _arg_dates(start: str | None, end: str | None) -> tuple[date | None, date | 
     return lo, hi
 
 
-def _arg_since(value: str | None) -> str:
-    """get_changes' since as UTC text: a YYYY-MM-DD (UTC day) or an ISO time (UTC without an
-    offset), 7 days ago when None; ConfigError naming a bad or future value."""
+def _arg_since(value: str | None, default_days: int = 7) -> str:
+    """A since argument as UTC text: a YYYY-MM-DD (UTC day) or an ISO time (UTC without an
+    offset), `default_days` ago when None; ConfigError naming a bad or future value."""
     now = utc_now()
     if value is None or not value.strip():
-        return iso(now - timedelta(days=7))
+        return iso(now - timedelta(days=default_days))
     since = to_utc(value)
     if since is None:
         raise ConfigError(f"since={value!r} is not a date or time; use YYYY-MM-DD (a UTC day) or "
@@ -4741,11 +4741,8 @@ async def weekly_review(
     """The weekly review: what changed since a day, which open bugs auto-accept soonest, and how the
     quality figures compare with the week before, ending in action items."""
     names = await _prompt_products(state, product_ids)
-    today = utc_now().date()
-    start = parse_date(since, "since") if since else today - timedelta(days=6)
-    if start > today:
-        raise ConfigError(f"since={since!r} is in the future; give a day up to {today.isoformat()}")
-    ids, first = json.dumps(list(names)), start.isoformat()
+    today, first = utc_now().date(), _arg_since(since, default_days=6)[:10]  # its UTC day
+    ids = json.dumps(list(names))
     return f"""Weekly TestIO review of {_named(names)}, from {first} to {today.isoformat()} \
 (UTC days).
 
