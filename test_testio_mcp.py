@@ -102,8 +102,14 @@ class Account(tm.SimulatedAccount):
             bug.update(self._bug_changes.get(bug["id"], ()))
         return bugs
 
-    def _freeze(self, t) -> None:
-        t.alive, t.born = False, self._at
+    @contextlib.contextmanager
+    def _frozen(self, test_id: int):
+        """The test, caught up and off the clock from now on (under the lock): a control sets it."""
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            t.alive, t.born = False, self._at
+            yield t
 
     # -- the clock ------------------------------------------------------------------------
 
@@ -140,29 +146,20 @@ class Account(tm.SimulatedAccount):
         """Change a test's status; its visible bugs and their statuses follow from it."""
         if status not in tm.TEST_STATUSES:
             raise ValueError(f"unknown test status {status!r}; use one of {tm.TEST_STATUSES}")
-        with self._lock:
-            self._catch_up()
-            t = self._tests[test_id]
-            self._freeze(t)
+        with self._frozen(test_id) as t:
             t.status = t.status0 = status
 
     def move_test(self, test_id: int, end_at: datetime) -> None:
         """Change a test's end_at (naive means UTC); its place in the pages follows."""
         if end_at.tzinfo is None:
             end_at = end_at.replace(tzinfo=timezone.utc)
-        with self._lock:
-            self._catch_up()
-            t = self._tests[test_id]
-            self._freeze(t)
+        with self._frozen(test_id) as t:
             t.status0, t.end = t.status, int(end_at.timestamp())
             self._products[t.product_id].dirty = True
 
     def add_bugs(self, test_id: int, n: int) -> list[int]:
         """Have testers report n more bugs on a test; return the ids of those visible now."""
-        with self._lock:
-            self._catch_up()
-            t = self._tests[test_id]
-            self._freeze(t)
+        with self._frozen(test_id) as t:
             before = self._reporting(t)[0]
             t.nbugs = min(tm._SIM_BUG_STRIDE - 1, t.nbugs + n)
             return [t.id * tm._SIM_BUG_STRIDE + j for j in range(before + 1, self._reporting(t)[0] + 1)]
