@@ -4957,29 +4957,16 @@ def _sdk_tools() -> tuple[Any, ...]:
         for spec in TOOLS.values())
 
 
-def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
-    """The MCP server (an MCPServer): app_lifespan's AppState; every tool of TOOLS, in order,
-    through ToolCalls; the prompts of PROMPTS, whose product and test ids complete from the local
-    data; the resources of RESOURCES. The SDK is imported here: the CLI's other commands never load
-    it."""
+@functools.cache
+def _server_class() -> type:
+    """MCPServer with tools/list's lean schemas, argument and prompt mistakes answered in our words,
+    and RESOURCES read with the AppState: made once per process (the SDK is imported here)."""
     from mcp.server.lowlevel.helper_types import ReadResourceContents
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-    from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
     from mcp.shared.exceptions import MCPError
-    from mcp.types import INVALID_PARAMS, Completion, Resource
+    from mcp.types import INVALID_PARAMS, Resource
     from pydantic import ValidationError
-
-    live: list[AppState] = []  # the running lifespan's state: the SDK gives a completion no context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Any) -> AsyncIterator[AppState]:
-        async with app_lifespan(runtime, exit_on_sigterm) as state:
-            live.append(state)
-            try:
-                yield state
-            finally:
-                live.remove(state)
 
     class Server(MCPServer):
         lean: list | None = None
@@ -5044,11 +5031,34 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
                 raise ResourceError(str(exc)) from None
             return [ReadResourceContents(content=text, mime_type=spec.mime_type)]
 
+    return Server
+
+
+def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
+    """The MCP server (an MCPServer): app_lifespan's AppState; every tool of TOOLS, in order,
+    through ToolCalls; the prompts of PROMPTS, whose product and test ids complete from the local
+    data; the resources of RESOURCES. The SDK is imported here: the CLI's other commands never load
+    it."""
+    from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
+    from mcp.shared.exceptions import MCPError
+    from mcp.types import INVALID_PARAMS, Completion
+
+    live: list[AppState] = []  # the running lifespan's state: the SDK gives a completion no context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[AppState]:
+        async with app_lifespan(runtime, exit_on_sigterm) as state:
+            live.append(state)
+            try:
+                yield state
+            finally:
+                live.remove(state)
+
     # subscriptions=False: nothing here notifies a change (the tools, prompts and resources are
     # fixed; a resource's text is read afresh each time), so 2026-07-28 clients are not offered
     # subscriptions/listen either
-    server = Server("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS,
-                    lifespan=lifespan, subscriptions=False, tools=list(_sdk_tools()))
+    server = _server_class()("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS,
+                             lifespan=lifespan, subscriptions=False, tools=list(_sdk_tools()))
 
     def rendering(spec: PromptSpec) -> Callable[..., Awaitable[str]]:
         async def render(ctx: Any, **arguments: str) -> str:
