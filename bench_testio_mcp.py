@@ -1,42 +1,45 @@
 """bench_testio_mcp: end-to-end performance figures of testio-mcp against a simulated TestIO API.
 
 Run it:
-    .venv/bin/python bench_testio_mcp.py                      small + medium, 50 ms per API request (a few minutes)
-    .venv/bin/python bench_testio_mcp.py --large              adds 100 products x 1,000 tests (long: many minutes)
-    .venv/bin/python bench_testio_mcp.py --full               --large, and the tool matrix on large too (longer)
-    .venv/bin/python bench_testio_mcp.py --json               the same figures as one JSON document on stdout
-    .venv/bin/python bench_testio_mcp.py --sizes small --latency-ms 20 --concurrency 5 --calls 50 --keep-db /tmp/b
+    .venv/bin/python bench_testio_mcp.py            small + medium, 50 ms per API request (minutes)
+    .venv/bin/python bench_testio_mcp.py --large    adds 100 products x 1,000 tests (many minutes)
+    .venv/bin/python bench_testio_mcp.py --full     --large, and the tool matrix on large too
+    .venv/bin/python bench_testio_mcp.py --json     the same figures as one JSON document on stdout
+    .venv/bin/python bench_testio_mcp.py --sizes small --latency-ms 20 --concurrency 5 --calls 50 \
+        --keep-db /tmp/b
 
 What it measures (each target of the performance issues is shown with PASS/FAIL): the cold sync
 is judged at a realistic 500 ms per request (wall <= 1.1x ceil(requests / concurrency) x latency,
 one extra cold sync per size when `--latency-ms` is not 500); at the bench's latency (50 ms) the
 sync's CPU per stored bug is printed (goal <= 0.1 ms, not required); 100 concurrent list_tests
 against a no-work server replaying the same answers (<= 1.5x).
-    sync     the real CLI (`testio-mcp sync ...`) as a subprocess against the simulator served by a
-             loopback HTTP server (stdlib, 127.0.0.1 only) that answers each request after
-             `--latency-ms`: a cold sync, an incremental sync with nothing new, one after 10 new tests
-             on one product, and a `--refresh` sync. Wall time (process start included), the engine's
-             own time, CPU, API requests by route, the lower bound ceil(requests / concurrency) x
-             latency, and the request budget computed from the account's truth. The same process
-             reports whether the sync imported the MCP SDK, and its peak RSS. Beside it, the CPU time json.loads alone
-             needs for the answers a cold sync reads, and the time to decode and store them on one
-             thread with no network (through the sync's own store functions): what is left of the
-             wall time once the network is hidden.
-    server   `testio-mcp serve` over stdio: spawn -> `initialize` reply and -> `tools/list` reply (raw
-             JSON-RPC over pipes, median of 5) against a bare one-tool MCPServer; idle RSS.
-    tools    the 14 query tools over one real stdio session (mcp ClientSession): one untimed call, then
-             up to `--calls` calls each (a tool stops early after `--tool-seconds`; n is shown); p50/p99
-             seen by the client and inside the server (health_check's tool_metrics); CPU per call of
-             both processes; 100 concurrent list_tests, and the same 100 answers replayed by a
-             no-work MCPServer (what the SDK's server and client cost alone); sync_data (incremental) a few times; latency
-             growth from small to medium (10x the data; medium's 10,000 tests / ~76,000 bugs are close
+    sync     the real CLI (`testio-mcp sync ...`) as a subprocess against the simulator served by
+             a loopback HTTP server (stdlib, 127.0.0.1 only) that answers each request after
+             `--latency-ms`: a cold sync, an incremental sync with nothing new, one after 10 new
+             tests on one product, and a `--refresh` sync. Wall time (process start included), the
+             engine's own time, CPU, API requests by route, the lower bound ceil(requests /
+             concurrency) x latency, and the request budget computed from the account's truth.
+             The same process reports whether the sync imported the MCP SDK, and its peak RSS.
+             Beside it, the CPU time json.loads alone needs for the answers a cold sync reads, and
+             the time to decode and store them on one thread with no network (through the sync's
+             own store functions): what is left of the wall time once the network is hidden.
+    server   `testio-mcp serve` over stdio: spawn -> `initialize` reply and -> `tools/list` reply
+             (raw JSON-RPC over pipes, median of 5) against a bare one-tool MCPServer; idle RSS.
+    tools    the query tools (LOOP_TOOLS) over one real stdio session (mcp ClientSession): one
+             untimed call, then up to `--calls` calls each (a tool stops early after
+             `--tool-seconds`; n is shown); p50/p99 seen by the client and inside the server
+             (health_check's tool_metrics); CPU per call of both processes; 100 concurrent
+             list_tests, and the same 100 answers replayed by a no-work MCPServer (what the SDK's
+             server and client cost alone); sync_data (incremental) a few times; latency growth
+             from small to medium (10x the data; medium's 10,000 tests / ~76,000 bugs are close
              to the issue's 10,000 / 100,000).
-    matrix   every tool with its interesting argument shapes (each list_tests status/type/sort, list_bugs
-             by each filter, every query_metrics dimension alone and a sample of pairs, for one product,
-             with dates and for all products, search with common, rare and no-match words, the quality
-             report for one and for all products...) on medium (and large with --full): p50/p99 in the
-             server per tool over all its shapes (budget 100 ms on medium), each shape's calls over stdio,
-             the slowest ten, and the one-product shapes flat (<= 2x) from medium to large.
+    matrix   every tool with its interesting argument shapes (each list_tests status/type/sort,
+             list_bugs by each filter, every query_metrics dimension alone and a sample of pairs,
+             for one product, with dates and for all products, search with common, rare and
+             no-match words, the quality report for one and for all products...) on medium (and
+             large with --full): p50/p99 in the server per tool over all its shapes (budget 100 ms
+             on medium), each shape's calls over stdio, the slowest ten, and the one-product
+             shapes flat (<= 2x) from medium to large.
     storage  database bytes (after a WAL checkpoint) per test and per bug, split by table (dbstat).
 
 Processes start the way the `testio-mcp` console script does (import the module, call main), with the
@@ -117,9 +120,10 @@ CONCURRENT_RUNS = 3
 HEAVY_MODULES = ("mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "uvicorn", "anyio")
 
 # The tools timed in the loop (sync_data is timed apart, in incremental mode).
-LOOP_TOOLS = ("list_products", "list_tests", "get_test_status", "list_bugs", "get_bug", "get_review_queue",
-              "list_features", "get_quality_report", "query_metrics", "search", "get_database_stats",
-              "get_sync_history", "get_problematic_tests", "health_check", "get_changes")
+LOOP_TOOLS = ("list_products", "list_tests", "get_test_status", "list_bugs", "get_bug",
+              "get_review_queue", "list_features", "get_quality_report", "query_metrics", "search",
+              "get_database_stats", "get_sync_history", "get_problematic_tests", "health_check",
+              "get_changes")
 ALL_TOOLS = set(LOOP_TOOLS) | {"sync_data"}
 
 BARE_SERVER = '''\

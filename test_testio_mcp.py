@@ -102,8 +102,14 @@ class Account(tm.SimulatedAccount):
             bug.update(self._bug_changes.get(bug["id"], ()))
         return bugs
 
-    def _freeze(self, t) -> None:
-        t.alive, t.born = False, self._at
+    @contextlib.contextmanager
+    def _frozen(self, test_id: int):
+        """The test, caught up and off the clock from now on (under the lock): a control sets it."""
+        with self._lock:
+            self._catch_up()
+            t = self._tests[test_id]
+            t.alive, t.born = False, self._at
+            yield t
 
     # -- the clock ------------------------------------------------------------------------
 
@@ -140,29 +146,20 @@ class Account(tm.SimulatedAccount):
         """Change a test's status; its visible bugs and their statuses follow from it."""
         if status not in tm.TEST_STATUSES:
             raise ValueError(f"unknown test status {status!r}; use one of {tm.TEST_STATUSES}")
-        with self._lock:
-            self._catch_up()
-            t = self._tests[test_id]
-            self._freeze(t)
+        with self._frozen(test_id) as t:
             t.status = t.status0 = status
 
     def move_test(self, test_id: int, end_at: datetime) -> None:
         """Change a test's end_at (naive means UTC); its place in the pages follows."""
         if end_at.tzinfo is None:
             end_at = end_at.replace(tzinfo=timezone.utc)
-        with self._lock:
-            self._catch_up()
-            t = self._tests[test_id]
-            self._freeze(t)
+        with self._frozen(test_id) as t:
             t.status0, t.end = t.status, int(end_at.timestamp())
             self._products[t.product_id].dirty = True
 
     def add_bugs(self, test_id: int, n: int) -> list[int]:
         """Have testers report n more bugs on a test; return the ids of those visible now."""
-        with self._lock:
-            self._catch_up()
-            t = self._tests[test_id]
-            self._freeze(t)
+        with self._frozen(test_id) as t:
             before = self._reporting(t)[0]
             t.nbugs = min(tm._SIM_BUG_STRIDE - 1, t.nbugs + n)
             return [t.id * tm._SIM_BUG_STRIDE + j for j in range(before + 1, self._reporting(t)[0] + 1)]
@@ -2121,15 +2118,17 @@ DAMAGE_REASON = r"(file is not a database|database disk image is malformed)"
 
 
 def damage(path: Path, where: str) -> None:
-    """Spoil a (checkpointed) database file the way disks, copies and people do."""
-    roots = [r for (r,) in db_rows(path, "SELECT rootpage FROM sqlite_master WHERE rootpage > 1")]
+    """Spoil a (checkpointed) database file the way disks, copies and people do ("tests-and-bugs": the
+    root pages of those two tables only, the others stay readable)."""
+    only = " AND name IN ('tests', 'bugs')" if where == "tests-and-bugs" else ""
+    roots = [r for (r,) in db_rows(path, f"SELECT rootpage FROM sqlite_master WHERE rootpage > 1{only}")]
     data = bytearray(path.read_bytes())
     page = int.from_bytes(data[16:18], "big")
     if where == "header":
         data[:16] = b"Not SQLite, sorry"[:16]
     elif where == "schema-page":
         data[100:page] = b"\xff" * (page - 100)
-    elif where == "data-pages":  # the root page of every table and index: the schema still reads
+    elif where in ("data-pages", "tests-and-bugs"):  # root pages of tables and indexes: the schema reads
         for root in roots:
             data[(root - 1) * page:root * page] = b"\xff" * page
     elif where == "truncated":
@@ -2206,15 +2205,9 @@ def test_hand_entered_problematic_mappings_outlive_a_damaged_cache_when_still_re
                      "offset_end, attempts, first_seen_at, last_seen_at) VALUES ('e1', ?, 3, 100, 250, 251, 5, "
                      "'2020-01-01T00:00:00Z', '2020-01-02T00:00:00Z')", (pid,))
         conn.execute("INSERT INTO problematic_tests VALUES ('e1', 4242, '2020-01-03T00:00:00Z')")
-        tests_root, bugs_root = (r for (r,) in conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') ORDER BY name DESC"))
     conn.close()
     mapped = every_row(env)
-    data = bytearray(env.read_bytes())
-    page = int.from_bytes(data[16:18], "big")
-    for root in (tests_root, bugs_root):
-        data[(root - 1) * page:root * page] = b"\xff" * page
-    env.write_bytes(bytes(data))
+    damage(env, "tests-and-bugs")
     code, _, err = cli(capsys, "sync", transport=mock(small_synced[1].handler))
     assert code == 0, err
     assert_told_once(err, env)
@@ -2626,10 +2619,10 @@ def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(en
 
 
 ###############################################################################
-# MCP server: the 15 tools in memory, read-through, progress, stdio and HTTP subprocesses
+# MCP server: the tools in memory, read-through, progress, stdio and HTTP subprocesses
 ###############################################################################
 
-# MCP server tests (issue 3, and the server side of issue 5): the 15 tools through the SDK's
+# MCP server tests (issue 3, and the server side of issue 5): the tools through the SDK's
 # in-memory Client (handshake era, like Claude clients), one stdio subprocess through the SDK, raw
 # JSON-RPC over pipes, one HTTP subprocess, and the CLI. The simulated account behind
 # httpx.MockTransport (wrapped in Faults for failures) is the only fake; every expectation is
@@ -2882,18 +2875,29 @@ def newest_first(bugs: list[dict]) -> list[int]:
     return [b["id"] for b in sorted(bugs, key=lambda b: (utc(b["reported_at"]), b["id"]), reverse=True)]
 
 
-async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
-    """Every row of a paginated tool, checking total and has_more on each page."""
-    rows, page = [], 1
+async def pages(client, tool: str, args: dict, per_page: int = 200) -> list[dict]:
+    """Every page of a paginated tool's answer, checking each page's pagination and, on each page but
+    the last, the note naming the call for the next."""
+    answers, page = [], 1
     while True:
-        data = await ok(client, tool, {**args, "page": page, "per_page": 200})
-        rows += data[key]
-        assert data["pagination"] == {"page": page, "per_page": 200, "total": data["pagination"]["total"],
-                                      "has_more": page * 200 < data["pagination"]["total"]}
+        data = await ok(client, tool, {**args, "page": page, "per_page": per_page})
+        answers.append(data)
+        total = data["pagination"]["total"]
+        assert data["pagination"] == {"page": page, "per_page": per_page, "total": total,
+                                      "has_more": page * per_page < total}
         if not data["pagination"]["has_more"]:
-            assert len(rows) == data["pagination"]["total"]
-            return rows
+            return answers
+        assert data["notes"][-1].startswith(f"{(page - 1) * per_page + 1}-{page * per_page} of {total} shown; "
+                                            f"call {tool} again with page={page + 1}")
         page += 1
+
+
+async def all_pages(client, tool: str, args: dict, key: str) -> list[dict]:
+    """Every row of a paginated tool (pages())."""
+    answers = await pages(client, tool, args)
+    rows = [row for data in answers for row in data[key]]
+    assert len(rows) == answers[-1]["pagination"]["total"]
+    return rows
 
 
 ###############################################################################
@@ -2968,6 +2972,16 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
         assert [w.strip(" '") for w in check.split(",")] in words.values(), check
     for subset in (tm.FINAL_STATUSES, tm.PRE_RUN_STATUSES, tm.EXECUTED_STATUSES):
         assert set(subset) <= set(tm.TEST_STATUSES)
+    assert set(tm.FUNCTIONAL_SEVERITIES) <= set(tm.SEVERITIES)
+    assert set(tm.COMPLETED_RUN_STATUSES) <= set(tm.RUN_STATUSES)
+    # a list of words in SQL: schema.sql spells out a vocabulary (a partial index's WHERE), the module
+    # formats its constants in (_sql_words) and spells out none
+    subsets = [list(getattr(tm, name)) for name in ("FINAL_STATUSES", "PRE_RUN_STATUSES", "EXECUTED_STATUSES",
+                                                    "COMPLETED_RUN_STATUSES")]
+    listed = re.findall(r"\bIN\s*\(\s*('[^)]*)\)", (HERE / "schema.sql").read_text())
+    assert listed and [w for w in listed if [x.strip(" '") for x in w.split(",")] not in [*words.values(),
+                                                                                       *subsets]] == []
+    assert re.findall(r"\bIN\s*\(\s*'", (HERE / "testio_mcp.py").read_text()) == []
     assert set(tm.TOOL_SYNC_MODES) <= set(tm.SYNC_MODES)
     assert set(tm.BUG_STATUS_ALIASES.values()) <= set(tm.BUG_STATUSES)
     # the pure helpers map the API's words into the vocabularies, and the data a sync stored holds no other
@@ -2982,6 +2996,7 @@ async def test_every_enum_and_choice_is_a_vocabulary_declared_once_and_the_store
     assert all(stored.values())
     assert {key: values - set(columns[key]) for key, values in stored.items()} == {key: set()
                                                                                    for key in columns}
+    assert {row[0] for row in db_rows(db, "SELECT status FROM sync_runs")} <= set(tm.RUN_STATUSES)
 
 
 @pytest.mark.anyio
@@ -3691,11 +3706,12 @@ async def test_get_problematic_tests_names_the_position_a_poisoned_page_could_no
 # The change log: get_changes against an account changed between two syncs
 ###############################################################################
 
-def served_state(acc) -> dict:
-    """What the account serves, for a diff made without the module: tests by id (product, title, status,
-    UTC start/end) and bugs by id (product, test, title, shown status, rejection reason, severity)."""
+def served_state(acc, product_id: int | None = None) -> dict:
+    """What the account serves (of one product, or all), for a diff made without the module: tests by id
+    (product, title, status, UTC start/end) and bugs by id (product, test, title, shown status, rejection
+    reason, severity)."""
     tests, bugs = {}, {}
-    for pid in acc.product_ids():
+    for pid in [product_id] if product_id is not None else acc.product_ids():
         for tid in acc.test_ids(pid):
             t = acc.test_json(tid)
             tests[tid] = {"product_id": pid, "title": t["title"], "status": t["status"],
@@ -3950,13 +3966,7 @@ def test_the_sync_prunes_changes_older_than_the_retention(changed, env, capsys, 
 def test_the_change_log_outlives_a_damaged_cache_when_still_readable(changed, env, capsys):
     _, acc, _, _, _, _ = changed
     log = db_rows(env, "SELECT * FROM changes ORDER BY id")
-    (tests_root,), (bugs_root,) = db_rows(env, "SELECT rootpage FROM sqlite_master WHERE name IN ('tests', 'bugs') "
-                                               "ORDER BY name DESC")
-    data = bytearray(env.read_bytes())
-    page = int.from_bytes(data[16:18], "big")
-    for root in (tests_root, bugs_root):
-        data[(root - 1) * page:root * page] = b"\xff" * page
-    env.write_bytes(bytes(data))
+    damage(env, "tests-and-bugs")
     code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
     assert code == 0, err
     assert_told_once(err, env)
@@ -4059,25 +4069,17 @@ def review_summary(groups: list[dict], now: datetime) -> dict:
 async def review_pages(client, args: dict, per_page: int) -> tuple[dict, list[dict]]:
     """Every page of get_review_queue: the first answer, and the tests with their bugs (a test cut
     between two pages joined again), checking each page's pagination."""
-    groups, page, first = [], 1, None
-    while True:
-        data = await ok(client, "get_review_queue", {**args, "page": page, "per_page": per_page})
-        first = first or data
+    answers, groups = await pages(client, "get_review_queue", args, per_page), []
+    for page, data in enumerate(answers, 1):
         total = data["pagination"]["total"]
-        assert data["pagination"] == {"page": page, "per_page": per_page, "total": total,
-                                      "has_more": page * per_page < total}
         assert sum(len(g["bugs"]) for g in data["tests"]) == min(per_page, total - (page - 1) * per_page)
         for group in data["tests"]:
             if groups and groups[-1]["test"]["id"] == group["test"]["id"]:
                 groups[-1]["bugs"] += group["bugs"]
             else:
                 groups.append(group)
-        if not data["pagination"]["has_more"]:
-            assert "notes" not in data
-            return first, groups
-        assert data["notes"][-1].startswith(f"{(page - 1) * per_page + 1}-{page * per_page} of {total} shown; "
-                                            f"call get_review_queue again with page={page + 1}")
-        page += 1
+    assert "notes" not in answers[-1]
+    return answers[0], groups
 
 
 def open_tests(acc: tm.SimulatedAccount, n: int) -> list[int]:
@@ -5775,9 +5777,10 @@ def test_readme_team_setup_makes_a_token_the_server_accepts(env):
 ###############################################################################
 
 def served_statuses(acc: Account, product_id: int | None = None) -> tuple[dict, dict]:
-    """What the account serves now: test id -> status, bug id -> status as the tools show it."""
-    tests = {t: acc.test_json(t)["status"] for t in acc.test_ids(product_id)}
-    return tests, {b["id"]: shown_status(b) for t in tests for b in acc.bugs_of(t)}
+    """served_state() as test id -> status, bug id -> status as the tools show it."""
+    state = served_state(acc, product_id)
+    return ({t: test["status"] for t, test in state["tests"].items()},
+            {b: bug["status"] for b, bug in state["bugs"].items()})
 
 
 def stored_state(db_path: Path, product_id: int | None = None) -> tuple[dict, dict]:
@@ -6021,6 +6024,18 @@ def test_ci_runs_exactly_the_readme_quick_start_and_its_test_command():
     assert ci.index(setup + " || exit 1") < ci.index(tests) == len(ci) - 1
     development = [text.strip() for _, text in readme_code_blocks(readme_section("Development"))]
     assert development[0] == tests  # the Development section's test command is the same
+
+
+def test_readme_development_maps_the_module_one_line_per_section_banner_in_order():
+    lines = (HERE / "testio_mcp.py").read_text().splitlines()
+    banners = []  # each banner's title up to its first "(", its lines joined
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("#" * 79) and lines[i + 1].startswith("# "):
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("#" * 79))
+            banners.append(" ".join(text[2:] for text in lines[i + 1:end]).split("(")[0].strip())
+    items = re.findall(r"^\d+\. (.*(?:\n {3,}.*)*)", readme_section("Development"), flags=re.M)
+    shown = [" ".join(item.replace("`", "").split()) for item in items]
+    assert len(shown) == len(banners) and [(b, s) for b, s in zip(banners, shown) if not s.startswith(b)] == []
 
 
 def _development_commands() -> list[list[str]]:

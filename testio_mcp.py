@@ -11,7 +11,9 @@ Run it:
 Data flow:
     TestIO API --HTTP--> TestioClient (one httpx.AsyncClient, one semaphore, retries, metrics)
         --> SyncEngine (pages, bug batches, checkpoints, poisoned-page recovery)
-        --> Database gateway --> SQLite (schema.sql) <-- Database gateway <-- MCP tools / CLI
+        --> Database gateway --> SQLite (schema.sql; its triggers keep the change log)
+        <-- Database gateway <-- MCP tools (lists, reports, pivots, search, the review queue,
+            get_changes), prompts and resources over them, and the CLI
 
 Concurrency rule: the event loop never touches SQLite; every call crosses to the one writer thread
 or a reader thread through `Database.write()` / `Database.read()`.
@@ -25,6 +27,7 @@ import contextlib
 import contextvars
 import dataclasses
 import email.utils
+import functools
 import gc
 import hashlib
 import heapq
@@ -55,6 +58,59 @@ import httpx
 
 __version__ = "0.1.0"
 log = logging.getLogger("testio_mcp")
+
+###############################################################################
+# Errors
+###############################################################################
+
+class TestioError(Exception):
+    """Base of every error this module raises on purpose; its text is safe to show a user."""
+
+
+class ConfigError(TestioError):
+    """A setting or an argument is invalid."""
+
+
+class SchemaError(TestioError):
+    """The database was written by a newer testio-mcp, or cannot be migrated."""
+
+
+class CacheRebuiltError(TestioError):
+    """The cache file turned out damaged and was replaced by a fresh one: the call can be made
+    again."""
+
+
+class SyncBusyError(TestioError):
+    """Another sync holds the lock on this database."""
+
+
+class ApiError(TestioError):
+    """The TestIO API answered with an error."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(ApiError):
+    """The API rejected the token (401)."""
+
+
+class NotFoundError(ApiError):
+    """The API has no such resource for this token (403/404)."""
+
+
+class ServerError(ApiError):
+    """The API kept failing (5xx, 524, timeouts, resets) after the retries."""
+
+
+class RateLimitedError(ApiError):
+    """The API kept answering 429, or asked to wait longer than we will."""
+
+
+class MalformedResponseError(ApiError):
+    """The API answered 200 with a body that is not the JSON shape we expect."""
+
 
 ###############################################################################
 # Settings: constants and configuration from the environment (and a .env file)
@@ -106,12 +162,14 @@ BACKOFF_CAP = 30.0
 #   TESTING_TYPES      as shown: the API's 'external' is custom, none is test_case
 #   BUG_STATUSES       as shown: the API's 'forwarded' is open (list_bugs takes both), an accepted
 #                      bug with auto_accepted set is auto_accepted
-#   SEVERITIES         as the API sends them; BUG_TYPES: the type a severity implies (bug_type())
+#   SEVERITIES         as the API sends them; BUG_TYPES: the type a severity implies (bug_type():
+#                      FUNCTIONAL_SEVERITIES are functional, the others their own type)
 #   REJECTION_REASONS  the standard ones, with the comment text that gives each away; REASONS adds
 #                      "other" (a rejected bug without one)
 #   PRODUCT_TYPES, SEARCH_ENTITIES, SYNC_MODES (TOOL_SYNC_MODES: all but nuke), SORT_ORDERS,
 #   TRANSPORTS, LOG_LEVELS
 #   CHANGE_KINDS       what the change log (get_changes) records; schema.sql's triggers write them
+#   RUN_STATUSES       a sync run's; COMPLETED_RUN_STATUSES: its data stored (what data_as_of dates)
 #   METRICS, METRIC_DIMENSIONS, METRIC_FILTERS, TEST_SORTS: in "Store: read queries", each name with
 #                      the SQL it stands for
 TEST_STATUSES = ("initialized", "customer_finalized", "waiting", "running", "locked", "archived",
@@ -122,7 +180,8 @@ EXECUTED_STATUSES = ("running", "locked", "archived", "customer_finalized")
 TESTING_TYPES = ("coverage", "focused", "rapid", "usability", "custom", "test_case")
 BUG_STATUSES = ("open", "accepted", "auto_accepted", "rejected")
 BUG_STATUS_ALIASES = {"forwarded": "open"}
-SEVERITIES = ("low", "high", "critical", "visual", "content", "custom")
+FUNCTIONAL_SEVERITIES = ("low", "high", "critical")  # the severities of a functional bug
+SEVERITIES = (*FUNCTIONAL_SEVERITIES, "visual", "content", "custom")
 BUG_TYPES = ("functional", "visual", "content", "custom")
 PRODUCT_TYPES = ("website", "mobile_app_ios", "mobile_app_android", "mobile_app_windows",
                  "streaming_app", "gaming")
@@ -133,6 +192,8 @@ SORT_ORDERS = ("asc", "desc")
 TRANSPORTS = ("stdio", "http")
 CHANGE_KINDS = ("test_new", "test_status", "test_dates", "test_deleted",  # schema.sql's change log
                 "bug_new", "bug_status", "bug_severity")
+RUN_STATUSES = ("running", "success", "completed_with_problems", "failed", "interrupted", "skipped")
+COMPLETED_RUN_STATUSES = ("success", "completed_with_problems")
 REJECTION_REASONS = {
     "device_not_relevant": "This device is not relevant and the bug will not be fixed.",
     "ignored_instructions": "The test instructions were not followed.",
@@ -259,57 +320,22 @@ def _number(env: dict[str, str], name: str, default: str, *, integer: bool = Fal
     return value
 
 
-###############################################################################
-# Errors
-###############################################################################
-
-class TestioError(Exception):
-    """Base of every error this module raises on purpose; its text is safe to show a user."""
-
-
-class ConfigError(TestioError):
-    """A setting or an argument is invalid."""
-
-
-class SchemaError(TestioError):
-    """The database was written by a newer testio-mcp, or cannot be migrated."""
-
-
-class CacheRebuiltError(TestioError):
-    """The cache file turned out damaged and was replaced by a fresh one: the call can be made
-    again."""
-
-
-class SyncBusyError(TestioError):
-    """Another sync holds the lock on this database."""
-
-
-class ApiError(TestioError):
-    """The TestIO API answered with an error."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class AuthError(ApiError):
-    """The API rejected the token (401)."""
-
-
-class NotFoundError(ApiError):
-    """The API has no such resource for this token (403/404)."""
-
-
-class ServerError(ApiError):
-    """The API kept failing (5xx, 524, timeouts, resets) after the retries."""
-
-
-class RateLimitedError(ApiError):
-    """The API kept answering 429, or asked to wait longer than we will."""
-
-
-class MalformedResponseError(ApiError):
-    """The API answered 200 with a body that is not the JSON shape we expect."""
+def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
+    """'1,2' or [1, 2] as a tuple of positive ints; ConfigError naming `name` otherwise."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{name}={value!r} is not a list of ids; use e.g. 123,456")
+    ids = []
+    for item in items:
+        text = str(item).strip()
+        digits = text.isascii() and text.isdigit()
+        if isinstance(item, bool) or not digits or not 1 <= int(text) <= MAX_ID:
+            raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use "
+                              f"e.g. 123,456")
+        ids.append(int(text))
+    return tuple(dict.fromkeys(ids))
 
 
 ###############################################################################
@@ -355,24 +381,6 @@ def parse_date(value: str, name: str) -> date:
     except (ValueError, AttributeError):
         raise ConfigError(f"{name}={value!r} is not a date; use YYYY-MM-DD, e.g. "
                           f"2026-01-31") from None
-
-
-def parse_id_list(value: Any, name: str) -> tuple[int, ...]:
-    """'1,2' or [1, 2] as a tuple of positive ints; ConfigError naming `name` otherwise."""
-    if value is None or value == "":
-        return ()
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise ConfigError(f"{name}={value!r} is not a list of ids; use e.g. 123,456")
-    ids = []
-    for item in items:
-        text = str(item).strip()
-        digits = text.isascii() and text.isdigit()
-        if isinstance(item, bool) or not digits or not 1 <= int(text) <= MAX_ID:
-            raise ConfigError(f"{name}={value!r}: {item!r} is not a positive whole number; use "
-                              f"e.g. 123,456")
-        ids.append(int(text))
-    return tuple(dict.fromkeys(ids))
 
 
 class ApiObject(dict):
@@ -450,7 +458,7 @@ def bug_status(bug: dict) -> str:
 
 def bug_type(severity: Any) -> str:
     """The bug type hidden in the overloaded severity: functional, visual, content or custom."""
-    return "functional" if severity in ("low", "high", "critical") else str(severity or "unknown")
+    return "functional" if severity in FUNCTIONAL_SEVERITIES else str(severity or "unknown")
 
 
 def rejection_reason(bug: dict) -> str | None:
@@ -827,12 +835,17 @@ def _schema_statement(name: str) -> str:
     return found.group(0)
 
 
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version the database file records (0: a new file)."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, each step in one transaction; SchemaError if newer."""
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         raise SchemaError(f"this Python's SQLite is {sqlite3.sqlite_version}; testio-mcp needs "
                           f"{'.'.join(map(str, MIN_SQLITE))} or newer: use a newer Python build")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = schema_version(conn)
     if version > SCHEMA_VERSION:
         raise SchemaError(f"the database was written by a newer testio-mcp (schema {version}, this "
                           f"one knows {SCHEMA_VERSION}); upgrade testio-mcp or point {ENV_DB_PATH} "
@@ -1153,6 +1166,16 @@ class Database:
             self._conns.clear()
 
 
+def _sql_words(words: Sequence[str]) -> str:
+    """A vocabulary of the constants as SQL text literals ('a', 'b'): the one way a word is
+    formatted into SQL, where the statement needs the words themselves (a partial index's WHERE
+    is matched by its text; a statement made once at import). ValueError for anything but a word."""
+    bad = [w for w in words if not re.fullmatch(r"[a-z_]+", w)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a vocabulary word")
+    return ", ".join(f"'{w}'" for w in words)
+
+
 UPSERT_PRODUCT_SQL = """
 INSERT INTO products (id, name, type, description, has_sections, section_ids, raw, synced_at)
 VALUES (:id, :name, :type, :description, :has_sections, :section_ids, :raw, :synced_at)
@@ -1174,12 +1197,12 @@ ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, title = excluded
 # A stored test is rewritten only when its data changed (then changed_at is this sync's time). A new
 # test, or one whose status changed, gets its bugs (re)fetched: bugs_synced_at goes NULL, except
 # before the test runs, when no tester can have reported anything yet.
-UPSERT_TEST_SQL = """
+UPSERT_TEST_SQL = f"""
 INSERT INTO tests (id, product_id, section_id, title, status, review_status, testing_type,
                    start_at, end_at, raw, changed_at, bugs_synced_at)
 VALUES (:id, :product_id, :section_id, :title, :status, :review_status, :testing_type,
         :start_at, :end_at, :raw, :synced_at,
-        CASE WHEN :status IN ('initialized', 'customer_finalized', 'waiting') THEN :synced_at END)
+        CASE WHEN :status IN ({_sql_words(PRE_RUN_STATUSES)}) THEN :synced_at END)
 ON CONFLICT(id) DO UPDATE SET product_id = excluded.product_id, section_id = excluded.section_id,
     title = excluded.title, status = excluded.status, review_status = excluded.review_status,
     testing_type = excluded.testing_type, start_at = excluded.start_at, end_at = excluded.end_at,
@@ -1363,8 +1386,9 @@ def refresh_plan(conn: sqlite3.Connection, product_id: int) -> dict:
     """What --refresh re-reads: the tests that can still change (`ids`), those of them that can
     have bugs (`bug_ids`), and how many pages from the top hold them all (`pages`, one page of
     margin)."""
+    # the words, not bound values: only the text of its WHERE lets SQLite use tests_not_final
     rows = conn.execute("SELECT id, status, end_at FROM tests WHERE product_id = ? "
-                        "AND status NOT IN ('archived', 'cancelled') ORDER BY id",
+                        f"AND status NOT IN ({_sql_words(FINAL_STATUSES)}) ORDER BY id",
                         (product_id,)).fetchall()
     ends = [r["end_at"] for r in rows]
     pages = 0
@@ -1570,6 +1594,11 @@ def maybe_compact(conn: sqlite3.Connection, force: bool = False) -> bool:
     return False
 
 
+# the end of the last sync whose data was stored: the freshness every answer reports (data_as_of)
+LAST_GOOD_SYNC_SQL = ("SELECT max(ended_at) FROM sync_runs "
+                      f"WHERE status IN ({_sql_words(COMPLETED_RUN_STATUSES)})")
+
+
 def db_status(conn: sqlite3.Connection) -> dict:
     """Counts, oldest/newest test, per-product state and the last runs: `sync --status`."""
     # every figure comes from an index or the counts table: flat however many bugs are stored
@@ -1591,8 +1620,7 @@ def db_status(conn: sqlite3.Connection) -> dict:
         "LEFT JOIN counts c ON c.product_id = p.id LEFT JOIN product_sync s ON s.product_id = p.id "
         "ORDER BY p.name, p.id")]
     runs = [dict(r) for r in conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT 5")]
-    last_ok = conn.execute("SELECT max(ended_at) FROM sync_runs WHERE status IN "
-                           "('success', 'completed_with_problems')").fetchone()[0]
+    last_ok = conn.execute(LAST_GOOD_SYNC_SQL).fetchone()[0]
     return {"counts": counts, "oldest_test_end": span[0], "newest_test_end": span[1],
             "products": products, "runs": runs, "last_successful_sync": last_ok}
 
@@ -1650,8 +1678,7 @@ class Where:
 
 def data_as_of(conn: sqlite3.Connection) -> str | None:
     """End of the last sync that completed (the freshness every answer reports)."""
-    return conn.execute("SELECT max(ended_at) FROM sync_runs "
-                        "WHERE status IN ('success', 'completed_with_problems')").fetchone()[0]
+    return conn.execute(LAST_GOOD_SYNC_SQL).fetchone()[0]
 
 
 def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
@@ -1665,6 +1692,15 @@ def _require_products(conn: sqlite3.Connection, product_ids: Sequence[int]) -> d
                               f"call list_products to see the known ids, or sync_data if the "
                               f"product is new")
     return names
+
+
+def product_names(conn: sqlite3.Connection, product_ids: Sequence[int]) -> dict[int, str]:
+    """id -> name of these products in the order given (NotInCacheError naming one not stored), or
+    of every product by name when none is given."""
+    if product_ids:
+        names = _require_products(conn, product_ids)
+        return {pid: names[pid] for pid in product_ids}
+    return dict(conn.execute("SELECT id, name FROM products ORDER BY name, id").fetchall())
 
 
 def _like_literal(text: str) -> str:
@@ -2008,7 +2044,8 @@ METRIC_DIMENSIONS = {
     "feature": ("tf.feature_id", True),
     "month": ("substr(t.end_at, 1, 7)", False),
     "week": ("strftime('%Y-W%W', t.end_at)", False),
-    "quarter": ("substr(t.end_at, 1, 4) || '-Q' || ((cast(substr(t.end_at, 6, 2) AS INTEGER) + 2) / 3)", False),
+    "quarter": ("substr(t.end_at, 1, 4) || '-Q' || "
+                "((cast(substr(t.end_at, 6, 2) AS INTEGER) + 2) / 3)", False),
     "test_status": ("t.status", False),
     "testing_type": ("t.testing_type", False),
     "severity": ("b.severity", False),
@@ -2042,12 +2079,13 @@ METRICS = {  # metric -> the aggregates it is computed from
     "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
     "active_testers": ("testers",), "features_tested": ("features",),
     **{rate: _RATE_AGGREGATES for rate in ("active_acceptance_rate", "auto_acceptance_rate",
-                                           "overall_acceptance_rate", "rejection_rate", "review_rate")},
+                                           "overall_acceptance_rate", "rejection_rate",
+                                           "review_rate")},
 }
 METRIC_FILTERS = {  # filter key -> column
     "product_ids": "t.product_id", "test_statuses": "t.status", "testing_types": "t.testing_type",
-    "severities": "b.severity", "bug_types": "b.bug_type", "bug_statuses": "b.status", "testers": "b.tester",
-    "platforms": "b.platform", "rejection_reasons": "b.rejection_reason",
+    "severities": "b.severity", "bug_types": "b.bug_type", "bug_statuses": "b.status",
+    "testers": "b.tester", "platforms": "b.platform", "rejection_reasons": "b.rejection_reason",
 }
 
 
@@ -2181,7 +2219,8 @@ def _sort_pivot(rows: list[dict], key: str, metrics: Sequence[str]) -> None:
         rows.sort(key=lambda row: (row[key] is None, str(row[key])))
 
 
-def _label_dimensions(conn: sqlite3.Connection, rows: list[dict], dimensions: Sequence[str]) -> None:
+def _label_dimensions(conn: sqlite3.Connection, rows: list[dict],
+                      dimensions: Sequence[str]) -> None:
     """Names beside ids: product_name, and for a feature its title and its product (two products'
     "Wishlist" features are different features)."""
     if "product" in dimensions:
@@ -2283,7 +2322,7 @@ def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
 
 ###############################################################################
 # Store: the change log (written by schema.sql's triggers with the data; pruned by the sync;
-# read by get_changes)
+# read by get_changes), then the weekly questions: the review queue, periods compared, completion
 ###############################################################################
 
 def prune_changes(conn: sqlite3.Connection, before: str) -> int:
@@ -2303,32 +2342,32 @@ WHERE {where} ORDER BY c.seen_at DESC, c.id DESC LIMIT ? OFFSET ?"""
 def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[int],
                   kinds: Sequence[str], page: int, per_page: int) -> dict:
     """The changes seen since `since` (UTC text) in these products (all when none) and kinds (all
-    when none): counts per product, kind and new status, one page newest first, and for each product
-    in scope its latest baseline (`logging` false: its first walk has not ended, nothing is logged)."""
+    when none): counts per product, kind and new status, one page newest first, and for each
+    product in scope its latest baseline (`logging` false: its first walk has not ended, nothing
+    is logged)."""
     if product_ids:
         _require_products(conn, product_ids)
-    where, args = ["c.seen_at >= ?", "c.kind != 'baseline'"], [since]
-    for column, values in (("c.product_id", product_ids), ("c.kind", kinds)):
-        if values:
-            clause, more = _in(column, values)
-            where.append(clause)
-            args += more
-    clause = " AND ".join(where)
-    scope, scope_args = _in("p.id", product_ids) if product_ids else ("1 = 1", [])
+    where, scope = Where().add("c.seen_at >= ?", since).add("c.kind != 'baseline'"), Where()
+    if product_ids:
+        where.isin("c.product_id", product_ids)
+        scope.isin("p.id", product_ids)
+    if kinds:
+        where.isin("c.kind", kinds)
     products = [dict(r) for r in conn.execute(
         "SELECT p.id, p.name, s.last_synced_at IS NOT NULL AS logging, "
         " (SELECT max(c.seen_at) FROM changes c WHERE c.product_id = p.id AND c.kind = 'baseline') "
         " AS baseline FROM products p LEFT JOIN product_sync s ON s.product_id = p.id "
-        f"WHERE {scope} ORDER BY p.name, p.id", scope_args)]
+        f"WHERE {scope} ORDER BY p.name, p.id", scope.args)]
     names = {p["id"]: p["name"] for p in products}
     summary: dict[int, dict] = {}
     for pid, kind, new, n in conn.execute("SELECT c.product_id, c.kind, c.new_value, count(*) "
-                                          f"FROM changes c WHERE {clause} GROUP BY 1, 2, 3", args):
+                                          f"FROM changes c WHERE {where} GROUP BY 1, 2, 3",
+                                          where.args):
         entry = summary.setdefault(pid, {"product_id": pid, "product": names.get(pid), "total": 0,
                                          "by_kind": dict.fromkeys(CHANGE_KINDS, 0)})
         entry["total"] += n
         entry["by_kind"][kind] += n
-        if kind in ("test_status", "bug_status"):  # to what: locked, archived, accepted, rejected...
+        if kind in ("test_status", "bug_status"):  # to what: locked, archived, accepted...
             to = entry.setdefault(f"{kind}_to", {})
             to[new] = to.get(new, 0) + n
     for entry in summary.values():
@@ -2336,8 +2375,10 @@ def query_changes(conn: sqlite3.Connection, since: str, product_ids: Sequence[in
         for kind in ("test_status_to", "bug_status_to"):
             if kind in entry:
                 entry[kind] = dict(sorted(entry[kind].items(), key=lambda kv: -kv[1]))
-    rows = conn.execute(CHANGE_ROWS_SQL.format(where=clause), [*args, per_page, (page - 1) * per_page])
-    return {"summary": sorted(summary.values(), key=lambda e: (e["product"] or "", e["product_id"])),
+    rows = conn.execute(CHANGE_ROWS_SQL.format(where=where),
+                        [*where.args, per_page, (page - 1) * per_page])
+    by_product = sorted(summary.values(), key=lambda e: (e["product"] or "", e["product_id"]))
+    return {"summary": by_product,
             "total": sum(e["total"] for e in summary.values()),
             "changes": [shape_change(r) for r in rows], "products": products}
 
@@ -2353,7 +2394,8 @@ def shape_change(row: sqlite3.Row) -> dict:
     return {k: v for k, v in change.items() if v is not None}
 
 
-def change_log_span(products: list[dict], since: str, kept_from: str) -> tuple[str | None, list[str]]:
+def change_log_span(products: list[dict], since: str,
+                    kept_from: str) -> tuple[str | None, list[str]]:
     """From when the change log is complete for every product of query_changes(), given the oldest
     time the retention keeps, and a line for each product whose log starts after `since` or has not
     started (its first sync has not ended)."""
@@ -2372,8 +2414,8 @@ def change_log_span(products: list[dict], since: str, kept_from: str) -> tuple[s
 
     lines = []
     if late:
-        lines.append(f"the log starts after since for {listed(late)} (a first sync, a --nuke or the "
-                     f"retention limit): changes before that are not in it")
+        lines.append(f"the log starts after since for {listed(late)} (a first sync, a --nuke or "
+                     f"the retention limit): changes before that are not in it")
     if silent:
         lines.append(f"no change log yet for {listed(silent)}: it starts when a first sync ends")
     return max(starts, default=None), lines
@@ -2410,14 +2452,13 @@ def review_queue(conn: sqlite3.Connection, product_ids: Sequence[int], window_da
     earliest auto-acceptance first, then the tests past theirs (stale: still open here, but TestIO
     has most likely accepted them since the last sync); a summary (per product when several) and
     one page of bugs in REVIEW_ORDER within a test."""
-    names = (_require_products(conn, product_ids) if product_ids
-             else dict(conn.execute("SELECT id, name FROM products").fetchall()))
-    where, args = _in("b.product_id", sorted(names))
+    names = product_names(conn, product_ids)
+    where = Where().isin("b.product_id", sorted(names)).add("b.status = 'open'")
     ranked = []
     for test_id, title, pid, status, end_at, open_bugs in conn.execute(  # counted in the index
             f"SELECT t.id, t.title, t.product_id, t.status, t.end_at, o.n FROM (SELECT b.test_id, "
-            f"count(*) AS n FROM bugs b WHERE {where} AND b.status = 'open' GROUP BY b.test_id) o "
-            f"JOIN tests t ON t.id = o.test_id", args):
+            f"count(*) AS n FROM bugs b WHERE {where} GROUP BY b.test_id) o "
+            f"JOIN tests t ON t.id = o.test_id", where.args):
         deadline = auto_accept_at(end_at, window_days)
         stale = deadline is not None and deadline <= now
         group = {"test": {"id": test_id, "title": title, "product_id": pid, "status": status,
@@ -2444,11 +2485,11 @@ def review_queue(conn: sqlite3.Connection, product_ids: Sequence[int], window_da
             break
     bugs: dict[int, list[dict]] = collections.defaultdict(list)
     if shown:
-        tests, test_args = _in("b.test_id", [group["test"]["id"] for group, _, _ in shown])
+        tests = Where().isin("b.test_id", [group["test"]["id"] for group, _, _ in shown])
         for r in conn.execute(
                 f"SELECT b.id, b.test_id, b.title, b.severity, b.bug_type, b.known, b.reported_at, "
                 f"b.tester FROM bugs b WHERE {tests} AND b.status = 'open' "
-                f"ORDER BY b.test_id, {REVIEW_ORDER}", test_args):
+                f"ORDER BY b.test_id, {REVIEW_ORDER}", tests.args):
             bugs[r["test_id"]].append({
                 "id": r["id"], "title": r["title"], "severity": r["severity"],
                 "bug_type": r["bug_type"], "known": bool(r["known"]),
@@ -2505,7 +2546,7 @@ def complete_ids(conn: sqlite3.Connection, kind: str, typed: str,
     with it (the newest end first); none of `exclude`."""
     others, args = _in("id", exclude, "NOT IN")
     if kind == "product":
-        pattern = typed.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = _like_literal(typed)
         sql = (f"SELECT id FROM products WHERE {others} AND (cast(id AS TEXT) LIKE ? || '%' "
                f"ESCAPE '\\' OR name LIKE '%' || ? || '%' ESCAPE '\\') ORDER BY name, id LIMIT ?")
         args += [pattern, pattern]
@@ -3415,8 +3456,9 @@ async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, 
 
 
 ###############################################################################
-# MCP server: app state, lifespan, background freshness, the tools in a registry (event loop;
-# the SDK and pydantic are imported by build_server only: `testio-mcp sync` never loads them)
+# MCP server: app state, lifespan, background freshness; the tools in a registry (@tool fills
+# TOOLS, ToolCalls wraps each call), the prompts and resources, build_server, HTTP serving (event
+# loop; the SDK and pydantic are imported by build_server only: `testio-mcp sync` never loads them)
 ###############################################################################
 
 READ_THROUGH_TIMEOUT = 15.0   # seconds a tool waits for the API before answering from the cache
@@ -3716,7 +3758,7 @@ class AppState:
                 result = await run_locked_sync(self.runtime, self.db, client, mode, trigger=trigger,
                                                product_ids=product_ids, lock_timeout=lock_timeout,
                                                on_progress=track)
-                done = result.status in ("success", "completed_with_problems")
+                done = result.status in COMPLETED_RUN_STATUSES
                 self.has_data = self.has_data or done
                 return result
             finally:
@@ -3977,16 +4019,16 @@ def _arg_dates(start: str | None, end: str | None) -> tuple[date | None, date | 
     return lo, hi
 
 
-def _arg_since(value: str | None) -> str:
-    """get_changes' since as UTC text: a YYYY-MM-DD (UTC day) or an ISO time (UTC without an
-    offset), 7 days ago when None; ConfigError naming a bad or future value."""
+def _arg_since(value: str | None, default_days: int = 7) -> str:
+    """A since argument as UTC text: a YYYY-MM-DD (UTC day) or an ISO time (UTC without an
+    offset), `default_days` ago when None; ConfigError naming a bad or future value."""
     now = utc_now()
     if value is None or not value.strip():
-        return iso(now - timedelta(days=7))
+        return iso(now - timedelta(days=default_days))
     since = to_utc(value)
     if since is None:
-        raise ConfigError(f"since={value!r} is not a date or time; use YYYY-MM-DD (a UTC day) or an "
-                          f"ISO time like 2026-11-23T09:00:00+01:00")
+        raise ConfigError(f"since={value!r} is not a date or time; use YYYY-MM-DD (a UTC day) or "
+                          f"an ISO time like 2026-11-23T09:00:00+01:00")
     if since > iso(now):
         raise ConfigError(f"since={value!r} is in the future; give a past date, e.g. "
                           f"{iso(now - timedelta(days=7))[:10]} for the last 7 days")
@@ -4064,8 +4106,7 @@ async def health_check(state: AppState) -> HealthResult:
         token["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
     else:
         token["error"] = f"{ENV_TOKEN} is not set; only the local data can be queried"
-    status, version = await state.db.read(
-        lambda conn: (db_status(conn), conn.execute("PRAGMA user_version").fetchone()[0]))
+    status, version = await state.db.read(lambda conn: (db_status(conn), schema_version(conn)))
     path, running = state.settings.db_path, state.current_sync
     return HealthResult(
         data_as_of=status["last_successful_sync"], token=token,
@@ -4631,7 +4672,8 @@ class PromptSpec:
     def arguments(self) -> list[tuple[str, str, bool]]:
         """(name, description, required) of each argument, from the signature."""
         params = list(inspect.signature(self.fn).parameters.values())[1:]
-        described = [next(m for m in p.annotation.__metadata__ if isinstance(m, Arg)) for p in params]
+        described = [next(m for m in p.annotation.__metadata__ if isinstance(m, Arg))
+                     for p in params]
         return [(p.name, arg.description, p.default is inspect.Parameter.empty)
                 for p, arg in zip(params, described)]
 
@@ -4678,10 +4720,7 @@ ProductIdsText = Annotated[str | None, Arg("product ids, comma-separated (defaul
 async def _prompt_products(state: AppState, product_ids: str | None) -> dict[int, str]:
     """The products a prompt is about, id -> name: those given (each in the local data), else
     all."""
-    ids = parse_id_list(product_ids, "product_ids")
-    names = await state.db.read(lambda conn: _require_products(conn, ids) if ids else dict(
-        conn.execute("SELECT id, name FROM products ORDER BY name, id").fetchall()))
-    names = {pid: names[pid] for pid in ids} if ids else names  # in the order given
+    names = await state.db.read(product_names, parse_id_list(product_ids, "product_ids"))
     if not names:
         raise NotInCacheError("there are no products in the local data yet; run sync_data (or wait "
                               "for the first sync to end), then ask again")
@@ -4707,11 +4746,8 @@ async def weekly_review(
     """The weekly review: what changed since a day, which open bugs auto-accept soonest, and how the
     quality figures compare with the week before, ending in action items."""
     names = await _prompt_products(state, product_ids)
-    today = utc_now().date()
-    start = parse_date(since, "since") if since else today - timedelta(days=6)
-    if start > today:
-        raise ConfigError(f"since={since!r} is in the future; give a day up to {today.isoformat()}")
-    ids, first = json.dumps(list(names)), start.isoformat()
+    today, first = utc_now().date(), _arg_since(since, default_days=6)[:10]  # its UTC day
+    ids = json.dumps(list(names))
     return f"""Weekly TestIO review of {_named(names)}, from {first} to {today.isoformat()} \
 (UTC days).
 
@@ -4788,17 +4824,17 @@ async def test_deep_dive(
         raise ConfigError(f"test_id={test_id!r} is not one test id; give a whole number, e.g. "
                           f"101985")
     number = ids[0]
-    found = await state.db.read(lambda conn: conn.execute(
-        "SELECT t.title, t.status, t.end_at, t.product_id, p.name FROM tests t "
-        "JOIN products p ON p.id = t.product_id WHERE t.id = ?", (number,)).fetchone())
+    found = await state.db.read(query_test, number)
     if found is None:
         about = f"TestIO test {number} (not in the local data yet: get_test_status fetches it)"
         product = "its product (from get_test_status)"
         baseline = "the 90 days before the test's end"
     else:
-        title, status, end_at, pid, name = found
-        about = f'TestIO test {number}, "{title}" ({status}, ends {end_at}) of {name} ({pid})'
-        end = (parse_utc(end_at) or utc_now()).date()
+        test = found["test"]
+        pid, name = test["product"]["id"], test["product"]["name"]
+        about = (f'TestIO test {number}, "{test["title"]}" ({test["status"]}, ends '
+                 f'{test["end_at"]}) of {name} ({pid})')
+        end = (parse_utc(test["end_at"]) or utc_now()).date()
         product = f"[{pid}]"
         baseline = (f'start_date="{(end - timedelta(days=90)).isoformat()}", '
                     f'end_date="{end.isoformat()}"')
@@ -4890,8 +4926,8 @@ def _lean_schema(schema: Any) -> Any:
     property's name again; a property named title stays) and additionalProperties: true (JSON
     Schema's default)."""
     if isinstance(schema, dict):
-        return {k: _lean_schema(v) if k != "properties" else {p: _lean_schema(s) for p, s in v.items()}
-                for k, v in schema.items()
+        return {k: {p: _lean_schema(s) for p, s in v.items()} if k == "properties"
+                else _lean_schema(v) for k, v in schema.items()
                 if k != "title" and not (k == "additionalProperties" and v is True)}
     if isinstance(schema, list):
         return [_lean_schema(item) for item in schema]
@@ -4908,29 +4944,34 @@ async def _from_local(state: AppState, call: Callable[[], Awaitable[Any]]) -> An
             return await call()
 
 
-def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
-    """The MCP server (an MCPServer): app_lifespan's AppState; every tool of TOOLS, in order,
-    through ToolCalls; the prompts of PROMPTS, whose product and test ids complete from the local
-    data; the resources of RESOURCES. The SDK is imported here: the CLI's other commands never load
-    it."""
+@functools.cache
+def _sdk_tools() -> tuple[Any, ...]:
+    """The SDK's Tool of each tool of TOOLS, in order, through ToolCalls: made once per process and
+    shared by every server built (each holds no server or state: a call finds its AppState in its
+    Context), as making them (a pydantic model per tool's arguments and result) is most of the
+    work of building a server."""
+    from mcp.server.mcpserver.tools.base import Tool
+    from mcp.types import ToolAnnotations
+
+    calls = ToolCalls()
+    return tuple(Tool.from_function(
+        calls.apply(spec), name=spec.name, title=spec.title,
+        description=inspect.cleandoc(spec.fn.__doc__),
+        annotations=ToolAnnotations(read_only_hint=spec.read_only, idempotent_hint=spec.read_only,
+                                    open_world_hint=spec.open_world))
+        for spec in TOOLS.values())
+
+
+@functools.cache
+def _server_class() -> type:
+    """MCPServer with tools/list's lean schemas, argument and prompt mistakes answered in our words,
+    and RESOURCES read with the AppState: made once per process (the SDK is imported here)."""
     from mcp.server.lowlevel.helper_types import ReadResourceContents
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-    from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
     from mcp.shared.exceptions import MCPError
-    from mcp.types import INVALID_PARAMS, Completion, Resource, ToolAnnotations
+    from mcp.types import INVALID_PARAMS, Resource
     from pydantic import ValidationError
-
-    live: list[AppState] = []  # the running lifespan's state: the SDK gives a completion no context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Any) -> AsyncIterator[AppState]:
-        async with app_lifespan(runtime, exit_on_sigterm) as state:
-            live.append(state)
-            try:
-                yield state
-            finally:
-                live.remove(state)
 
     class Server(MCPServer):
         lean: list | None = None
@@ -4995,17 +5036,34 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
                 raise ResourceError(str(exc)) from None
             return [ReadResourceContents(content=text, mime_type=spec.mime_type)]
 
+    return Server
+
+
+def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
+    """The MCP server (an MCPServer): app_lifespan's AppState; every tool of TOOLS, in order,
+    through ToolCalls; the prompts of PROMPTS, whose product and test ids complete from the local
+    data; the resources of RESOURCES. The SDK is imported here: the CLI's other commands never load
+    it."""
+    from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
+    from mcp.shared.exceptions import MCPError
+    from mcp.types import INVALID_PARAMS, Completion
+
+    live: list[AppState] = []  # the running lifespan's state: the SDK gives a completion no context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[AppState]:
+        async with app_lifespan(runtime, exit_on_sigterm) as state:
+            live.append(state)
+            try:
+                yield state
+            finally:
+                live.remove(state)
+
     # subscriptions=False: nothing here notifies a change (the tools, prompts and resources are
     # fixed; a resource's text is read afresh each time), so 2026-07-28 clients are not offered
     # subscriptions/listen either
-    server = Server("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS,
-                    lifespan=lifespan, subscriptions=False)
-    calls = ToolCalls()
-    for spec in TOOLS.values():
-        annotations = ToolAnnotations(read_only_hint=spec.read_only, idempotent_hint=spec.read_only,
-                                      open_world_hint=spec.open_world)
-        server.add_tool(calls.apply(spec), name=spec.name, title=spec.title,
-                        description=inspect.cleandoc(spec.fn.__doc__), annotations=annotations)
+    server = _server_class()("testio-mcp", version=__version__, instructions=SERVER_INSTRUCTIONS,
+                             lifespan=lifespan, subscriptions=False, tools=list(_sdk_tools()))
 
     def rendering(spec: PromptSpec) -> Callable[..., Awaitable[str]]:
         async def render(ctx: Any, **arguments: str) -> str:
@@ -5041,34 +5099,6 @@ def build_server(runtime: Runtime, *, exit_on_sigterm: bool = False) -> Any:
         return Completion(values=values, total=None if more else len(values), has_more=more)
 
     return server
-
-
-def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
-    """`testio-mcp [serve]`: the MCP server over stdio (default) or streamable HTTP."""
-    transport = getattr(args, "transport", "stdio")
-    if transport == "http":
-        host, port, token = args.host, args.port, runtime.settings.http_token
-        remote = not _is_loopback(host)
-        if remote and not args.allow_remote:
-            raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach "
-                              f"it could read your TestIO data; to serve a team add --allow-remote "
-                              f"and set {ENV_HTTP_TOKEN}")
-        if remote and not token:
-            raise ConfigError(f"--host {host} is reachable from other machines and "
-                              f"{ENV_HTTP_TOKEN} is not set: set it to a random secret "
-                              f"({NEW_TOKEN_HINT}) and have clients send Authorization: Bearer "
-                              f"<that secret>")
-        server = build_server(runtime)
-        _freeze_startup_objects()
-        if remote:
-            log.warning("serving on %s:%s to other machines: every request needs the bearer "
-                        "token; plain HTTP carries it in clear, so off a trusted network put TLS "
-                        "(a reverse proxy) in front", host, port)
-        return asyncio.run(_serve_http(server, host, port, token))
-    server = build_server(runtime, exit_on_sigterm=True)
-    _freeze_startup_objects()
-    asyncio.run(server.run_stdio_async())
-    return 0
 
 
 def _freeze_startup_objects() -> None:
@@ -5173,7 +5203,6 @@ async def _serve_http(server: Any, host: str, port: int, token: str | None) -> i
 # test_testio_mcp.py with scenario controls, truth accessors and a clock they advance.
 ###############################################################################
 
-SIM_PRODUCT_TYPES = PRODUCT_TYPES
 _SIM_TYPE_SUFFIX = ("Web", "iOS", "Android", "Windows", "TV", "Play")
 _SIM_NAME_PREFIX = ("Drift", "Velvet", "Vertex", "Nimbus", "Cobalt",
                     "Juniper", "Harbor", "Quartz", "Ember", "Atlas")
@@ -5203,8 +5232,7 @@ _SIM_FIRST = ("clara", "greta", "mara", "jonas", "li", "amir", "sofia", "ivan", 
 _SIM_LAST = ("dubois", "silva", "berg", "novak", "kim", "haddad", "rossi", "petrov",
              "smith", "nakamura", "garcia", "weber", "singh", "okafor")
 _SIM_CUSTOMER_USERS = ("Mara Novak", "Tom Becker", "Priya Shah")
-_SIM_SEVERITIES = SEVERITIES  # weighted by _SIM_SEVERITY_CUM, in this order
-_SIM_SEVERITY_CUM = tuple(itertools.accumulate((30, 25, 7, 18, 15, 5)))
+_SIM_SEVERITY_CUM = tuple(itertools.accumulate((30, 25, 7, 18, 15, 5)))  # SEVERITIES' weights
 _SIM_PROBLEMS = {
     "functional": ("App crashes after saving", "Button does nothing on tap",
                    "Error 500 after submitting the form", "Wrong total price shown",
@@ -5306,7 +5334,7 @@ def _sim_weighted(seq, cum: tuple, u: float):
 
 
 def _sim_response(status: int, payload: object) -> httpx.Response:
-    # Payloads share sub-objects but never hold cycles; skipping the check halves the cost.
+    # Payloads share sub-objects but never hold cycles: the cycle check would only cost time.
     body = json.dumps(payload, check_circular=False).encode()
     return httpx.Response(status, content=body, headers={"content-type": "application/json"})
 
@@ -5402,7 +5430,7 @@ class SimulatedAccount:
         rng = random.Random(_sim_seed(self._seed, 1, i))
         a, b = i % 10, (i // 10 + i) % 10
         base = f"{_SIM_NAME_PREFIX[(a + self._seed) % 10]} {_SIM_NAME_DOMAIN[b]}"
-        ptype = SIM_PRODUCT_TYPES[i % len(SIM_PRODUCT_TYPES)]
+        ptype = PRODUCT_TYPES[i % len(PRODUCT_TYPES)]
         short = f"{base} {_SIM_TYPE_SUFFIX[i % 6]}" + (f" {i // 100 + 1}" if i >= 100 else "")
         pid = 18_000 + 7 * i + rng.randrange(7)
         url = "https://" + short.lower().replace(" ", "-") + ".example.com"
@@ -5682,7 +5710,7 @@ class SimulatedAccount:
         bid = t.id * _SIM_BUG_STRIDE + j
         k = int(u[0] * len(chosen))
         feature = chosen[k]
-        severity = _sim_weighted(_SIM_SEVERITIES, _SIM_SEVERITY_CUM, u[1])
+        severity = _sim_weighted(SEVERITIES, _SIM_SEVERITY_CUM, u[1])
         problem = _sim_pick(_SIM_PROBLEMS.get(severity, _SIM_PROBLEMS["functional"]), u[2])
         outcome = "accepted" if u[3] < 0.6 else "rejected" if u[3] < 0.85 else None
         status, auto = "forwarded", False
@@ -6068,6 +6096,34 @@ def _print_summary(result: SyncResult) -> None:
                         "problems", "status"]), file=sys.stderr)
     print(f"{result.mode} sync {result.status} in {result.seconds:.1f}s with "
           f"{result.api_requests} API requests (run {result.run_id})", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace, runtime: Runtime) -> int:
+    """`testio-mcp [serve]`: the MCP server over stdio (default) or streamable HTTP."""
+    transport = getattr(args, "transport", "stdio")
+    if transport == "http":
+        host, port, token = args.host, args.port, runtime.settings.http_token
+        remote = not _is_loopback(host)
+        if remote and not args.allow_remote:
+            raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach "
+                              f"it could read your TestIO data; to serve a team add --allow-remote "
+                              f"and set {ENV_HTTP_TOKEN}")
+        if remote and not token:
+            raise ConfigError(f"--host {host} is reachable from other machines and "
+                              f"{ENV_HTTP_TOKEN} is not set: set it to a random secret "
+                              f"({NEW_TOKEN_HINT}) and have clients send Authorization: Bearer "
+                              f"<that secret>")
+        server = build_server(runtime)
+        _freeze_startup_objects()
+        if remote:
+            log.warning("serving on %s:%s to other machines: every request needs the bearer "
+                        "token; plain HTTP carries it in clear, so off a trusted network put TLS "
+                        "(a reverse proxy) in front", host, port)
+        return asyncio.run(_serve_http(server, host, port, token))
+    server = build_server(runtime, exit_on_sigterm=True)
+    _freeze_startup_objects()
+    asyncio.run(server.run_stdio_async())
+    return 0
 
 
 def cmd_sync(args: argparse.Namespace, runtime: Runtime) -> int:
