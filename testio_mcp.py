@@ -5894,7 +5894,8 @@ class DemoClock:
     async def read_history(self, engine: SyncEngine, product_ids: Sequence[int]) -> None:
         self.back = DEMO_HISTORY
         try:
-            result = await engine.run("incremental", trigger="demo_history", product_ids=product_ids)
+            result = await engine.run("incremental", trigger="demo_history",
+                                      product_ids=product_ids)
         finally:
             self.back = timedelta(0)
         log.info("demo: the account as it was %d days ago: %d tests, %d bugs stored; a refresh "
