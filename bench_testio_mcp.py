@@ -905,7 +905,8 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
         test = conn.execute("SELECT t.id FROM tests t WHERE t.product_id = ? AND t.status = 'archived' AND EXISTS "
                             "(SELECT 1 FROM bugs b WHERE b.test_id = t.id) ORDER BY t.id LIMIT 1", (p,)).fetchone()[0]
         bug = conn.execute("SELECT id FROM bugs WHERE test_id = ? LIMIT 1", (test,)).fetchone()[0]
-        tester = conn.execute("SELECT tester FROM bugs WHERE test_id = ? LIMIT 1", (test,)).fetchone()[0]
+        tester, platform = conn.execute("SELECT tester, platform FROM bugs WHERE test_id = ? LIMIT 1",
+                                        (test,)).fetchone()
         feature = conn.execute("SELECT title FROM features WHERE product_id = ? LIMIT 1", (p,)).fetchone()[0]
         conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, search_fts, 'row')")
         common = conn.execute("SELECT term FROM temp.vocab WHERE length(term) >= 5 AND term GLOB '[a-z]*' "
@@ -923,14 +924,17 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
 
     add("list_products", "all", {}, False)
     add("list_products", "search", {"search": name.split()[-1]}, False)
+    add("list_products", "product_type", {"product_type": tm.PRODUCT_TYPES[0]}, False)
     one = {"product_id": p}
     add("list_tests", "product", one, True)
     for status in tm.TEST_STATUSES:
         add("list_tests", f"statuses={status}", {**one, "statuses": [status]}, True)
     for testing_type in tm.TESTING_TYPES:
         add("list_tests", f"testing_type={testing_type}", {**one, "testing_type": testing_type}, True)
-    for sort in ("end_at", "start_at", "id", "title", "status"):
-        add("list_tests", f"sort_by={sort} asc", {**one, "sort_by": sort, "sort_order": "asc"}, True)
+    for sort in tm.TEST_SORTS:
+        for order in tm.SORT_ORDERS:
+            add("list_tests", f"sort_by={sort} {order}", {**one, "sort_by": sort, "sort_order": order}, True)
+    add("list_tests", "per_page=200", {**one, "per_page": 200}, True)
     add("list_tests", "dates, page 2 of 20", {**one, **dates, "per_page": 20, "page": 2}, True)
     add("get_test_status", "archived test", {"test_id": test}, True)
     bugs = {"product_ids": [p]}
@@ -946,6 +950,9 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
     for reason in tm.REJECTION_REASONS:
         add("list_bugs", f"rejection_reason={reason}", {**bugs, "rejection_reason": [reason]}, True)
     add("list_bugs", "known", {**bugs, "known": True}, True)
+    add("list_bugs", "not known", {**bugs, "known": False}, True)
+    add("list_bugs", "per_page=200", {**bugs, "per_page": 200}, True)
+    add("list_bugs", "details, per_page=200", {**bugs, "include_details": True, "per_page": 200}, True)
     add("list_bugs", "tester", {**bugs, "tester": tester.upper()}, True)
     add("list_bugs", "dates", {**bugs, **quarter}, True)
     add("list_bugs", "details", {**bugs, "include_details": True, "per_page": 20}, True)
@@ -958,9 +965,17 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
     add("get_quality_report", "one product, compare", {"product_ids": [p], **quarter, "compare": "previous"}, True)
     add("get_quality_report", "all products, compare", {"product_ids": products, **quarter, "compare": "previous"},
         False)
+    period = f"{(end - timedelta(days=455)).isoformat()}..{(end - timedelta(days=365)).isoformat()}"
+    add("get_quality_report", "one product, compare with a period",
+        {"product_ids": [p], **quarter, "compare": period}, True)
+    add("get_quality_report", "one product, statuses and testing_type",
+        {"product_ids": [p], "statuses": ["archived"], "testing_type": tm.TESTING_TYPES[0]}, True)
     add("get_review_queue", "one product", {"product_ids": [p]}, True)
     add("get_review_queue", "one product, page 2 of 20", {"product_ids": [p], "per_page": 20, "page": 2}, True)
     add("get_review_queue", "all products", {}, False)
+    add("get_review_queue", "all products, per_page=200", {"per_page": 200}, False)
+    for other in products[1:]:
+        add("get_review_queue", f"product {other}", {"product_ids": [other]}, True)
     scopes = (("one product", {"filters": {"product_ids": [p]}}, True),
               ("one product, dates", {"filters": {"product_ids": [p]}, **dates}, True),
               ("all products", {}, False))
@@ -979,14 +994,35 @@ def matrix_shapes(db_path: Path) -> list[dict[str, Any]]:
         add("query_metrics", f"{dim}, one product, quarter, compare",
             {"metrics": MATRIX_METRICS, "dimensions": [dim], "filters": {"product_ids": [p]}, **quarter,
              "compare": "previous", "limit": 1000}, True)
+        add("query_metrics", f"{dim}, all products, quarter, compare with a period",
+            {"metrics": MATRIX_METRICS, "dimensions": [dim], **quarter, "compare": period, "limit": 1000}, False)
+    filter_values = {"test_statuses": ["archived"], "testing_types": [tm.TESTING_TYPES[0]],
+                     "severities": ["high"], "bug_types": ["visual"], "bug_statuses": ["rejected"],
+                     "testers": [tester], "platforms": [platform], "rejection_reasons": ["known_bug"]}
+    for key in tm.METRIC_FILTERS:
+        if key != "product_ids":
+            for label, scope, scoped in scopes[0:3:2]:
+                filters = {**scope.get("filters", {}), key: filter_values[key]}
+                add("query_metrics", f"severity, filter {key}, {label}",
+                    {"metrics": MATRIX_METRICS, "dimensions": ["severity"], "filters": filters}, scoped)
+    add("query_metrics", "feature, sort_by feature, limit 5, one product",
+        {"metrics": MATRIX_METRICS, "dimensions": ["feature"], "filters": {"product_ids": [p]},
+         "sort_by": "feature", "limit": 5}, True)
     for label, query in (("common word", common), ("rare word", rare), ("two words", f"{common} {rare}"),
                          ("no match", "zqxjkvw")):
         add("search", label, {"query": query}, False)
         add("search", f"{label}, one product", {"query": query, "product_ids": [p]}, True)
+    for entity in tm.SEARCH_ENTITIES:
+        add("search", f"common word, entities={entity}", {"query": common, "entities": [entity]}, False)
     for tool in ("get_database_stats", "get_sync_history", "get_problematic_tests", "health_check"):
         add(tool, "-", {}, False)
     add("get_changes", "7 days", {}, False)
     add("get_changes", "whole log, one product", {"product_ids": [p], "since": "2000-01-01"}, True)
+    add("get_changes", "whole log, per_page=200", {"since": "2000-01-01", "per_page": 200}, False)
+    for kind in tm.CHANGE_KINDS:
+        add("get_changes", f"kinds={kind}", {"since": "2000-01-01", "kinds": [kind]}, False)
+    add("get_sync_history", "limit=50", {"limit": 50}, False)
+    add("get_problematic_tests", "one product", {"product_id": p}, True)
     return shapes
 
 

@@ -247,7 +247,7 @@ END;
 CREATE TABLE IF NOT EXISTS changes (
     id         INTEGER PRIMARY KEY,
     seen_at    TEXT NOT NULL,                 -- UTC, when stored: the change happened before
-    run_id     INTEGER,                       -- the sync run in progress (NULL: a tool's read-through)
+    run_id     INTEGER,                       -- the sync run in progress when stored (NULL: none)
     product_id INTEGER NOT NULL,
     kind       TEXT NOT NULL,                 -- baseline, or one of CHANGE_KINDS (testio_mcp.py)
     test_id    INTEGER,

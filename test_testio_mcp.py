@@ -602,6 +602,7 @@ def test_settings_come_from_env_then_env_file_then_home_file_then_dotenv(env, ca
     ("TESTIO_CUSTOMER_API_BASE_URL", "ftp://api.test.io"),
     ("TESTIO_CHANGE_RETENTION_DAYS", "0"),
     ("TESTIO_CHANGE_RETENTION_DAYS", "half a year"),
+    ("TESTIO_CHANGE_RETENTION_DAYS", "1000000"),
     ("TESTIO_REVIEW_WINDOW_DAYS", "0"),
     ("TESTIO_REVIEW_WINDOW_DAYS", "ten"),
     ("TESTIO_REVIEW_WINDOW_DAYS", "400"),
@@ -4688,6 +4689,23 @@ async def test_get_test_status_fetches_a_test_missing_locally_and_stores_it_with
     assert sorted(r[0] for r in db_rows(db, "SELECT id FROM bugs WHERE test_id = ?", (new,))) == acc.bug_ids(new)
 
 
+@pytest.mark.anyio
+async def test_a_read_through_keeps_the_stored_product_when_the_test_embeds_a_slimmer_copy(db):
+    acc = make_account()
+    [new] = acc.add_tests(P, 1)
+    before = db_rows(db, "SELECT * FROM products WHERE id = ?", (P,))
+
+    def slim(request, n):  # the API document promises only the product's id, name and type
+        if request.url.path.endswith(f"/exploratory_tests/{new}"):
+            test = json.loads(acc.handler(request).content)
+            test["exploratory_test"]["product"] = {"id": P, "name": "Slim", "type": "website"}
+            return httpx.Response(200, json=test)
+    async with mcp_client(Faults(acc.handler).add(slim)) as client:
+        data = await ok(client, "get_test_status", {"test_id": new})
+    assert data["test"]["id"] == new
+    assert db_rows(db, "SELECT * FROM products WHERE id = ?", (P,)) == before
+
+
 def age_test(db_path: Path, test_id: int, synced_at: str = "2026-01-01T00:00:00Z") -> None:
     """Arrange a test synced long ago (the database file is a boundary; no clock is faked)."""
     conn = sqlite3.connect(str(db_path))
@@ -5841,6 +5859,16 @@ def test_the_same_seed_at_the_same_time_gives_the_same_data_whatever_steps_led_t
     assert synced[0] != synced[2]  # the week did change the account
 
 
+def test_a_first_demo_sync_that_fails_says_why_once_and_stores_nothing(env, capsys):
+    code, _, err = cli(capsys, "--demo", "sync", "--product-ids", "5")
+    assert code == 1
+    demo_db = env.with_name("demo.db")
+    assert db_rows(demo_db, "SELECT trigger, mode, status FROM sync_runs") == [
+        ("demo_history", "incremental", "failed")]
+    assert db_rows(demo_db, "SELECT count(*) FROM tests") == [(0,)]
+    assert "a refresh brings it to now" not in err
+
+
 @pytest.mark.slow
 def test_a_first_demo_sync_reads_the_week_before_so_changes_and_the_review_queue_show_a_week(
         env, capsys, monkeypatch):
@@ -5849,6 +5877,8 @@ def test_a_first_demo_sync_reads_the_week_before_so_changes_and_the_review_queue
     monkeypatch.setenv("TESTIO_REFRESH_INTERVAL_SECONDS", "0")
     code, out, err = cli(capsys, "sync", "--demo")
     assert code == 0, err
+    products = tm.DEMO_ACCOUNT["products"]
+    assert len(re.findall(r"^product \d+: ", err, re.M)) == 2 * products  # the history's progress too
     demo_db = env.with_name("demo.db")
     assert db_rows(demo_db, "SELECT id, trigger, status FROM sync_runs ORDER BY id") == [
         (1, "demo_history", "success"), (2, "cli", "success")]

@@ -71,6 +71,10 @@ class ConfigError(TestioError):
     """A setting or an argument is invalid."""
 
 
+class NotInCacheError(TestioError):
+    """An id the tool was asked about is not in the local data."""
+
+
 class SchemaError(TestioError):
     """The database was written by a newer testio-mcp, or cannot be migrated."""
 
@@ -261,7 +265,7 @@ class Settings:
             demo=demo,
             http_token=_http_token(env.get(ENV_HTTP_TOKEN, "").strip()),
             change_retention_days=int(_number(env, ENV_CHANGE_RETENTION, "180", integer=True,
-                                              minimum=1)),
+                                              minimum=1, maximum=36_500)),
             review_window_days=int(_number(env, ENV_REVIEW_WINDOW, "10", integer=True, minimum=1,
                                            maximum=365)),
         )
@@ -313,7 +317,9 @@ def _number(env: dict[str, str], name: str, default: str, *, integer: bool = Fal
     except ValueError:
         kind = "a whole number" if integer else "a number"
         raise ConfigError(f"{name}={raw!r} is not {kind}") from None
-    if value < minimum or (isinstance(value, float) and not math.isfinite(value)):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
+    if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
     if value > maximum:
         raise ConfigError(f"{name}={raw!r} must be at most {maximum:g}")
@@ -1184,6 +1190,12 @@ ON CONFLICT(id) DO UPDATE SET name = excluded.name, type = excluded.type,
     section_ids = excluded.section_ids, raw = excluded.raw, synced_at = excluded.synced_at
 """
 
+INSERT_PRODUCT_SQL = """
+INSERT INTO products (id, name, type, description, has_sections, section_ids, raw, synced_at)
+VALUES (:id, :name, :type, :description, :has_sections, :section_ids, :raw, :synced_at)
+ON CONFLICT(id) DO NOTHING
+"""
+
 UPSERT_FEATURE_SQL = """
 INSERT INTO features (id, product_id, title, description, howtofind, user_stories, section_ids,
                       synced_at)
@@ -1241,8 +1253,9 @@ def _in(expr: str, values: Sequence[Any], op: str = "IN") -> tuple[str, list]:
     return f"{expr} {op} (SELECT value FROM json_each(?))", [json.dumps(list(values))]
 
 
-def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: str) -> int:
-    """Store products; returns how many."""
+def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: str,
+                    replace: bool = True) -> int:
+    """Store products (with `replace` False, only those not stored yet); returns how many."""
     rows = []
     for product in products:
         rows.append({
@@ -1253,7 +1266,7 @@ def upsert_products(conn: sqlite3.Connection, products: list[dict], synced_at: s
             "section_ids": json.dumps(section_ids(product)),
             "raw": json.dumps(product, separators=(",", ":"), sort_keys=True),
             "synced_at": synced_at})
-    conn.executemany(UPSERT_PRODUCT_SQL, rows)
+    conn.executemany(UPSERT_PRODUCT_SQL if replace else INSERT_PRODUCT_SQL, rows)
     return len(rows)
 
 
@@ -1633,10 +1646,6 @@ def _file_size(path: Path) -> int:
 # Store: read queries behind the MCP tools (DB reader threads; every filter is bound,
 # every sort key and pivot dimension comes from a whitelist below)
 ###############################################################################
-
-class NotInCacheError(TestioError):
-    """An id the tool was asked about is not in the local data."""
-
 
 class Where:
     """The one WHERE builder of the read queries: conditions written here (their columns from the
@@ -2981,7 +2990,7 @@ async def fetch_test(db: Database, client: TestioClient, test_id: int, *,
         if named is None or not isinstance(named.get("id"), int):
             raise MalformedResponseError(f"GET exploratory_tests/{test_id}: the test names no "
                                          f"product")
-        await db.write(upsert_products, [named], now)
+        await db.write(upsert_products, [named], now, False)  # a stored one keeps its fuller row
     owner = named.get("id", product_id) if named else product_id
     write = await db.write(store_tests, owner, [test], now)
     if queue_bugs is not None:
@@ -3423,7 +3432,7 @@ class Runtime:
     settings: Settings
     transport: httpx.AsyncBaseTransport | None = None
     # --demo: run before the first sync of an empty cache (DemoClock.read_history)
-    history: Callable[[SyncEngine, Sequence[int]], Awaitable[Any]] | None = None
+    history: Callable[[SyncEngine, Sequence[int], date | None], Awaitable[SyncResult]] | None = None
 
     def client(self) -> TestioClient:
         """A new API client (ConfigError without a token)."""
@@ -3448,7 +3457,9 @@ async def run_locked_sync(runtime: Runtime, db: Database, client: TestioClient, 
     try:
         engine = SyncEngine(db, client, runtime.settings, on_progress)
         if runtime.history and mode in ("incremental", "refresh") and not await db.read(data_as_of):
-            await runtime.history(SyncEngine(db, client, runtime.settings), product_ids)
+            history = await runtime.history(engine, product_ids, since)
+            if history.status not in COMPLETED_RUN_STATUSES:
+                return history  # its error, once
             mode = "refresh"  # the week's reviews are on tests whose status did not change
         return await engine.run(mode, trigger=trigger, product_ids=product_ids, since=since)
     finally:
@@ -5891,16 +5902,21 @@ class DemoClock:
     def __call__(self) -> datetime:
         return utc_now() - self.back
 
-    async def read_history(self, engine: SyncEngine, product_ids: Sequence[int]) -> None:
+    async def read_history(self, engine: SyncEngine, product_ids: Sequence[int],
+                           since: date | None) -> SyncResult:
+        """The first sync, of the account as it was DEMO_HISTORY ago (meanwhile every request sees
+        it so, a read-through too: the refresh that follows brings all of it to now)."""
         self.back = DEMO_HISTORY
         try:
             result = await engine.run("incremental", trigger="demo_history",
-                                      product_ids=product_ids)
+                                      product_ids=product_ids, since=since)
         finally:
             self.back = timedelta(0)
-        log.info("demo: the account as it was %d days ago: %d tests, %d bugs stored; a refresh "
-                 "brings it to now (get_changes shows the week)", DEMO_HISTORY.days,
-                 result.total("new_tests"), result.total("bugs"))
+        if result.status in COMPLETED_RUN_STATUSES:
+            log.info("demo: the account as it was %d days ago: %d tests, %d bugs stored; a refresh "
+                     "brings it to now (get_changes shows the week)", DEMO_HISTORY.days,
+                     result.total("new_tests"), result.total("bugs"))
+        return result
 
 
 def demo_account(clock: Callable[[], datetime] = utc_now) -> SimulatedAccount:
