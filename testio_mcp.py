@@ -2255,19 +2255,30 @@ def _label_dimensions(conn: sqlite3.Connection, rows: list[dict],
 # the data grows (a common word matches a large share of all bugs).
 SEARCH_CANDIDATES = 1000
 FTS_ID_MASK = (1 << 40) - 1
+BM25_WEIGHTS = (10.0, 1.0)  # title, body (the product id weighs nothing)
+BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants
+
+
+def _fts_phrases(text: str, prefix: bool = True) -> list[str]:
+    """User text as FTS5 phrases: every word quoted (operators become words), the last one a prefix
+    unless `prefix` is false."""
+    quoted = [f'"{w}"' for w in re.findall(r"\w+", text, flags=re.UNICODE)[:32]]
+    if quoted and prefix:
+        quoted[-1] += "*"
+    return quoted
+
+
+def _fts_match(phrases: Sequence[str], any_word: bool = False) -> str:
+    # matched in title and body only (the product_id column is indexed for product scopes)
+    return f"{{title body}} : ({(' OR ' if any_word else ' ').join(phrases)})"
 
 
 def fts_query(text: str, any_word: bool = False, prefix: bool = True) -> str | None:
     """User text as a safe FTS5 query: every word quoted (operators become words), the last one a
     prefix unless `prefix` is false; all words must match, or any of them with `any_word`. Matched
     in title and body only (the product_id column is indexed for product scopes)."""
-    words = re.findall(r"\w+", text, flags=re.UNICODE)
-    if not words:
-        return None
-    quoted = [f'"{w}"' for w in words[:32]]
-    if prefix:
-        quoted[-1] += "*"
-    return f"{{title body}} : ({(' OR ' if any_word else ' ').join(quoted)})"
+    phrases = _fts_phrases(text, prefix)
+    return _fts_match(phrases, any_word) if phrases else None
 
 
 def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
@@ -2278,30 +2289,39 @@ def search_index(conn: sqlite3.Connection, query: str, entities: Sequence[str],
     kinds with more than SEARCH_CANDIDATES matches, of which only the newest were ranked. (The
     exact pass comes first because a prefix query reads every matching term's whole doclist.)"""
     _require_products(conn, product_ids)  # a mistyped id must not look like "nothing found"
-    found = _search(conn, fts_query(query, prefix=False), entities, product_ids, limit)
+    found = _search(conn, _fts_phrases(query, prefix=False), False, entities, product_ids, limit)
     if len(found["results"]) < limit:
-        found = _search(conn, fts_query(query), entities, product_ids, limit)
+        found = _search(conn, _fts_phrases(query), False, entities, product_ids, limit)
     if not found["results"] and len(re.findall(r"\w+", query)) > 1:
-        found = _search(conn, fts_query(query, any_word=True), entities, product_ids, limit)
+        found = _search(conn, _fts_phrases(query), True, entities, product_ids, limit)
     return found
 
 
-def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str],
-            product_ids: Sequence[int], limit: int) -> dict:
-    if match is None:
+def _search(conn: sqlite3.Connection, phrases: Sequence[str], any_word: bool,
+            entities: Sequence[str], product_ids: Sequence[int], limit: int) -> dict:
+    if not phrases:
         return {"results": [], "capped": []}
+    match, scope = _fts_match(phrases, any_word), None
     if product_ids:  # in the index: the newest matches of these products, however many others have
-        match += f" AND product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
+        scope = f"product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
+        match += f" AND {scope}"
+    # FTS5's bm25() counts each word's rows in the whole index, most of the work of a product's
+    # search: there the candidates are ranked by _scoped_bm25, each word counted in the products
+    # (the marks of a lone word come with the candidates)
+    rank = ((BM25_MARKS_SQL if len(phrases) == 1 else "NULL, NULL") if scope
+            else f"bm25(search_fts, {BM25_WEIGHTS[0]}, {BM25_WEIGHTS[1]}, 0.0, 0.0)")
     candidates, capped = [], []
     for kind in entities or SEARCH_ENTITIES:  # newest first within a kind: a bounded rowid range
         code = SEARCH_ENTITIES.index(kind) + 1
-        rows = conn.execute(  # BM25 over title (10x) and body; the product id weighs nothing
-            "SELECT rowid, bm25(search_fts, 10.0, 1.0, 0.0, 0.0) FROM search_fts "
-            "WHERE search_fts MATCH ? AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
+        rows = conn.execute(
+            f"SELECT rowid, {rank} FROM search_fts "
+            f"WHERE search_fts MATCH ? AND rowid BETWEEN ? AND ? ORDER BY rowid DESC LIMIT ?",
             [match, code << 40, (code << 40) | FTS_ID_MASK, SEARCH_CANDIDATES]).fetchall()
         candidates += rows
         if len(rows) == SEARCH_CANDIDATES:
             capped.append(kind)
+    if scope and candidates:
+        candidates = _scoped_bm25(conn, phrases, scope, candidates)
     best = sorted(candidates, key=lambda r: (r[1], -r[0]))[:limit]
     if not best:
         return {"results": [], "capped": capped}
@@ -2321,6 +2341,73 @@ def _search(conn: sqlite3.Connection, match: str | None, entities: Sequence[str]
                 "title": d["title"], "snippet": d["snippet"], "score": round(-score, 3)}
                for rowid, score in best if (d := details.get(rowid)) is not None]
     return {"results": results, "capped": capped}
+
+
+# a row's title and body with each instance of the matched words marked by a \x01
+BM25_MARKS_SQL = "highlight(search_fts, 0, char(1), ''), highlight(search_fts, 1, char(1), '')"
+
+
+def _scoped_bm25(conn: sqlite3.Connection, phrases: Sequence[str], scope: str,
+                 candidates: list[tuple]) -> list[tuple[int, float]]:
+    """(rowid, score) of these matches of the products in `scope`, each (rowid, marked title,
+    marked body) of a lone phrase: FTS5's bm25() (negative, the best lowest) as if the index held
+    only those products' rows, each word weighed by its rows there; a row's length is compared
+    with the mean row of the whole index, as bm25() does."""
+    def count(match: str) -> int:
+        return conn.execute("SELECT count(*) FROM search_fts WHERE search_fts MATCH ?",
+                            [match]).fetchone()[0]
+
+    rows = count(scope)
+    index_rows, *column_tokens = _varints(conn.execute(
+        "SELECT block FROM search_fts_data WHERE id = 1").fetchone()[0])  # FTS5's totals record
+    mean_length = sum(column_tokens) / index_rows
+    rowids = [c[0] for c in candidates]
+    in_rows, args = _in("id", rowids)
+    lengths = {i: sum(_varints(sz)) for i, sz in conn.execute(
+        f"SELECT id, sz FROM search_fts_docsize WHERE {in_rows}", args)}
+    scores = dict.fromkeys(rowids, 0.0)
+    for phrase in phrases:
+        match = f"{_fts_match([phrase])} AND {scope}"
+        hits = count(match)
+        idf = math.log((rows - hits + 0.5) / (hits + 0.5))
+        idf = idf if idf > 0 else 1e-6  # as bm25() has it: a word in most rows still counts
+        marks = candidates if len(phrases) == 1 else _marks(conn, match, rowids)
+        for rowid, title, body in marks:
+            tf = BM25_WEIGHTS[0] * title.count("\x01") + BM25_WEIGHTS[1] * body.count("\x01")
+            norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths[rowid] / mean_length)
+            scores[rowid] -= idf * tf * (BM25_K1 + 1) / (tf + norm)
+    return list(scores.items())
+
+
+def _marks(conn: sqlite3.Connection, match: str, rowids: list[int]) -> list[tuple]:
+    """(rowid, marked title, marked body) of those of these rows that `match` finds, per kind a
+    scan of the rowid range of these rows."""
+    found = []
+    for code in {r >> 40 for r in rowids}:
+        of_kind = [r for r in rowids if r >> 40 == code]
+        in_kind, args = _in("+rowid", of_kind)
+        found += conn.execute(
+            f"SELECT rowid, {BM25_MARKS_SQL} FROM search_fts WHERE search_fts MATCH ? "
+            f"AND rowid BETWEEN ? AND ? AND {in_kind}", [match, min(of_kind), max(of_kind), *args])
+    return found
+
+
+def _varints(blob: bytes) -> list[int]:
+    """The SQLite varints of an FTS5 record (big-endian, 7 bits a byte, a 9th byte of 8)."""
+    values, i = [], 0
+    while i < len(blob):
+        value = 0
+        for n in range(9):
+            byte = blob[i]
+            i += 1
+            if n == 8:
+                value = (value << 8) | byte
+                break
+            value = (value << 7) | (byte & 0x7F)
+            if byte < 0x80:
+                break
+        values.append(value)
+    return values
 
 
 def sync_history(conn: sqlite3.Connection, limit: int) -> list[dict]:
