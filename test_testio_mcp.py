@@ -3629,6 +3629,57 @@ def test_a_product_scoped_search_steps_through_that_products_matches_only(db):
     conn.close()
 
 
+@pytest.mark.anyio
+async def test_a_product_scoped_search_weighs_a_word_by_that_products_rows_alone(db):
+    """A product's search weighs each word by its rows in that product: other products ceasing to
+    use the word (row lengths kept) leave its answer and scores exactly as they were. (FTS5's
+    bm25() counts a word over the whole index, a cost that grew with every other product.)"""
+    acc = make_account()
+    word = "untranslated"
+    scoped = {"query": word, "product_ids": [P], "limit": 200}
+    async with mcp_client(acc.handler) as client:
+        before = await ok(client, "search", scoped)
+        everywhere = await ok(client, "search", {"query": word, "limit": 200})
+        with contextlib.closing(sqlite3.connect(db)) as conn:  # the word becomes another word
+            rowids = [r[0] for r in conn.execute(
+                "SELECT rowid FROM search_fts WHERE search_fts MATCH ? AND product_id != ?",
+                (tm.fts_query(word, prefix=False), P))]
+            conn.executemany(
+                "UPDATE search_fts SET title = replace(replace(title, 'untranslated', 'zzzzzzzzzzzz'), "
+                "'Untranslated', 'Zzzzzzzzzzzz'), body = replace(replace(body, 'untranslated', "
+                "'zzzzzzzzzzzz'), 'Untranslated', 'Zzzzzzzzzzzz') WHERE rowid = ?",
+                [(r,) for r in rowids])
+            conn.commit()
+        after = await ok(client, "search", scoped)
+        elsewhere_after = await ok(client, "search", {"query": word, "limit": 200})
+    assert {r["product_id"] for r in everywhere["results"]} == set(PIDS) and len(rowids) > 20
+    assert {r["product_id"] for r in elsewhere_after["results"]} == {P}
+    assert len(before["results"]) > 10 and min(r["score"] for r in before["results"]) > 0
+    assert after == {**before, "data_as_of": after["data_as_of"]}
+
+
+def test_a_product_scoped_search_ranks_one_word_in_fts5s_bm25_order(db):
+    """One word in one product: the order of FTS5's bm25() with the title weighted 10x (a title
+    match first, then by how often and how densely the row has the word), newest first on a tie."""
+    with contextlib.closing(tm.connect(db)) as conn:
+        answers = {}
+        for word, entities in (("data", []), ("filter", []), ("untranslated", ["bug"]),
+                               ("login", ["bug", "test"])):
+            answers[word] = [(r["entity"], r["id"]) for r in tm.search_index(
+                conn, word, entities, [P], 200)["results"]]
+            match = f"{tm.fts_query(word, prefix=False)} AND product_id : {P}"
+            expected = [(tm.SEARCH_ENTITIES[(r[0] >> 40) - 1], r[0] & tm.FTS_ID_MASK)
+                        for r in conn.execute(
+                "SELECT rowid FROM search_fts WHERE search_fts MATCH ? "
+                "ORDER BY bm25(search_fts, 10.0, 1.0, 0.0, 0.0), rowid DESC", (match,))]
+            expected = [e for e in expected if not entities or e[0] in entities]
+            assert len(expected) > 20 and answers[word] == expected, word
+        body_only = conn.execute(  # the one row with "data" in its body but not in its title
+            "SELECT entity, rowid & ? FROM search_fts WHERE search_fts MATCH ?",
+            (tm.FTS_ID_MASK, f'body : "data" NOT title : "data" AND product_id : {P}')).fetchall()
+    assert answers["data"][-1:] == [tuple(r) for r in body_only]
+
+
 @pytest.mark.parametrize("query", [
     "login OR checkout", "NEAR(login checkout)", "NEAR(", "check*", "*", '"', '"unbalanced', "title:login",
     "login AND", "-login", "^login", "(((", "login)", "🐛", "🐛 checkout", "", "   ", "\x00",
