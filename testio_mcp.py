@@ -2306,8 +2306,7 @@ def _search(conn: sqlite3.Connection, phrases: Sequence[str], any_word: bool,
         scope = f"product_id : ({' OR '.join(f'{p:d}' for p in product_ids)})"
         match += f" AND {scope}"
     # FTS5's bm25() counts each word's rows in the whole index, most of the work of a product's
-    # search: there the candidates are ranked by _scoped_bm25, each word counted in the products
-    # (the marks of a lone word come with the candidates)
+    # search (and it grows with the other products): there _scoped_bm25 ranks the candidates
     rank = ((BM25_MARKS_SQL if len(phrases) == 1 else "NULL, NULL") if scope
             else f"bm25(search_fts, {BM25_WEIGHTS[0]}, {BM25_WEIGHTS[1]}, 0.0, 0.0)")
     candidates, capped = [], []
@@ -2349,10 +2348,11 @@ BM25_MARKS_SQL = "highlight(search_fts, 0, char(1), ''), highlight(search_fts, 1
 
 def _scoped_bm25(conn: sqlite3.Connection, phrases: Sequence[str], scope: str,
                  candidates: list[tuple]) -> list[tuple[int, float]]:
-    """(rowid, score) of these matches of the products in `scope`, each (rowid, marked title,
-    marked body) of a lone phrase: FTS5's bm25() (negative, the best lowest) as if the index held
-    only those products' rows, each word weighed by its rows there; a row's length is compared
-    with the mean row of the whole index, as bm25() does."""
+    """(rowid, score) of candidates in the products of `scope` (with one phrase, each candidate
+    comes with its marks): FTS5's bm25() score (negative, the best lowest), but each word weighed by
+    its rows in those products, as if the index held only them, where bm25() counts the whole
+    index row by row on every call; a row's length is compared with the mean row of the whole
+    index (a stored total), as bm25() does."""
     def count(match: str) -> int:
         return conn.execute("SELECT count(*) FROM search_fts WHERE search_fts MATCH ?",
                             [match]).fetchone()[0]
