@@ -2353,9 +2353,9 @@ def _scoped_bm25(conn: sqlite3.Connection, phrases: Sequence[str], scope: str,
     its rows in those products, as if the index held only them, where bm25() counts the whole
     index row by row on every call; a row's length is compared with the mean row of the whole
     index (a stored total), as bm25() does."""
-    def count(match: str) -> int:
-        return conn.execute("SELECT count(*) FROM search_fts WHERE search_fts MATCH ?",
-                            [match]).fetchone()[0]
+    def count(match: str, most: int = -1) -> int:
+        return conn.execute("SELECT count(*) FROM (SELECT 1 FROM search_fts "
+                            "WHERE search_fts MATCH ? LIMIT ?)", [match, most]).fetchone()[0]
 
     rows = count(scope)
     index_rows, *column_tokens = _varints(conn.execute(
@@ -2368,7 +2368,7 @@ def _scoped_bm25(conn: sqlite3.Connection, phrases: Sequence[str], scope: str,
     scores = dict.fromkeys(rowids, 0.0)
     for phrase in phrases:
         match = f"{_fts_match([phrase])} AND {scope}"
-        hits = count(match)
+        hits = count(match, rows // 2 + 1)  # in more than half the rows, a word's weight is 1e-6
         idf = math.log((rows - hits + 0.5) / (hits + 0.5))
         idf = idf if idf > 0 else 1e-6  # as bm25() has it: a word in most rows still counts
         marks = candidates if len(phrases) == 1 else _marks(conn, match, rowids)
