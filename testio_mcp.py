@@ -2257,6 +2257,8 @@ SEARCH_CANDIDATES = 1000
 FTS_ID_MASK = (1 << 40) - 1
 BM25_WEIGHTS = (10.0, 1.0)  # title, body (the product id weighs nothing)
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants
+# a row's title and body with each instance of the matched words marked by a \x01
+BM25_MARKS_SQL = "highlight(search_fts, 0, char(1), ''), highlight(search_fts, 1, char(1), '')"
 
 
 def _fts_phrases(text: str, prefix: bool = True) -> list[str]:
@@ -2340,10 +2342,6 @@ def _search(conn: sqlite3.Connection, phrases: Sequence[str], any_word: bool,
                 "title": d["title"], "snippet": d["snippet"], "score": round(-score, 3)}
                for rowid, score in best if (d := details.get(rowid)) is not None]
     return {"results": results, "capped": capped}
-
-
-# a row's title and body with each instance of the matched words marked by a \x01
-BM25_MARKS_SQL = "highlight(search_fts, 0, char(1), ''), highlight(search_fts, 1, char(1), '')"
 
 
 def _scoped_bm25(conn: sqlite3.Connection, phrases: Sequence[str], scope: str,
