@@ -1026,6 +1026,9 @@ class ToolsFirst:
 
 
 READER_THREADS = 4  # tool calls read in parallel, each on its own connection (WAL snapshots)
+# a reader's page cache, in KiB: the covering indexes a pivot over every product reads (and the
+# sorter of its GROUP BY, which spills to a temp file beyond this) fit; SQLite's default is 2 MiB
+READER_CACHE_KIB = 32768
 
 
 class Database:
@@ -1044,7 +1047,7 @@ class Database:
         self.on_heal: Callable[[], None] | None = None  # called on a DB thread after a replacement
         self.tools_first = ToolsFirst()
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, reader: bool = False) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.generation != self.generation:
             self._drop(conn)
@@ -1052,6 +1055,8 @@ class Database:
         if conn is None:
             with self._lock:  # never half way through a replacement
                 conn = connect(self.path)
+                if reader:
+                    conn.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
                 self._local.conn, self._local.generation = conn, self.generation
                 self._conns.append(conn)
         return conn
@@ -1124,7 +1129,7 @@ class Database:
         def call() -> Any:
             generation, conn = self.generation, None
             try:
-                conn = self._conn()
+                conn = self._conn(reader=pool is self._readers)
                 generation = self._local.generation
                 if not tx:
                     return fn(conn, *args)
@@ -2146,9 +2151,12 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
         # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their
         # test lists), kept by a probe of those ids, collected once, instead of a seek of each bug's
         # test (by feature, the planner would rather read a feature's bugs of every test)
+        # Without a condition on tests every bug is in scope (a bug's test is always stored: the
+        # foreign key), and only the feature's pairs are probed
         if "feature" in dimensions:
             probe = "(b.test_id, b.feature_id)"
-            ids = ("tf.test_id, tf.feature_id FROM tests t "
+            ids = ("tf.test_id, tf.feature_id FROM test_features tf" if not test.conditions else
+                   "tf.test_id, tf.feature_id FROM tests t "
                    "JOIN test_features tf ON tf.test_id = t.id")
         else:
             probe, ids = "b.test_id", "t.id FROM tests t"
@@ -2157,7 +2165,9 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
                 for i, d in enumerate(dimensions)]
         aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}"
                 for a in METRIC_AGGREGATES if a in needed]
-        where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
+        where = bug
+        if test.conditions or "feature" in dimensions:
+            where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
         return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets "
                 f"WHERE {where} GROUP BY {group}"), where.args
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
