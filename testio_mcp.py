@@ -2148,9 +2148,9 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
         # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their
         # test lists), kept by a probe of those ids, collected once, instead of a seek of each bug's
-        # test (by feature, the planner would rather read a feature's bugs of every test)
-        # Without a condition on tests every bug is in scope (a bug's test is always stored: the
-        # foreign key), and only the feature's pairs are probed
+        # test (by feature, the planner would rather read a feature's bugs of every test). Without
+        # a condition on tests every bug is in scope (a stored bug's test is stored: the foreign
+        # key): by bug columns no probe at all, by feature only the pairs a test lists
         if "feature" in dimensions:
             probe = "(b.test_id, b.feature_id)"
             ids = ("tf.test_id, tf.feature_id FROM test_features tf" if not test.conditions else
