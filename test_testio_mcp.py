@@ -3538,6 +3538,57 @@ async def test_query_metrics_counts_a_feature_listed_twice_by_one_test_once(env,
                   len(mine := [b for b in bugs if b["feature"]["id"] == f["id"]]), bug_rates(mine)["rejection_rate"])
         for f in acc.features_of(P)}
 
+
+RATE_METRICS = ["test_count", "bug_count", "bugs_per_test", "active_acceptance_rate", "auto_acceptance_rate",
+                "overall_acceptance_rate", "rejection_rate", "review_rate"]
+TEST_KEYS = {"product": lambda t: t["product_id"], "month": lambda t: t["end_at"] and t["end_at"][:7],
+             "week": lambda t: t["end_at"] and datetime.strptime(t["end_at"], "%Y-%m-%dT%H:%M:%SZ").strftime("%Y-W%W"),
+             "quarter": lambda t: t["end_at"] and f"{t['end_at'][:4]}-Q{(int(t['end_at'][5:7]) + 2) // 3}",
+             "test_status": lambda t: t["status"], "testing_type": lambda t: t["testing_type"]}
+BUG_KEYS = {"severity": "severity", "bug_type": "bug_type", "bug_status": "status", "tester": "tester",
+            "platform": "platform", "rejection_reason": "rejection_reason", "known": "known"}
+
+
+@pytest.mark.anyio
+async def test_query_metrics_over_every_product_counts_each_stored_test_and_bug_once(db):
+    """Pivots with no condition on tests (every product, no dates) by test columns or by bug columns,
+    against the same figures reckoned here from the stored rows."""
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    tests = {r["id"]: dict(r) for r in conn.execute("SELECT id, product_id, status, testing_type, end_at FROM tests")}
+    bugs = [dict(r) for r in conn.execute(f"SELECT test_id, {', '.join(set(BUG_KEYS.values()))} FROM bugs")]
+    names = dict(conn.execute("SELECT id, name FROM products"))
+    conn.close()
+    shapes = [[d] for d in [*TEST_KEYS, *BUG_KEYS]] + [["product", "month"], ["week", "test_status"],
+                                                        ["tester", "bug_status"], ["platform", "known"]]
+    async with mcp_client(make_account().handler) as client:
+        answers = [await ok(client, "query_metrics", {"metrics": RATE_METRICS, "dimensions": dims, "limit": 1000})
+                   for dims in shapes]
+    for dims, data in zip(shapes, answers):
+        cells = collections.defaultdict(lambda: (set(), []))
+        if dims[0] in TEST_KEYS:
+            for t in tests.values():
+                cells[tuple(TEST_KEYS[d](t) for d in dims)][0].add(t["id"])
+            for b in bugs:
+                cells[tuple(TEST_KEYS[d](tests[b["test_id"]]) for d in dims)][1].append(b)
+        else:
+            for b in bugs:
+                cell = cells[tuple(b[BUG_KEYS[d]] for d in dims)]
+                cell[0].add(b["test_id"])
+                cell[1].append(b)
+        expected = {}
+        for cell, (ids, mine) in cells.items():
+            status = collections.Counter(b["status"] for b in mine)
+            row = {d: bool(v) if d == "known" else v for d, v in zip(dims, cell)}
+            row.update({"test_count": len(ids), "bug_count": len(mine),
+                        "bugs_per_test": round(len(mine) / len(ids), 3),
+                        **rates(status["accepted"], status["auto_accepted"], status["rejected"], len(mine))})
+            if "product" in dims:
+                row["product_name"] = names[row["product"]]
+            expected[tuple(row[d] for d in dims)] = row
+        assert {tuple(r[d] for d in dims): r for r in data["rows"]} == expected, dims
+        assert data["total_rows"] == len(expected)
+
 METRIC_SHAPES = [[d] for d in tm.METRIC_DIMENSIONS] + [
     [a, b] for a in tm.METRIC_DIMENSIONS for b in tm.METRIC_DIMENSIONS if a != b]
 
@@ -3562,6 +3613,25 @@ def test_every_one_product_metrics_pivot_reads_that_products_tests_and_their_bug
                             for line in bugs), (dims, scope, plan)
     conn.close()
 
+
+
+def test_a_pivot_over_every_product_reads_the_bugs_once_in_index_order(db):
+    """EXPLAIN QUERY PLAN of the pivots with no condition on tests (every product, no dates) by bug
+    columns alone or by test columns alone: bugs_test_facets is read once, in its order; never a
+    probe of each bug's test, nor counts sought test by test."""
+    conn = sqlite3.connect(db)
+    of_bugs = [d for d in tm.METRIC_DIMENSIONS if tm.METRIC_DIMENSIONS[d][0].startswith("b.")]
+    of_tests = [d for d in tm.METRIC_DIMENSIONS if d != "feature" and d not in of_bugs]
+    shapes = [(dims, filters) for group in (of_bugs, of_tests)
+              for dims in [[d] for d in group] + [[a, b] for a in group for b in group if a != b]
+              for filters in ([{}, {"severities": ["high"]}] if group is of_bugs else [{}])]
+    for (dims, filters), metrics in itertools.product(shapes, [RATE_METRICS, ["test_count", "bug_count",
+                                                                              "rejection_rate"]]):
+        plan = [row[3] for sql, args in tm.metrics_queries(metrics, dims, filters, None, None)
+                for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+        assert [line for line in plan if re.match(r"(SCAN|SEARCH) b\b", line)] == [
+            "SCAN b USING COVERING INDEX bugs_test_facets"], (dims, filters, plan)
+    conn.close()
 
 @pytest.mark.anyio
 async def test_search_finds_a_title_word_with_bm25_ranking_and_filters(db):

@@ -1026,6 +1026,9 @@ class ToolsFirst:
 
 
 READER_THREADS = 4  # tool calls read in parallel, each on its own connection (WAL snapshots)
+# a reader's page cache, in KiB: the covering indexes a pivot over every product reads (and the
+# sorter of its GROUP BY, which spills to a temp file beyond this) fit; SQLite's default is 2 MiB
+READER_CACHE_KIB = 32768
 
 
 class Database:
@@ -1044,7 +1047,7 @@ class Database:
         self.on_heal: Callable[[], None] | None = None  # called on a DB thread after a replacement
         self.tools_first = ToolsFirst()
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, reader: bool = False) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.generation != self.generation:
             self._drop(conn)
@@ -1052,6 +1055,8 @@ class Database:
         if conn is None:
             with self._lock:  # never half way through a replacement
                 conn = connect(self.path)
+                if reader:
+                    conn.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
                 self._local.conn, self._local.generation = conn, self.generation
                 self._conns.append(conn)
         return conn
@@ -1124,7 +1129,7 @@ class Database:
         def call() -> Any:
             generation, conn = self.generation, None
             try:
-                conn = self._conn()
+                conn = self._conn(reader=pool is self._readers)
                 generation = self._local.generation
                 if not tx:
                     return fn(conn, *args)
@@ -2067,23 +2072,21 @@ METRIC_DIMENSIONS = {
 }
 # The aggregates behind the metrics. Each bug joins at most once: the test_features join takes a
 # test's feature once, and features_tested (which repeats a test's bugs per feature) is counted
-# apart.
+# apart. A filtered count steps only on its own rows (a sum of a comparison steps on every bug).
 METRIC_AGGREGATES = {
     "tests": "count(DISTINCT t.id)",
     "bugs": "count(b.id)",
-    "accepted": "coalesce(sum(b.status = 'accepted'), 0)",
-    "auto": "coalesce(sum(b.status = 'auto_accepted'), 0)",
-    "rejected": "coalesce(sum(b.status = 'rejected'), 0)",
+    "accepted": "count(*) FILTER (WHERE b.status = 'accepted')",
+    "auto": "count(*) FILTER (WHERE b.status = 'auto_accepted')",
+    "rejected": "count(*) FILTER (WHERE b.status = 'rejected')",
     "testers": "count(DISTINCT b.tester)",
     "features": "count(DISTINCT tf.feature_id)",
 }
 _RATE_AGGREGATES = ("bugs", "accepted", "auto", "rejected")
-# Grouped by test dimensions only, a test's bugs are counted in the index, one test at a time: the
+# Grouped by test dimensions only, a test's bugs are counted first, per test, in the index: the
 # grouping then sorts the tests, not every bug (by feature, counts per test and feature cost more
 # than they save)
-PER_TEST_COUNTS = {"bugs": "", "accepted": " AND b.status = 'accepted'",
-                   "auto": " AND b.status = 'auto_accepted'",
-                   "rejected": " AND b.status = 'rejected'"}
+PER_TEST_COUNTS = ("bugs", "accepted", "auto", "rejected")
 METRICS = {  # metric -> the aggregates it is computed from
     "test_count": ("tests",), "bug_count": ("bugs",), "bugs_per_test": ("tests", "bugs"),
     "active_testers": ("testers",), "features_tested": ("features",),
@@ -2145,10 +2148,13 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     if bug_level and (not need_tf or "feature" in dimensions) and not of_test:
         # bug columns (and the feature) only: the bugs of the tests in scope (and of a feature their
         # test lists), kept by a probe of those ids, collected once, instead of a seek of each bug's
-        # test (by feature, the planner would rather read a feature's bugs of every test)
+        # test (by feature, the planner would rather read a feature's bugs of every test). Without
+        # a condition on tests every bug is in scope (a stored bug's test is stored: the foreign
+        # key): by bug columns no probe at all, by feature only the pairs a test lists
         if "feature" in dimensions:
             probe = "(b.test_id, b.feature_id)"
-            ids = ("tf.test_id, tf.feature_id FROM tests t "
+            ids = ("tf.test_id, tf.feature_id FROM test_features tf" if not test.conditions else
+                   "tf.test_id, tf.feature_id FROM tests t "
                    "JOIN test_features tf ON tf.test_id = t.id")
         else:
             probe, ids = "b.test_id", "t.id FROM tests t"
@@ -2157,7 +2163,9 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
                 for i, d in enumerate(dimensions)]
         aggs = [f"{own.get(a, METRIC_AGGREGATES[a])} AS {a}"
                 for a in METRIC_AGGREGATES if a in needed]
-        where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
+        where = bug
+        if test.conditions or "feature" in dimensions:
+            where = Where().add(f"{probe} IN (SELECT {ids} WHERE {test})", *test.args) & bug
         return (f"SELECT {', '.join(dims + aggs)} FROM bugs b INDEXED BY bugs_test_facets "
                 f"WHERE {where} GROUP BY {group}"), where.args
     # a test's feature once, even when the test lists it twice (two snapshots of one feature). By
@@ -2176,12 +2184,22 @@ def _metrics_query(metrics: Sequence[str], dimensions: Sequence[str], filters: d
     if "feature" in dimensions:
         on += " AND b.feature_id = tf.feature_id"
     where = test & bug
+    counted = [a for a in PER_TEST_COUNTS if a in needed]
+    if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS} and counted:
+        # each test's counts in one pass over bugs_test_facets, grouped in its order (no sort;
+        # a seek per test and count read the index four times over), then joined to its test
+        scope = Where()
+        if test.conditions:
+            scope.add(f"b.test_id IN (SELECT t.id FROM tests t WHERE {test})", *test.args)
+        counts = [f"{'count(*)' if a == 'bugs' else METRIC_AGGREGATES[a]} AS {a}" for a in counted]
+        sums = ["count(*) AS tests"] + [f"coalesce(sum(c.{a}), 0) AS {a}" for a in counted]
+        return (f"WITH c AS MATERIALIZED (SELECT b.test_id, {', '.join(counts)} FROM bugs b "
+                f"INDEXED BY bugs_test_facets WHERE {scope} GROUP BY b.test_id) "
+                f"SELECT {', '.join(dims + sums)} FROM tests t LEFT JOIN c ON c.test_id = t.id "
+                f"WHERE {where} GROUP BY {group}"), scope.args + where.args
     if not bug_level and not need_tf and needed <= {"tests", *PER_TEST_COUNTS}:
-        counts = [f"(SELECT count(*) FROM bugs b WHERE {on}{cond}) AS {a}"
-                  for a, cond in PER_TEST_COUNTS.items() if a in needed]
-        sums = ["count(*) AS tests"] + [f"sum({a}) AS {a}" for a in PER_TEST_COUNTS if a in needed]
-        return (f"SELECT {group}, {', '.join(sums)} FROM (SELECT {', '.join(dims + counts)} "
-                f"FROM tests t WHERE {where}) GROUP BY {group}"), where.args
+        return (f"SELECT {', '.join(dims)}, count(*) AS tests FROM tests t WHERE {where} "
+                f"GROUP BY {group}"), where.args
     if need_bugs:
         join = "CROSS JOIN" if inner else "JOIN" if bug_level else "LEFT JOIN"
         joins += f" {join} bugs b ON {on}"
