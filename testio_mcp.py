@@ -404,6 +404,21 @@ def loads_keeping_raw(text: str, key: str, pause: Callable[[], None] | None = No
     """json.loads(text), except that the objects in the top-level list `key` come back as ApiObject
     carrying their exact JSON text, with pause() called every PAUSE_EVERY of them. ValueError on
     malformed JSON, like json.loads."""
+    return _loads_by_item(text, key, True, pause)
+
+
+def loads_in_pieces(content: bytes) -> Any:
+    """json.loads(content), the items of every top-level list decoded one at a time: a thread
+    decoding a large answer then lets go of the GIL between two items when another thread asks
+    for it (json.loads is one C call that keeps it to the end). ValueError like json.loads."""
+    return _loads_by_item(content.decode(json.detect_encoding(content), "surrogatepass"), None,
+                          False, None)
+
+
+def _loads_by_item(text: str, key: str | None, keep_raw: bool,
+                   pause: Callable[[], None] | None) -> Any:
+    """json.loads(text) with the items of the top-level list `key` (None: of every top-level list)
+    scanned one at a time; see loads_keeping_raw() for keep_raw and pause."""
     skip, scan = _JSON_WS.match, _JSON_SCAN
     i = skip(text, 0).end()
     if text[i:i + 1] != "{":
@@ -419,11 +434,11 @@ def loads_keeping_raw(text: str, key: str, pause: Callable[[], None] | None = No
             if text[i:i + 1] != ":":
                 raise ValueError(f"expected ':' at {i}")
             i = skip(text, i + 1).end()
-            if name == key and text[i:i + 1] == "[":
+            if (key is None or name == key) and text[i:i + 1] == "[":
                 value, i = [], skip(text, i + 1).end()
                 while text[i:i + 1] != "]" or value:
                     item, end = scan(text, i)
-                    if isinstance(item, dict):
+                    if keep_raw and isinstance(item, dict):
                         item = ApiObject(item)
                         item.raw = text[i:end]
                     value.append(item)
@@ -2684,7 +2699,7 @@ class TestioClient:
                     try:
                         if len(response.content) > DECODE_OFF_LOOP_BYTES:
                             return await asyncio.get_running_loop().run_in_executor(
-                                self._decoder, json.loads, response.content)
+                                self._decoder, loads_in_pieces, response.content)
                         return response.json()
                     except ValueError:  # UnicodeDecodeError included
                         self.metrics.errors["malformed"] += 1
