@@ -154,6 +154,7 @@ WRITER_PAUSE_S = 0.05                 # the longest a sync's writer waits at a t
 WRITER_SLICE_S = 0.01                 # ... and how long it then works before it waits again
 TOOL_LINGER_S = 0.01                  # ... and how long it still waits after a call (the answer)
 PAUSE_EVERY = 32                      # bugs decoded/shaped/stored between two checks for tool calls
+SYNC_SWITCH_INTERVAL_S = 0.001        # the GIL's switch interval while a server's sync runs
 MAX_RETRIES = 4                       # retries after the first attempt (5xx, 524, timeouts, resets)
 PAGE_RETRIES = 2                      # a poisoned page fails every time: split it sooner
 MAX_RATE_LIMITED = 6                  # 429 answers tolerated for one request
@@ -3780,6 +3781,12 @@ class AppState:
                 on_progress(result, phase)
 
         async def run() -> SyncResult:
+            # A tool call crosses threads several times (the SDK's stdin and stdout threads, a DB
+            # reader); each time a sync's thread runs Python (the writer between two pauses, the
+            # client decoding a page), the call's thread waits up to the switch interval for the
+            # GIL: Python's 5 ms, several times, would be most of a call's answer time.
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(SYNC_SWITCH_INTERVAL_S)
             try:
                 result = await run_locked_sync(self.runtime, self.db, client, mode, trigger=trigger,
                                                product_ids=product_ids, lock_timeout=lock_timeout,
@@ -3788,6 +3795,7 @@ class AppState:
                 self.has_data = self.has_data or done
                 return result
             finally:
+                sys.setswitchinterval(switch)
                 self.running = None
 
         self.running = {"mode": mode, "trigger": trigger, "started_at": iso(utc_now())}
