@@ -2592,7 +2592,8 @@ RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
 RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests",
                                                                                default=None)
 # Larger answers (a page of 100 tests) are decoded on a thread of the client, not on the event loop
-# that serves the tools; bug batches are decoded where they are stored.
+# that serves the tools, one item at a time (loads_in_pieces); bug batches are decoded where they
+# are stored.
 DECODE_OFF_LOOP_BYTES = 64 * 1024
 METRIC_SAMPLES = 10_000  # the latest latencies and semaphore waits the percentiles are taken over
 
