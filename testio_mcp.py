@@ -3692,6 +3692,25 @@ class ProblematicResult:
     note: str
 
 
+_SWITCHES = threading.Lock()
+_switch_holders = [0, 0.0]  # syncs running in this process, the switch interval from before them
+
+
+def _short_gil_switches(n: int) -> None:
+    """A server's sync starts (1) or ends (-1): while any runs, the GIL's switch interval is
+    SYNC_SWITCH_INTERVAL_S. A tool call crosses threads several times (the SDK's stdin and stdout
+    threads, a DB reader); each time a sync's thread runs Python (the writer between two pauses,
+    the client decoding a page), the call's thread waits up to the interval for the GIL: Python's
+    5 ms, several times, would be most of a call's answer time."""
+    with _SWITCHES:
+        if n > 0 and not _switch_holders[0]:
+            _switch_holders[1] = sys.getswitchinterval()
+            sys.setswitchinterval(SYNC_SWITCH_INTERVAL_S)
+        _switch_holders[0] += n
+        if n < 0 and not _switch_holders[0]:
+            sys.setswitchinterval(_switch_holders[1])
+
+
 class AppState:
     """What the tools share: settings, DB, API client, the running sync, tool metrics."""
 
@@ -3782,12 +3801,7 @@ class AppState:
                 on_progress(result, phase)
 
         async def run() -> SyncResult:
-            # A tool call crosses threads several times (the SDK's stdin and stdout threads, a DB
-            # reader); each time a sync's thread runs Python (the writer between two pauses, the
-            # client decoding a page), the call's thread waits up to the switch interval for the
-            # GIL: Python's 5 ms, several times, would be most of a call's answer time.
-            switch = sys.getswitchinterval()
-            sys.setswitchinterval(SYNC_SWITCH_INTERVAL_S)
+            _short_gil_switches(1)
             try:
                 result = await run_locked_sync(self.runtime, self.db, client, mode, trigger=trigger,
                                                product_ids=product_ids, lock_timeout=lock_timeout,
@@ -3796,7 +3810,7 @@ class AppState:
                 self.has_data = self.has_data or done
                 return result
             finally:
-                sys.setswitchinterval(switch)
+                _short_gil_switches(-1)
                 self.running = None
 
         self.running = {"mode": mode, "trigger": trigger, "started_at": iso(utc_now())}
