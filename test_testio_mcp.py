@@ -1844,6 +1844,64 @@ async def test_tool_calls_during_a_sync_hold_back_its_writer(env, monkeypatch, l
     assert share < 0.4, f"the writer worked {share:.0%} of the time tool calls were in flight"
 
 
+@pytest.mark.anyio
+async def test_a_large_test_page_is_decoded_letting_other_threads_take_the_gil_between_its_tests():
+    page = {"exploratory_tests": [{"id": i, "title": f"test {i}", "status": "archived",
+                                   "goal": "check the checkout " * 40, "devices": [{"os": "ios"}] * 10}
+                                  for i in range(1, 8001)]}
+    body = json.dumps(page).encode()
+    # pytest's process holds far more objects than a server's: a full collection of them would be
+    # what the probe sees, so they are frozen out of the cyclic GC meanwhile
+    gc.freeze()
+    cpu = time.thread_time()
+    assert json.loads(body) == page
+    whole = time.thread_time() - cpu  # one json.loads: the GIL is kept that long
+    # CPU of the decoding thread between two wakeups of a thread that asks for the GIL every 0.5 ms
+    # (CPU, not wall time: a loaded machine stretches wall time on both sides)
+    stretches, stop = [], threading.Event()
+
+    def probe():
+        last = thread_cpu("testio-decode")
+        while not stop.is_set():
+            time.sleep(0.0005)
+            now = thread_cpu("testio-decode")
+            stretches.append(now - last)
+            last = now
+
+    client = client_for(lambda request: httpx.Response(200, content=body), [])
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        with anyio.fail_after(WAIT):
+            tests = await client.get_tests_page(P, 1, 8000)
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        gc.unfreeze()
+        await client.aclose()
+    assert tests == page["exploratory_tests"]
+    assert max(stretches) < whole / 2, (
+        f"the decoding thread worked {max(stretches) * 1000:.1f} ms of CPU while another thread waited for "
+        f"the GIL; decoding the whole page at once takes {whole * 1000:.1f} ms")
+
+
+@pytest.mark.anyio
+async def test_a_server_shortens_the_gil_switch_interval_while_its_sync_runs_and_restores_it(db):
+    acc = make_account()
+    during = set()
+
+    def handler(request):  # answered on the server's event loop, while its sync runs
+        during.add(sys.getswitchinterval())
+        return acc.handler(request)
+
+    before = sys.getswitchinterval()
+    async with mcp_client(handler) as client:
+        await ok(client, "sync_data", {})
+        after = sys.getswitchinterval()
+    assert max(during) < before == after
+    assert during == {tm.SYNC_SWITCH_INTERVAL_S}
+
+
 MALFORMED = {  # (target, name) -> body answered with HTTP 200
     **{(target, "not-json"): b"{not json" for target in ("page", "bug-batch")},
     **{(target, "html"): b"<html><body>maintenance</body></html>" for target in ("page", "bug-batch")},

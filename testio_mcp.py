@@ -154,6 +154,7 @@ WRITER_PAUSE_S = 0.05                 # the longest a sync's writer waits at a t
 WRITER_SLICE_S = 0.01                 # ... and how long it then works before it waits again
 TOOL_LINGER_S = 0.01                  # ... and how long it still waits after a call (the answer)
 PAUSE_EVERY = 32                      # bugs decoded/shaped/stored between two checks for tool calls
+SYNC_SWITCH_INTERVAL_S = 0.001        # the GIL's switch interval while a server's sync runs
 MAX_RETRIES = 4                       # retries after the first attempt (5xx, 524, timeouts, resets)
 PAGE_RETRIES = 2                      # a poisoned page fails every time: split it sooner
 MAX_RATE_LIMITED = 6                  # 429 answers tolerated for one request
@@ -404,6 +405,21 @@ def loads_keeping_raw(text: str, key: str, pause: Callable[[], None] | None = No
     """json.loads(text), except that the objects in the top-level list `key` come back as ApiObject
     carrying their exact JSON text, with pause() called every PAUSE_EVERY of them. ValueError on
     malformed JSON, like json.loads."""
+    return _loads_by_item(text, key, True, pause)
+
+
+def loads_in_pieces(content: bytes) -> Any:
+    """json.loads(content), the items of every top-level list decoded one at a time: a thread
+    decoding a large answer then lets go of the GIL between two items when another thread asks
+    for it (json.loads is one C call that keeps it to the end). ValueError like json.loads."""
+    return _loads_by_item(content.decode(json.detect_encoding(content), "surrogatepass"), None,
+                          False, None)
+
+
+def _loads_by_item(text: str, key: str | None, keep_raw: bool,
+                   pause: Callable[[], None] | None) -> Any:
+    """json.loads(text) with the items of the top-level list `key` (None: of every top-level list)
+    scanned one at a time; see loads_keeping_raw() for keep_raw and pause."""
     skip, scan = _JSON_WS.match, _JSON_SCAN
     i = skip(text, 0).end()
     if text[i:i + 1] != "{":
@@ -419,11 +435,11 @@ def loads_keeping_raw(text: str, key: str, pause: Callable[[], None] | None = No
             if text[i:i + 1] != ":":
                 raise ValueError(f"expected ':' at {i}")
             i = skip(text, i + 1).end()
-            if name == key and text[i:i + 1] == "[":
+            if (key is None or name == key) and text[i:i + 1] == "[":
                 value, i = [], skip(text, i + 1).end()
                 while text[i:i + 1] != "]" or value:
                     item, end = scan(text, i)
-                    if isinstance(item, dict):
+                    if keep_raw and isinstance(item, dict):
                         item = ApiObject(item)
                         item.raw = text[i:end]
                     value.append(item)
@@ -2679,7 +2695,8 @@ RETRYABLE_STATUSES = {500, 502, 503, 504, 520, 521, 522, 523, 524}
 RUN_REQUESTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("run_requests",
                                                                                default=None)
 # Larger answers (a page of 100 tests) are decoded on a thread of the client, not on the event loop
-# that serves the tools; bug batches are decoded where they are stored.
+# that serves the tools, one item at a time (loads_in_pieces); bug batches are decoded where they
+# are stored.
 DECODE_OFF_LOOP_BYTES = 64 * 1024
 METRIC_SAMPLES = 10_000  # the latest latencies and semaphore waits the percentiles are taken over
 
@@ -2787,7 +2804,7 @@ class TestioClient:
                     try:
                         if len(response.content) > DECODE_OFF_LOOP_BYTES:
                             return await asyncio.get_running_loop().run_in_executor(
-                                self._decoder, json.loads, response.content)
+                                self._decoder, loads_in_pieces, response.content)
                         return response.json()
                     except ValueError:  # UnicodeDecodeError included
                         self.metrics.errors["malformed"] += 1
@@ -3778,6 +3795,25 @@ class ProblematicResult:
     note: str
 
 
+_SWITCHES = threading.Lock()
+_switch_holders = [0, 0.0]  # syncs running in this process, the switch interval from before them
+
+
+def _short_gil_switches(n: int) -> None:
+    """A server's sync starts (1) or ends (-1): while any runs, the GIL's switch interval is
+    SYNC_SWITCH_INTERVAL_S. A tool call crosses threads several times (the SDK's stdin and stdout
+    threads, a DB reader); each time a sync's thread runs Python (the writer between two pauses,
+    the client decoding a page), the call's thread waits up to the interval for the GIL: Python's
+    5 ms, several times, would be most of a call's answer time."""
+    with _SWITCHES:
+        if n > 0 and not _switch_holders[0]:
+            _switch_holders[1] = sys.getswitchinterval()
+            sys.setswitchinterval(SYNC_SWITCH_INTERVAL_S)
+        _switch_holders[0] += n
+        if n < 0 and not _switch_holders[0]:
+            sys.setswitchinterval(_switch_holders[1])
+
+
 class AppState:
     """What the tools share: settings, DB, API client, the running sync, tool metrics."""
 
@@ -3868,6 +3904,7 @@ class AppState:
                 on_progress(result, phase)
 
         async def run() -> SyncResult:
+            _short_gil_switches(1)
             try:
                 result = await run_locked_sync(self.runtime, self.db, client, mode, trigger=trigger,
                                                product_ids=product_ids, lock_timeout=lock_timeout,
@@ -3876,6 +3913,7 @@ class AppState:
                 self.has_data = self.has_data or done
                 return result
             finally:
+                _short_gil_switches(-1)
                 self.running = None
 
         self.running = {"mode": mode, "trigger": trigger, "started_at": iso(utc_now())}
