@@ -145,6 +145,7 @@ SCHEMA_VERSION = 9
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
+READ_AHEAD_PAGES = 3                  # pages a walk that reads to the end asks for at once
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # a poisoned page's offsets are re-read at these sizes
 RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets a full recovery after this
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
@@ -2939,7 +2940,10 @@ class WalkRule:
     Where an interrupted walk left a `checkpoint`, that walk then goes on from it in its own mode:
     a full one to the end, an incremental one until the tests known before it began (the pages it
     stored hold tests that only look known). With `since`, the walk stops after the first page
-    whose tests all ended before that day."""
+    whose tests all ended before that day.
+
+    A walk that `reads_to_end` (full, without `since`) is the one that may ask for the pages after
+    the one it awaits: it needs each page up to the short one, whatever they hold."""
 
     def __init__(self, full: bool, known: set[int], *, checkpoint: Checkpoint | None = None,
                  min_pages: int = 0, since: date | None = None) -> None:
@@ -2954,6 +2958,11 @@ class WalkRule:
     def mode(self) -> str:
         """The walk mode a checkpoint written now records: "full" or "incremental"."""
         return "full" if self.full else "incremental"
+
+    @property
+    def reads_to_end(self) -> bool:
+        """True while only a short page can end the walk (a full one without `since`)."""
+        return self.full and not self.since
 
     def after(self, page: int, tests: Sequence[dict], last: bool) -> WalkStep:
         """The step after `page`, which held `tests` and was the `last` page of the list."""
@@ -3267,30 +3276,57 @@ class SyncEngine:
     async def _walk(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                     rule: WalkRule) -> tuple[set[int], bool]:
         """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
-        ids seen and whether the walk read the whole list."""
+        ids seen and whether the walk read the whole list.
+
+        While the walk reads to the end, it asks for READ_AHEAD_PAGES pages at once and stores them
+        in order: a product of a few pages is one round trip instead of one per page. The pages
+        asked for after the short one are wasted: at most READ_AHEAD_PAGES - 1 a product."""
         pid = product["id"]
         seen: set[int] = set()
         page, last_test = 1, None
-        while True:
-            tests, short = await self._read_page(pid, page, result, last_test)
-            seen.update(t["id"] for t in tests)
-            write = await self.db.write(store_tests, pid, tests, iso(utc_now()),
-                                        (rule.mode, page + 1, PAGE_SIZE), self.db.tools_first.pause)
-            result.pages += 1
-            result.new_tests += write.new
-            result.updated_tests += write.updated
-            bugs.add(write.bugs_due)
-            self.on_progress(result, "tests")
-            if tests:
-                last_test = tests[-1]
-            step = rule.after(page, tests, short)
-            if step.page is None:
-                return seen, step.action == "end"
-            page = step.page
+        ahead: dict[int, asyncio.Task] = {}  # page -> its plain read, asked for before its turn
+        try:
+            while True:
+                if not ahead and rule.reads_to_end:
+                    # a page holding a known unreadable position is read around it, in its turn
+                    bad = self._known_bad.get(pid, {})
+                    ahead = {p: self._read_ahead(pid, p)
+                             for p in range(page, page + READ_AHEAD_PAGES)
+                             if not any((p - 1) * PAGE_SIZE <= o < p * PAGE_SIZE for o in bad)}
+                tests, short = await self._read_page(pid, page, result, last_test,
+                                                     ahead.pop(page, None))
+                seen.update(t["id"] for t in tests)
+                write = await self.db.write(store_tests, pid, tests, iso(utc_now()),
+                                            (rule.mode, page + 1, PAGE_SIZE),
+                                            self.db.tools_first.pause)
+                result.pages += 1
+                result.new_tests += write.new
+                result.updated_tests += write.updated
+                bugs.add(write.bugs_due)
+                self.on_progress(result, "tests")
+                if tests:
+                    last_test = tests[-1]
+                step = rule.after(page, tests, short)
+                if step.page is None:
+                    return seen, step.action == "end"
+                page = step.page
+                for p in [p for p in ahead if p < page]:  # a resumed walk jumps ahead
+                    ahead.pop(p).cancel()
+        finally:
+            for task in ahead.values():  # pages past the end (or the walk failed): not waited for
+                task.cancel()
 
-    async def _read_page(self, pid: int, page: int, result: ProductResult,
-                         before: dict | None) -> tuple[list[dict], bool]:
-        """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page)."""
+    def _read_ahead(self, pid: int, page: int) -> asyncio.Task:
+        """The plain read of a page, started now; its outcome is retrieved even if never awaited
+        (a page past the end that failed must not log a traceback)."""
+        task = asyncio.create_task(self.client.get_tests_page(pid, page, PAGE_SIZE))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _read_page(self, pid: int, page: int, result: ProductResult, before: dict | None,
+                         read: asyncio.Task | None = None) -> tuple[list[dict], bool]:
+        """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page).
+        `read` is the page's plain read if it was asked for already (never for such a page)."""
         start = (page - 1) * PAGE_SIZE
         known = {o: e for o, e in self._known_bad.get(pid, {}).items()
                  if start <= o < start + PAGE_SIZE}
@@ -3301,7 +3337,8 @@ class SyncEngine:
             log.warning("product %s page %s: the tests around its known unreadable position(s) "
                         "moved; recovering it in full", pid, page)
         try:
-            tests = await self.client.get_tests_page(pid, page, PAGE_SIZE)
+            tests = await (read if read is not None
+                           else self.client.get_tests_page(pid, page, PAGE_SIZE))
             return tests, len(tests) < PAGE_SIZE
         except ServerError as exc:
             if exc.status != 500:
