@@ -781,6 +781,29 @@ def test_force_checks_the_tests_its_walk_did_not_list_concurrently_within_the_re
     assert_matches_truth(env, acc)
 
 
+@pytest.mark.parametrize("tests, flags, pages", [
+    (250, (), [1, 2, 3]),                # a cold walk of a small product: one round trip, no waste
+    (450, (), [1, 2, 3, 4, 5, 6]),       # two; page 6, past the short page 5, is the one wasted
+    (450, ("--force",), [1, 2, 3, 4, 5, 6]),
+])
+def test_a_walk_that_reads_every_page_asks_for_read_ahead_pages_at_once(env, capsys, tests, flags,
+                                                                          pages):
+    acc = make_account(products=1, tests_per_product=tests, bugs_per_test=0.2)
+    pid = acc.product_ids()[0]
+    if flags:
+        assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+        acc.request_log.clear()
+    assert tm.READ_AHEAD_PAGES == 3
+    abreast = Abreast(acc.handler, r"/exploratory_tests$", width=3)
+    code, _, err = cli(capsys, "sync", *flags, transport=mock(abreast))
+    assert code == 0, err
+    assert abreast.peak == 3  # pages 1-3 were in flight together: the walk did not await each
+    assert pages_read(acc.request_log, pid) == pages
+    assert_matches_truth(env, acc)
+    assert db_rows(env, "SELECT walk_mode, walk_next_page, last_status FROM product_sync") == [
+        (None, None, "success")]
+
+
 def test_nuke_refuses_without_yes_when_stdin_is_not_a_terminal(env, capsys, monkeypatch, lean_account):
     transport = mock(lean_account.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0
