@@ -804,6 +804,15 @@ def test_a_walk_that_reads_every_page_asks_for_read_ahead_pages_at_once(env, cap
         (None, None, "success")]
 
 
+def test_a_walk_reads_no_page_ahead_when_other_requests_hold_every_slot(env, capsys, monkeypatch):
+    monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "1")  # the features request holds the one slot
+    acc = make_account(products=1, tests_per_product=450, bugs_per_test=0.2)
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert pages_read(acc.request_log, acc.product_ids()[0]) == [1, 2, 3, 4, 5]  # none past the end
+    assert_matches_truth(env, acc)
+
+
 def test_nuke_refuses_without_yes_when_stdin_is_not_a_terminal(env, capsys, monkeypatch, lean_account):
     transport = mock(lean_account.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0

@@ -2625,6 +2625,7 @@ class TestioClient:
         self._sleep = sleep
         self._rand = rand
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._wanted = 0  # requests holding a slot or waiting for one
         self._transport = transport
         # answers over DECODE_OFF_LOOP_BYTES are decoded here
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")
@@ -2647,6 +2648,10 @@ class TestioClient:
             )
         return self._http
 
+    def spare_slots(self) -> int:
+        """Request slots no request holds or waits for: how many more would be sent at once now."""
+        return self.settings.max_concurrency - self._wanted
+
     async def aclose(self) -> None:
         """Close the connection pool (if one was opened) and the decoding thread."""
         self._decoder.shutdown(wait=False)
@@ -2662,20 +2667,24 @@ class TestioClient:
         attempt = limited = 0
         while True:
             queued = time.monotonic()
-            async with self._semaphore:
-                started = time.monotonic()
-                self.metrics.waits.append(started - queued)
-                self.metrics.requests += 1
-                if (run := RUN_REQUESTS.get()) is not None:
-                    run[0] += 1
-                try:
-                    response = await self._connection_pool().get(path, params=params)
-                    failure = None
-                except httpx.TimeoutException as exc:
-                    failure = _timeout_text(exc, self.settings.http_timeout)
-                except httpx.TransportError as exc:
-                    failure = f"connection error ({type(exc).__name__})"
-                self.metrics.latencies.append(time.monotonic() - started)
+            self._wanted += 1
+            try:
+                async with self._semaphore:
+                    started = time.monotonic()
+                    self.metrics.waits.append(started - queued)
+                    self.metrics.requests += 1
+                    if (run := RUN_REQUESTS.get()) is not None:
+                        run[0] += 1
+                    try:
+                        response = await self._connection_pool().get(path, params=params)
+                        failure = None
+                    except httpx.TimeoutException as exc:
+                        failure = _timeout_text(exc, self.settings.http_timeout)
+                    except httpx.TransportError as exc:
+                        failure = f"connection error ({type(exc).__name__})"
+                    self.metrics.latencies.append(time.monotonic() - started)
+            finally:
+                self._wanted -= 1
             where = f"GET {path}"
             if failure is None:
                 status = response.status_code
@@ -3278,9 +3287,11 @@ class SyncEngine:
         """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
         ids seen and whether the walk read the whole list.
 
-        While the walk reads to the end, it asks for READ_AHEAD_PAGES pages at once and stores them
-        in order: a product of a few pages is one round trip instead of one per page. The pages
-        asked for after the short one are wasted: at most READ_AHEAD_PAGES - 1 a product."""
+        While the walk reads to the end, it asks for up to READ_AHEAD_PAGES pages at once and stores
+        them in order: a product of a few pages is one round trip instead of one per page. The pages
+        asked for after the short one are wasted: at most READ_AHEAD_PAGES - 1 a product. It asks
+        for no more than the client's spare slots: when other requests keep every slot busy
+        (many products), reading ahead would save no time and only waste requests."""
         pid = product["id"]
         seen: set[int] = set()
         page, last_test = 1, None
@@ -3290,8 +3301,8 @@ class SyncEngine:
                 if not ahead and rule.reads_to_end:
                     # a page holding a known unreadable position is read around it, in its turn
                     bad = self._known_bad.get(pid, {})
-                    ahead = {p: self._read_ahead(pid, p)
-                             for p in range(page, page + READ_AHEAD_PAGES)
+                    width = min(READ_AHEAD_PAGES, self.client.spare_slots())
+                    ahead = {p: self._read_ahead(pid, p) for p in range(page, page + width)
                              if not any((p - 1) * PAGE_SIZE <= o < p * PAGE_SIZE for o in bad)}
                 tests, short = await self._read_page(pid, page, result, last_test,
                                                      ahead.pop(page, None))
