@@ -145,7 +145,7 @@ SCHEMA_VERSION = 9
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
-READ_AHEAD_PAGES = 3                  # pages a walk that reads to the end asks for at once
+READ_AHEAD_PAGES = 3                  # a walk reading to the end asks for pages 1-3, 4-6... at once
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # a poisoned page's offsets are re-read at these sizes
 RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets a full recovery after this
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
@@ -3287,10 +3287,11 @@ class SyncEngine:
         """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
         ids seen and whether the walk read the whole list.
 
-        While the walk reads to the end, it asks for up to READ_AHEAD_PAGES pages at once and stores
-        them in order: a product of a few pages is one round trip instead of one per page. The pages
-        asked for after the short one are wasted: at most READ_AHEAD_PAGES - 1 a product. It asks
-        for no more than the client's spare slots: when other requests keep every slot busy
+        While the walk reads to the end, it asks at once for the rest of the window of
+        READ_AHEAD_PAGES pages it is in (pages 1-3, 4-6, ...) and stores them in order: a product
+        of a few pages is one round trip instead of one per page. The pages asked for after the
+        short one, to the end of its window, are wasted: at most READ_AHEAD_PAGES - 1 a product. It
+        asks for no more than the client's spare slots: when other requests keep every slot busy
         (many products), reading ahead would save no time and only waste requests."""
         pid = product["id"]
         seen: set[int] = set()
@@ -3301,7 +3302,8 @@ class SyncEngine:
                 if not ahead and rule.reads_to_end:
                     # a page holding a known unreadable position is read around it, in its turn
                     bad = self._known_bad.get(pid, {})
-                    width = min(READ_AHEAD_PAGES, self.client.spare_slots())
+                    window_end = math.ceil(page / READ_AHEAD_PAGES) * READ_AHEAD_PAGES
+                    width = min(window_end - page + 1, self.client.spare_slots())
                     ahead = {p: self._read_ahead(pid, p) for p in range(page, page + width)
                              if not any((p - 1) * PAGE_SIZE <= o < p * PAGE_SIZE for o in bad)}
                 tests, short = await self._read_page(pid, page, result, last_test,
