@@ -480,9 +480,11 @@ def dataset_truth(account: Account, statuses: dict[int, str]) -> dict[str, Any]:
     """Products, tests, bugs, sections, and the requests a cold sync needs at most.
 
     Per product: pages = floor(tests / PAGE_SIZE) + 1 (the walk stops at the first short or empty
-    page); bug batches = ceil(tests whose bugs are fetched / BUG_BATCH_TESTS), where tests in a
-    pre-run status (initialized, customer_finalized, waiting) are stored with their bugs marked as
-    synced and never fetched; features = 1 request, or 1 per section for a product with sections
+    page), rounded up to a multiple of READ_AHEAD_PAGES (a cold walk asks for that many pages at
+    once, so up to READ_AHEAD_PAGES - 1 pages past the short one are asked for too); bug
+    batches = ceil(tests whose bugs are fetched / BUG_BATCH_TESTS), where tests in a pre-run status
+    (initialized, customer_finalized, waiting) are stored with their bugs marked as synced and
+    never fetched; features = 1 request, or 1 per section for a product with sections
     (the API answers 422 to the product-level call for those). Plus 1 for GET products.
     `statuses` (test id -> status) may be partial; missing ones are read from the account."""
     products = {p["id"]: p for p in account.products_json()}
@@ -493,7 +495,7 @@ def dataset_truth(account: Account, statuses: dict[int, str]) -> dict[str, Any]:
         fetched = sum(1 for tid in ids if status(tid) not in tm.PRE_RUN_STATUSES)
         per_product.append({"product_id": pid, "tests": len(ids), "bug_tests": fetched,
                             "bugs": len(account.bug_ids(product_id=pid)),
-                            "pages": len(ids) // tm.PAGE_SIZE + 1,
+                            "pages": _read_ahead(len(ids) // tm.PAGE_SIZE + 1),
                             "bug_batches": math.ceil(fetched / tm.BUG_BATCH_TESTS),
                             "feature_requests": max(1, len(tm.section_ids(products[pid])))})
     total = lambda key: sum(p[key] for p in per_product)  # noqa: E731
@@ -503,6 +505,11 @@ def dataset_truth(account: Account, statuses: dict[int, str]) -> dict[str, Any]:
             "pages": total("pages"), "bug_batches": total("bug_batches"),
             "feature_requests": total("feature_requests"), "budget": budget,
             "budget_one_per_product": budget - total("feature_requests") + len(per_product)}
+
+
+def _read_ahead(pages: int) -> int:
+    """The pages a cold walk asks for to read `pages`: whole windows of READ_AHEAD_PAGES."""
+    return math.ceil(pages / tm.READ_AHEAD_PAGES) * tm.READ_AHEAD_PAGES
 
 
 ###############################################################################

@@ -732,7 +732,7 @@ def test_force_rereads_every_page_and_removes_a_deleted_final_test(env, capsys):
     acc.request_log.clear()
     code, _, err = cli(capsys, "sync", "--force", transport=transport)
     assert code == 0, err
-    assert pages_read(acc.request_log, pid) == [1, 2, 3, 4, 5]
+    assert pages_read(acc.request_log, pid) == [1, 2, 3, 4, 5, 6]  # 6 read ahead past short 5
     assert_matches_truth(env, acc)
     assert runs(env)[-1] == ("force", "success")
 
@@ -778,6 +778,38 @@ def test_force_checks_the_tests_its_walk_did_not_list_concurrently_within_the_re
     assert abreast.peak == 3  # three tests asked about at once, never more than the limit
     asked = [int(m.group(1)) for e in acc.request_log if (m := re.search(r"/exploratory_tests/(\d+)$", e))]
     assert sorted(asked) == sorted(gone)
+    assert_matches_truth(env, acc)
+
+
+@pytest.mark.parametrize("tests, flags, pages", [
+    (250, (), [1, 2, 3]),                # a cold walk of a small product: one round trip, no waste
+    (450, (), [1, 2, 3, 4, 5, 6]),       # two; page 6, past the short page 5, is the one wasted
+    (450, ("--force",), [1, 2, 3, 4, 5, 6]),
+])
+def test_a_walk_that_reads_every_page_asks_for_read_ahead_pages_at_once(env, capsys, tests, flags,
+                                                                          pages):
+    acc = make_account(products=1, tests_per_product=tests, bugs_per_test=0.2)
+    pid = acc.product_ids()[0]
+    if flags:
+        assert cli(capsys, "sync", transport=mock(acc.handler))[0] == 0
+        acc.request_log.clear()
+    assert tm.READ_AHEAD_PAGES == 3
+    abreast = Abreast(acc.handler, r"/exploratory_tests$", width=3)
+    code, _, err = cli(capsys, "sync", *flags, transport=mock(abreast))
+    assert code == 0, err
+    assert abreast.peak == 3  # pages 1-3 were in flight together: the walk did not await each
+    assert pages_read(acc.request_log, pid) == pages
+    assert_matches_truth(env, acc)
+    assert db_rows(env, "SELECT walk_mode, walk_next_page, last_status FROM product_sync") == [
+        (None, None, "success")]
+
+
+def test_a_walk_reads_no_page_ahead_when_other_requests_hold_every_slot(env, capsys, monkeypatch):
+    monkeypatch.setenv("MAX_CONCURRENT_API_REQUESTS", "1")  # the features request holds the one slot
+    acc = make_account(products=1, tests_per_product=450, bugs_per_test=0.2)
+    code, _, err = cli(capsys, "sync", transport=mock(acc.handler))
+    assert code == 0, err
+    assert pages_read(acc.request_log, acc.product_ids()[0]) == [1, 2, 3, 4, 5]  # none past the end
     assert_matches_truth(env, acc)
 
 
@@ -1149,7 +1181,8 @@ def test_an_incremental_sync_reads_around_a_known_unreadable_position_with_the_p
     acc, pid, bad = poisoned_at_30()
     transport = mock(acc.handler)
     assert cli(capsys, "sync", transport=transport)[0] == 0
-    assert reads_of(acc.request_log, pid) == {**FULL_RECOVERY, 100: [*FULL_RECOVERY[100], 2]}
+    # the cold walk asked for pages 2 and 3 with page 1 (3 is past the end)
+    assert reads_of(acc.request_log, pid) == {**FULL_RECOVERY, 100: [1, 2, 3, 1, 1]}
     event = db_rows(env, "SELECT event_id, attempts, last_seen_at FROM problematic_events")
     for _ in range(2):
         acc.request_log.clear()
@@ -1198,7 +1231,8 @@ def test_a_known_unreadable_position_gets_the_full_recovery_again_a_day_later_on
     reads = reads_of(acc.request_log, pid)
     assert {size: pages for size, pages in reads.items() if size != 100} == \
         {size: pages for size, pages in FULL_RECOVERY.items() if size != 100}
-    assert reads[100][:3] == [1, 1, 1]
+    # page 1 three times, then page 2; --force asked for pages 2 and 3 with page 1 (3 is past the end)
+    assert sorted(reads[100]) == ([1, 1, 1, 2, 3] if trigger == "force" else [1, 1, 1, 2])
     assert db_rows(env, "SELECT attempts FROM problematic_events") == [(attempts + tm.MAX_RETRIES + 1,)]
     acc.request_log.clear()
     assert cli(capsys, "sync", transport=transport)[0] == 0  # confirmed again: cheap again
@@ -1992,10 +2026,12 @@ def test_a_bug_is_stored_as_the_json_text_the_api_sent_not_a_second_encoding(env
 
 @pytest.mark.slow
 @pytest.mark.parametrize("failing_page, resumed_pages", [
-    (2, [1, 2, 3, 4, 5]),
-    (3, [1, 2, 3, 4, 5]),
-    (4, [1, 2, 3, 4, 5]),
-    (5, [1, 2, 3, 4, 5]),   # pages 1-3 by the incremental rule, then from the checkpoint (one page overlap)
+    (2, [1, 2, 3, 4, 5, 6]),
+    (3, [1, 2, 3, 4, 5, 6]),
+    (4, [1, 2, 3, 4, 5, 6]),
+    # pages 1-3 by the incremental rule, then from the checkpoint (one page overlap) in full, reading
+    # READ_AHEAD_PAGES at once: page 6 is past the short page 5
+    (5, [1, 2, 3, 4, 5, 6]),
 ])
 def test_an_interrupted_walk_is_resumed_from_its_checkpoint_to_the_end(env, capsys, failing_page, resumed_pages):
     acc = deep_account()
@@ -2046,7 +2082,7 @@ def test_kill_9_at_random_moments_leaves_a_sound_database_and_the_next_sync_conv
             pid = rng.choice(acc.product_ids())
             acc.add_tests(pid, rng.randint(1, 30))
             acc.set_test_status(acc.test_ids(pid)[rng.randint(0, 40)], rng.choice(["locked", "archived"]))
-        n = rng.randint(1, 15 if how == "cold" else 5)  # a cold sync makes 19 requests, the others ~8
+        n = rng.randint(1, 15 if how == "cold" else 5)  # a cold sync makes 19-21 requests, the others ~8
         last_run = db_rows(env, "SELECT max(id) FROM sync_runs")[0][0] if env.exists() else None
         server = loopback(acc.handler)
         server.pause_after = n
@@ -2659,7 +2695,8 @@ def test_a_tests_page_absorbs_transient_failures_like_any_other_request(env, cap
     code, _, err = cli(capsys, "sync", transport=mock(faults))
     assert code == 0, err
     assert left["n"] == 0
-    assert pages_read(faults.log, acc.product_ids()[0]) == [1] * (tm.MAX_RETRIES + 1)
+    # page 1 until it answers; pages 2 and 3 (past the end) were asked for with it, once each
+    assert sorted(pages_read(faults.log, acc.product_ids()[0])) == [1] * (tm.MAX_RETRIES + 1) + [2, 3]
     assert_matches_truth(env, acc)
     assert runs(env) == [("incremental", "success")]
 
@@ -2671,7 +2708,9 @@ def test_a_tests_page_failing_500_is_split_after_page_retries_not_max_retries(en
     code, _, err = cli(capsys, "sync", transport=mock(faults))
     assert code == 0, err
     pid = acc.product_ids()[0]
-    assert pages_read(faults.log, pid) == [1] * (tm.PAGE_RETRIES + 1) and tm.PAGE_RETRIES < tm.MAX_RETRIES
+    pages = pages_read(faults.log, pid)
+    assert [p for p in pages if p == 1] == [1] * (tm.PAGE_RETRIES + 1) and tm.PAGE_RETRIES < tm.MAX_RETRIES
+    assert set(pages) <= {1, 2, 3}  # 2 and 3 were read ahead (and failed too): never retried at 25
     assert pages_read(faults.log, pid, per_page=25) == [1, 2, 3]  # the same offsets in smaller pages
     assert_matches_truth(env, acc)
     assert runs(env) == [("incremental", "success")]

@@ -145,6 +145,7 @@ SCHEMA_VERSION = 9
 MIN_SQLITE = (3, 35, 0)  # FTS5 and WITH ... AS MATERIALIZED, which the metrics queries use
 MAX_ID = 2**63 - 1                    # the largest id SQLite can bind (an INTEGER is 64-bit)
 PAGE_SIZE = 100                       # tests per page of a walk
+READ_AHEAD_PAGES = 3                  # a walk reading to the end asks for pages 1-3, 4-6... at once
 RECOVERY_PAGE_SIZES = (25, 10, 5, 2, 1)  # a poisoned page's offsets are re-read at these sizes
 RECOVERY_RECHECK = timedelta(days=1)  # a known unreadable position gets a full recovery after this
 SAFETY_PAGES = 2                      # pages read past the first page holding a known test
@@ -2744,6 +2745,7 @@ class TestioClient:
         self._sleep = sleep
         self._rand = rand
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._wanted = 0  # requests holding a slot or waiting for one
         self._transport = transport
         # answers over DECODE_OFF_LOOP_BYTES are decoded here
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="testio-decode")
@@ -2766,6 +2768,10 @@ class TestioClient:
             )
         return self._http
 
+    def spare_slots(self) -> int:
+        """Request slots no request holds or waits for: how many more would be sent at once now."""
+        return self.settings.max_concurrency - self._wanted
+
     async def aclose(self) -> None:
         """Close the connection pool (if one was opened) and the decoding thread."""
         self._decoder.shutdown(wait=False)
@@ -2781,20 +2787,24 @@ class TestioClient:
         attempt = limited = 0
         while True:
             queued = time.monotonic()
-            async with self._semaphore:
-                started = time.monotonic()
-                self.metrics.waits.append(started - queued)
-                self.metrics.requests += 1
-                if (run := RUN_REQUESTS.get()) is not None:
-                    run[0] += 1
-                try:
-                    response = await self._connection_pool().get(path, params=params)
-                    failure = None
-                except httpx.TimeoutException as exc:
-                    failure = _timeout_text(exc, self.settings.http_timeout)
-                except httpx.TransportError as exc:
-                    failure = f"connection error ({type(exc).__name__})"
-                self.metrics.latencies.append(time.monotonic() - started)
+            self._wanted += 1
+            try:
+                async with self._semaphore:
+                    started = time.monotonic()
+                    self.metrics.waits.append(started - queued)
+                    self.metrics.requests += 1
+                    if (run := RUN_REQUESTS.get()) is not None:
+                        run[0] += 1
+                    try:
+                        response = await self._connection_pool().get(path, params=params)
+                        failure = None
+                    except httpx.TimeoutException as exc:
+                        failure = _timeout_text(exc, self.settings.http_timeout)
+                    except httpx.TransportError as exc:
+                        failure = f"connection error ({type(exc).__name__})"
+                    self.metrics.latencies.append(time.monotonic() - started)
+            finally:
+                self._wanted -= 1
             where = f"GET {path}"
             if failure is None:
                 status = response.status_code
@@ -3059,7 +3069,10 @@ class WalkRule:
     Where an interrupted walk left a `checkpoint`, that walk then goes on from it in its own mode:
     a full one to the end, an incremental one until the tests known before it began (the pages it
     stored hold tests that only look known). With `since`, the walk stops after the first page
-    whose tests all ended before that day."""
+    whose tests all ended before that day.
+
+    A walk that `reads_to_end` (full, without `since`) is the one that may ask for the pages after
+    the one it awaits: it needs each page up to the short one, whatever they hold."""
 
     def __init__(self, full: bool, known: set[int], *, checkpoint: Checkpoint | None = None,
                  min_pages: int = 0, since: date | None = None) -> None:
@@ -3074,6 +3087,11 @@ class WalkRule:
     def mode(self) -> str:
         """The walk mode a checkpoint written now records: "full" or "incremental"."""
         return "full" if self.full else "incremental"
+
+    @property
+    def reads_to_end(self) -> bool:
+        """True while only a short page can end the walk (a full one without `since`)."""
+        return self.full and not self.since
 
     def after(self, page: int, tests: Sequence[dict], last: bool) -> WalkStep:
         """The step after `page`, which held `tests` and was the `last` page of the list."""
@@ -3387,30 +3405,61 @@ class SyncEngine:
     async def _walk(self, product: dict, result: ProductResult, bugs: _BugFetcher,
                     rule: WalkRule) -> tuple[set[int], bool]:
         """Read pages newest first where `rule` leads, storing each with its checkpoint; returns the
-        ids seen and whether the walk read the whole list."""
+        ids seen and whether the walk read the whole list.
+
+        While the walk reads to the end, it asks at once for the rest of the window of
+        READ_AHEAD_PAGES pages it is in (pages 1-3, 4-6, ...) and stores them in order: a product
+        of a few pages is one round trip instead of one per page. The pages asked for after the
+        short one, to the end of its window, are wasted: at most READ_AHEAD_PAGES - 1 a product. It
+        asks for no more than the client's spare slots: when other requests keep every slot busy
+        (many products), reading ahead would save no time and only waste requests."""
         pid = product["id"]
         seen: set[int] = set()
         page, last_test = 1, None
-        while True:
-            tests, short = await self._read_page(pid, page, result, last_test)
-            seen.update(t["id"] for t in tests)
-            write = await self.db.write(store_tests, pid, tests, iso(utc_now()),
-                                        (rule.mode, page + 1, PAGE_SIZE), self.db.tools_first.pause)
-            result.pages += 1
-            result.new_tests += write.new
-            result.updated_tests += write.updated
-            bugs.add(write.bugs_due)
-            self.on_progress(result, "tests")
-            if tests:
-                last_test = tests[-1]
-            step = rule.after(page, tests, short)
-            if step.page is None:
-                return seen, step.action == "end"
-            page = step.page
+        ahead: dict[int, asyncio.Task] = {}  # page -> its plain read, asked for before its turn
+        try:
+            while True:
+                if not ahead and rule.reads_to_end:
+                    # a page holding a known unreadable position is read around it, in its turn
+                    bad = self._known_bad.get(pid, {})
+                    window_end = math.ceil(page / READ_AHEAD_PAGES) * READ_AHEAD_PAGES
+                    width = min(window_end - page + 1, self.client.spare_slots())
+                    ahead = {p: self._read_ahead(pid, p) for p in range(page, page + width)
+                             if not any((p - 1) * PAGE_SIZE <= o < p * PAGE_SIZE for o in bad)}
+                tests, short = await self._read_page(pid, page, result, last_test,
+                                                     ahead.pop(page, None))
+                seen.update(t["id"] for t in tests)
+                write = await self.db.write(store_tests, pid, tests, iso(utc_now()),
+                                            (rule.mode, page + 1, PAGE_SIZE),
+                                            self.db.tools_first.pause)
+                result.pages += 1
+                result.new_tests += write.new
+                result.updated_tests += write.updated
+                bugs.add(write.bugs_due)
+                self.on_progress(result, "tests")
+                if tests:
+                    last_test = tests[-1]
+                step = rule.after(page, tests, short)
+                if step.page is None:
+                    return seen, step.action == "end"
+                page = step.page
+                for p in [p for p in ahead if p < page]:  # a resumed walk jumps ahead
+                    ahead.pop(p).cancel()
+        finally:
+            for task in ahead.values():  # pages past the end (or the walk failed): not waited for
+                task.cancel()
 
-    async def _read_page(self, pid: int, page: int, result: ProductResult,
-                         before: dict | None) -> tuple[list[dict], bool]:
-        """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page)."""
+    def _read_ahead(self, pid: int, page: int) -> asyncio.Task:
+        """The plain read of a page, started now; its outcome is retrieved even if never awaited
+        (a page past the end that failed must not log a traceback)."""
+        task = asyncio.create_task(self.client.get_tests_page(pid, page, PAGE_SIZE))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _read_page(self, pid: int, page: int, result: ProductResult, before: dict | None,
+                         read: asyncio.Task | None = None) -> tuple[list[dict], bool]:
+        """A page of tests, recovering a poisoned page by smaller reads; (tests, is_last_page).
+        `read` is the page's plain read if it was asked for already (never for such a page)."""
         start = (page - 1) * PAGE_SIZE
         known = {o: e for o, e in self._known_bad.get(pid, {}).items()
                  if start <= o < start + PAGE_SIZE}
@@ -3421,7 +3470,8 @@ class SyncEngine:
             log.warning("product %s page %s: the tests around its known unreadable position(s) "
                         "moved; recovering it in full", pid, page)
         try:
-            tests = await self.client.get_tests_page(pid, page, PAGE_SIZE)
+            tests = await (read if read is not None
+                           else self.client.get_tests_page(pid, page, PAGE_SIZE))
             return tests, len(tests) < PAGE_SIZE
         except ServerError as exc:
             if exc.status != 500:
